@@ -1,0 +1,59 @@
+"""The backend interface and its registry.
+
+A backend turns a list of Requests into Responses, batching as it sees fit. New
+backends are a class plus one registry line; the config file
+`conf/backend/<name>.yaml` names the entry with `name:`. Imports are lazy so that
+`import ger` and scoring work without torch or vLLM installed.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Iterable, Iterator
+from typing import Any, Protocol
+
+from ger.records import Request, Response
+
+# name -> "module:Class"; imported only when that backend is used.
+_REGISTRY: dict[str, str] = {
+    "vllm": "ger.backends.vllm_offline:VLLMBackend",
+    "hf": "ger.backends.hf:HFBackend",
+    "server": "ger.backends.server:ServerBackend",
+    "openai": "ger.backends.openai_api:OpenAIBackend",
+}
+
+
+class Backend(Protocol):
+    """What the pipeline needs from a model backend."""
+
+    def identity(self) -> dict[str, Any]:
+        """Everything about the engine that can change an answer (goes into the cache key)."""
+        ...
+
+    def generate(self, requests: list[Request]) -> Iterator[Response]:
+        """Answer all requests, yielding each response as soon as it is ready.
+
+        Implementations batch internally (never one engine call per sample) and
+        report per-request failures as Response.error rather than raising.
+        """
+        ...
+
+    def close(self) -> None: ...
+
+
+def register_backend(name: str, target: str) -> None:
+    """Add a backend ("module:Class") under `name`, e.g. from a plugin."""
+    _REGISTRY[name] = target
+
+
+def backend_names() -> Iterable[str]:
+    return sorted(_REGISTRY)
+
+
+def create_backend(name: str, backend_cfg: Any, model_cfg: Any) -> Backend:
+    """Instantiate the backend registered as `name`."""
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown backend {name!r}; expected one of {sorted(_REGISTRY)}")
+    module_name, cls_name = _REGISTRY[name].split(":")
+    cls = getattr(importlib.import_module(module_name), cls_name)
+    return cls(backend_cfg, model_cfg)

@@ -1,0 +1,101 @@
+"""The `ger` command.
+
+`run` and `prepare` are Hydra apps (overrides such as `dataset=rafdb frames=8`, `-m` sweeps);
+`reproduce`, `datasets` and `report` are plain argparse commands.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+USAGE = """usage: ger COMMAND [ARGS]
+
+commands:
+  run        evaluate a model on a test set (Hydra: ger run dataset=demo model=tiny-random-qwen2vl)
+  prepare    check a dataset on disk before a run (Hydra: ger prepare dataset=rafdb data_root=/data)
+  reproduce  re-score the released GPT-4V predictions and rebuild the paper's tables
+  report     collect runs into comparison tables, plots and paired tests
+  datasets   list the test sets with their label sets and the paper's numbers
+"""
+
+
+def _hydra_app(task: str, argv: list[str]) -> int:
+    """Run a Hydra app over conf/; Hydra parses sys.argv itself, so hand it the rest of the line."""
+    import hydra
+    from omegaconf import DictConfig
+
+    from ger.config import conf_dir
+
+    @hydra.main(config_path=str(conf_dir()), config_name="config", version_base="1.3")
+    def app(cfg: DictConfig) -> None:
+        from ger import pipeline
+
+        getattr(pipeline, task)(cfg)
+
+    sys.argv = [f"ger {task}", *argv]
+    app()
+    return 0
+
+
+def cmd_reproduce(argv: list[str]) -> int:
+    from ger.reference import RELEASE_URL, download_release, score_release, write_results
+
+    parser = argparse.ArgumentParser(prog="ger reproduce", description="Re-score the released GPT-4V predictions.")
+    parser.add_argument("--reference-dir", type=Path, help="the release's results/ folder (default: download it)")
+    parser.add_argument("--out", type=Path, default=Path("reproduce"), help="output folder (default: reproduce/)")
+    parser.add_argument("--url", default=RELEASE_URL, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    ref_dir = args.reference_dir or download_release(args.url)
+    scores = score_release(ref_dir, args.out)
+    write_results(scores, args.out)
+    print((args.out / "results.md").read_text())
+    print(f"wrote {args.out / 'results.json'}, results.csv, results.md and {len(scores)} runs under {args.out / 'runs'}")
+    return 0
+
+
+def cmd_datasets(argv: list[str]) -> int:
+    from ger.datasets import all_specs
+
+    parser = argparse.ArgumentParser(prog="ger datasets", description="List the test sets.")
+    parser.add_argument("--all", action="store_true", help="include the bundled demo sets")
+    args = parser.parse_args(argv)
+    fmt = lambda d: ", ".join(f"{k.upper()} {v:.2f}" for k, v in d.items()) or "–"  # noqa: E731
+    print("| key | task | input | labels | scoring | GPT-4V (paper) | best supervised |")
+    print("|---|---|---|---|---|---|---|")
+    for s in all_specs(include_demo=args.all):
+        print(f"| {s.key} | {s.task} | {s.modality} | {', '.join(s.labels)} | {s.scoring} | "
+              f"{fmt(s.paper.gpt4v)} | {fmt(s.paper.supervised)} {s.paper.supervised_method or ''} |")
+    return 0
+
+
+def cmd_report(argv: list[str]) -> int:
+    from ger.report import cli
+
+    return cli(argv)
+
+
+COMMANDS = {
+    "run": lambda argv: _hydra_app("run", argv),
+    "prepare": lambda argv: _hydra_app("prepare", argv),
+    "reproduce": cmd_reproduce,
+    "report": cmd_report,
+    "datasets": cmd_datasets,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        print(f"unknown command {command!r}; expected one of {sorted(COMMANDS)}\n\n{USAGE}", file=sys.stderr)
+        return 2
+    return COMMANDS[command](rest) or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

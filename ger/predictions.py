@@ -1,0 +1,41 @@
+"""predictions.csv: ger's per-sample prediction format, shared by model runs and the GPT-4V import."""
+
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+
+from ger.records import Prediction
+
+COLUMNS = ["name", "gt", "prediction", "top1", "status", "response_key", "detail"]
+
+
+def write_predictions(path: Path, preds: list[Prediction]) -> None:
+    """Write atomically (temp file + rename), so a crash never leaves a half-written file."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with tmp.open("w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(COLUMNS)
+        for p in preds:
+            ranked = ",".join(r.replace(",", ";") for r in p.ranked)  # commas separate labels
+            writer.writerow([p.name, p.gt, ranked, p.top1, p.status, p.response_key, p.detail])
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_predictions(path: Path) -> list[Prediction]:
+    with path.open(newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        missing = set(COLUMNS[:5]) - set(reader.fieldnames or [])
+        if missing:
+            raise ValueError(f"{path}: not a ger predictions file (missing columns {sorted(missing)})")
+        return [
+            Prediction(
+                name=row["name"], gt=row["gt"],
+                ranked=[x for x in row["prediction"].split(",") if x] if row["prediction"] else [],
+                status=row["status"], response_key=row.get("response_key") or "", detail=row.get("detail") or "",
+            )
+            for row in reader
+        ]

@@ -1,0 +1,90 @@
+"""The records passed between pipeline stages.
+
+Every stage takes and returns these dataclasses, never dicts or DictConfig, so a
+reader can follow one sample from the label list to the metrics by type alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+# Parse statuses of a prediction. Anything but OK is scored as wrong, never dropped.
+OK = "ok"
+EMPTY = "empty"  # the model answered nothing usable for this sample
+UNKNOWN_LABEL = "unknown_label"  # top-1 is not in the label set
+MISSING = "missing"  # the sample never got an answer (batch answer lacked it)
+ERROR = "error"  # media could not be read or the request failed
+STATUSES = (OK, EMPTY, UNKNOWN_LABEL, MISSING, ERROR)
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One test item as listed in a dataset's label file, with where its media live."""
+
+    dataset: str
+    name: str
+    gt: str  # raw label text; a continuous score stays a string ("-1.6") until scoring
+    media: Path | None = None  # image file, video file or folder of frames
+    transcript: Path | None = None
+
+
+@dataclass
+class LoadedSample:
+    """A sample with its media decoded, ready to be put into a prompt."""
+
+    sample: Sample
+    images: list[Any] = field(default_factory=list)  # PIL images: one image, or the sampled frames
+    frame_indices: list[int] = field(default_factory=list)  # source-clip indices of the frames
+    source_fps: float | None = None
+    source_frames: int | None = None
+    text: str | None = None  # transcript
+    content_hash: str = ""  # hash of the media bytes actually sent, for the cache key
+
+
+@dataclass
+class Request:
+    """One chat request: one or more samples, in OpenAI-style messages.
+
+    Content parts are {"type": "text", "text": str}, {"type": "image", "image": PIL.Image}
+    or {"type": "video", "frames": [PIL.Image], "fps": float, "total_frames": int}. Each
+    backend converts these to its own input format.
+    """
+
+    key: str  # cache key: hash of everything that changes the answer
+    names: tuple[str, ...]  # samples this request answers, in prompt order
+    messages: list[dict[str, Any]]
+    choices: list[str] | None = None  # constrained output (single mode), or None
+    max_tokens: int = 512
+
+
+@dataclass
+class Response:
+    """A backend's answer to one request; `error` set means no usable answer."""
+
+    key: str
+    text: str = ""
+    error: str | None = None
+    cached: bool = False
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None and bool(self.text.strip())
+
+
+@dataclass
+class Prediction:
+    """One scored row of predictions.csv."""
+
+    name: str
+    gt: str
+    ranked: list[str]  # the model's ranked labels, in the label set's spelling where matched
+    status: str = OK
+    response_key: str = ""
+    detail: str = ""  # why a status is not OK: an error message or the unmatched text
+
+    @property
+    def top1(self) -> str:
+        return self.ranked[0] if self.ranked else ""
