@@ -1,0 +1,98 @@
+"""Requests -> answers: serve from the response cache, send the rest, split failed batches.
+
+The backend is created only when something is not cached, so a finished run reruns
+without starting an engine. Every response is stored as it arrives, so a crash loses
+at most the requests in flight.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from tqdm import tqdm
+
+from ger.backends import Backend
+from ger.cache import ResponseCache
+from ger.parse import BatchParse, parse_batch
+from ger.records import Request, Response
+
+
+@dataclass
+class AskStats:
+    cached: int = 0
+    sent: int = 0
+    failed: int = 0
+    splits: int = 0
+
+
+class Asker:
+    """Answers requests through the cache and a lazily created backend."""
+
+    def __init__(self, cache: ResponseCache, make_backend: Callable[[], Backend], progress: bool = True):
+        self.cache = cache
+        self._make_backend = make_backend
+        self._backend: Backend | None = None
+        self.progress = progress
+        self.stats = AskStats()
+
+    @property
+    def backend(self) -> Backend:
+        if self._backend is None:
+            self._backend = self._make_backend()
+        return self._backend
+
+    def ask(self, requests: list[Request], desc: str = "requests") -> dict[str, Response]:
+        """Answer every request (by key); failures come back as Response.error, never raised."""
+        unique = list({r.key: r for r in requests}.values())
+        answers = self.cache.get_many([r.key for r in unique])
+        self.stats.cached += len(answers)
+        todo = [r for r in unique if r.key not in answers]
+        if todo:
+            bar = tqdm(total=len(todo), desc=desc, unit="req", disable=not self.progress)
+            for response in self.backend.generate(todo):
+                self.cache.put(response)  # committed before we move on: nothing finished is lost
+                answers[response.key] = response
+                self.stats.sent += 1
+                self.stats.failed += not response.ok
+                bar.update()
+            bar.close()
+        for r in todo:  # a backend that drops a request must not lose the sample
+            answers.setdefault(r.key, Response(r.key, error="the backend returned no response"))
+        return answers
+
+    def close(self) -> None:
+        if self._backend is not None:
+            self._backend.close()
+
+
+def ask_batches(
+    asker: Asker,
+    requests: list[Request],
+    labels: list[str],
+    rebuild: Callable[[tuple[str, ...]], Request],
+) -> dict[str, tuple[Request, Response, BatchParse]]:
+    """The paper's batch mode: a batch whose answer count is wrong is split in two and asked again.
+
+    Splitting halves each segment (20 -> 10 -> 5 -> 3/2 -> 1), as the paper's back-off
+    did, so a bad batch never loses samples; a single-sample request is final.
+    Returns, per sample name, the request that answered it, its response and parse.
+    """
+    out: dict[str, tuple[Request, Response, BatchParse]] = {}
+    pending, round_no = requests, 0
+    while pending:
+        round_no += 1
+        answers = asker.ask(pending, desc=f"batches (round {round_no})")
+        retry: list[Request] = []
+        for req in pending:
+            resp = answers[req.key]
+            parsed = parse_batch(resp.text if resp.ok else "", list(req.names), labels)
+            if len(req.names) > 1 and (not resp.ok or parsed.n_records != len(req.names)):
+                half = (len(req.names) + 1) // 2
+                retry += [rebuild(req.names[:half]), rebuild(req.names[half:])]
+                asker.stats.splits += 1
+                continue
+            for name in req.names:
+                out[name] = (req, resp, parsed)
+        pending = retry
+    return out

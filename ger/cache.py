@@ -1,0 +1,260 @@
+"""The persistent response store, keyed on everything that changes an answer.
+
+A run over a few thousand samples takes hours on a GPU; an answer that arrived
+must survive a crash, a pre-empted Slurm job or Ctrl-C, and a rerun must only ask
+for what is missing. SQLite in WAL mode with `synchronous=FULL` gives exactly
+that: every `put` is its own committed, fsynced transaction, and several
+processes (Hydra multirun, data-parallel shards) can write the same file. WAL
+needs shared memory between the writers, so keep the file on a local disk, not
+on NFS (use one cache per node there), and open one ResponseCache per process
+(a connection must not cross a fork).
+
+Failures (an error, or an empty answer) go to a separate table with a count and
+the last error: they are kept for inspection and never served as answers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any, TypeVar
+
+from ger.records import Response
+
+T = TypeVar("T")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS answers (
+    key TEXT PRIMARY KEY,
+    text TEXT NOT NULL,
+    seconds REAL NOT NULL,
+    identity TEXT NOT NULL,   -- model/backend identity JSON, for inspection only
+    created REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS failures (
+    key TEXT PRIMARY KEY,
+    count INTEGER NOT NULL,
+    last_error TEXT NOT NULL,
+    identity TEXT NOT NULL,
+    first_seen REAL NOT NULL,
+    last_seen REAL NOT NULL
+);
+"""
+
+
+def request_key(parts: dict[str, Any]) -> str:
+    """sha256 of the canonical JSON of `parts` (sorted keys, fixed separators).
+
+    Only JSON values are accepted (no PIL images, no paths): a value that silently
+    stringified differently across runs would break cache hits.
+    """
+    canonical = json.dumps(parts, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+def _is_busy(exc: sqlite3.OperationalError) -> bool:
+    msg = str(exc).lower()
+    return "locked" in msg or "busy" in msg
+
+
+class ResponseCache:
+    """A crash-safe, multi-process store of successful responses by request key.
+
+    `identity` (e.g. the backend's identity()) is stored beside each answer unless
+    `put` is given its own; it is for people inspecting the file, the key already
+    covers it.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        identity: dict[str, Any] | None = None,
+        busy_timeout_s: float = 30.0,
+        retries: int = 50,
+    ) -> None:
+        self.path = Path(path).expanduser()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.identity = identity or {}
+        self._retries = retries
+        self._busy_ms = int(1000 * busy_timeout_s)
+        self._lock = threading.Lock()  # one connection, possibly used from backend threads
+        self._hits = 0
+        self._misses = 0
+        # Autocommit mode: each write below opens and commits its own transaction.
+        self._conn: sqlite3.Connection | None = sqlite3.connect(
+            self.path, timeout=busy_timeout_s, isolation_level=None, check_same_thread=False
+        )
+        self._retry(self._setup)
+
+    def _setup(self) -> None:
+        conn = self._connection()
+        conn.execute(f"PRAGMA busy_timeout={self._busy_ms}")
+        conn.execute("PRAGMA journal_mode=WAL")  # readers never block the writer
+        conn.execute("PRAGMA synchronous=FULL")  # fsync the WAL on every commit
+        conn.executescript(_SCHEMA)
+
+    def _connection(self) -> sqlite3.Connection:
+        if self._conn is None:
+            raise RuntimeError(f"response cache {self.path} is closed")
+        return self._conn
+
+    def _retry(self, fn: Callable[[], T]) -> T:
+        """Run `fn`, retrying with jittered back-off while another process holds the lock."""
+        for attempt in range(self._retries):
+            try:
+                with self._lock:
+                    return fn()
+            except sqlite3.OperationalError as exc:
+                if not _is_busy(exc) or attempt == self._retries - 1:
+                    raise
+                time.sleep(min(1.0, 0.01 * 2**attempt) * (0.5 + random.random()))
+        raise AssertionError("unreachable")
+
+    def _write(self, statements: list[tuple[str, tuple[Any, ...]]]) -> None:
+        """Run `statements` in one immediate transaction, committed (and fsynced) before returning."""
+
+        def run() -> None:
+            conn = self._connection()
+            conn.execute("BEGIN IMMEDIATE")  # take the write lock now, not half-way through
+            try:
+                for sql, args in statements:
+                    conn.execute(sql, args)
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+
+        self._retry(run)
+
+    def get(self, key: str) -> Response | None:
+        """The stored answer for `key` (with cached=True), or None; failures are never returned."""
+        row = self._retry(
+            lambda: (
+                self._connection().execute("SELECT text, seconds FROM answers WHERE key=?", (key,)).fetchone()
+            )
+        )
+        if row is None:
+            self._misses += 1
+            return None
+        self._hits += 1
+        return Response(key=key, text=row[0], cached=True, seconds=row[1])
+
+    def get_many(self, keys: Iterable[str]) -> dict[str, Response]:
+        """Stored answers for those of `keys` that have one; one query per 500 keys, not per key."""
+        wanted = list(dict.fromkeys(keys))
+        found: dict[str, Response] = {}
+        for start in range(0, len(wanted), 500):
+            chunk = wanted[start : start + 500]
+            sql = f"SELECT key, text, seconds FROM answers WHERE key IN ({','.join('?' * len(chunk))})"
+            rows = self._retry(lambda sql=sql, chunk=chunk: self._connection().execute(sql, chunk).fetchall())
+            for key, text, seconds in rows:
+                found[key] = Response(key=key, text=text, cached=True, seconds=seconds)
+        self._hits += len(found)
+        self._misses += len(wanted) - len(found)
+        return found
+
+    def __contains__(self, key: str) -> bool:
+        row = self._retry(
+            lambda: self._connection().execute("SELECT 1 FROM answers WHERE key=?", (key,)).fetchone()
+        )
+        return row is not None
+
+    def put(self, response: Response, identity: dict[str, Any] | None = None) -> bool:
+        """Store a successful answer, or record a failure; True when an answer was stored.
+
+        Returns only after the transaction is committed and fsynced, so an answer
+        whose put returned survives any later crash.
+        """
+        ident = json.dumps(identity if identity is not None else self.identity, sort_keys=True, default=str)
+        now = time.time()
+        if response.ok:
+            self._write(
+                [
+                    (
+                        "INSERT INTO answers (key, text, seconds, identity, created) VALUES (?, ?, ?, ?, ?) "
+                        "ON CONFLICT(key) DO UPDATE SET text=excluded.text, seconds=excluded.seconds, "
+                        "identity=excluded.identity, created=excluded.created",
+                        (response.key, response.text, float(response.seconds), ident, now),
+                    ),
+                    ("DELETE FROM failures WHERE key=?", (response.key,)),  # resolved now
+                ]
+            )
+            return True
+        error = response.error if response.error is not None else "empty answer"
+        self._write(
+            [
+                (
+                    "INSERT INTO failures (key, count, last_error, identity, first_seen, last_seen) "
+                    "VALUES (?, 1, ?, ?, ?, ?) ON CONFLICT(key) DO UPDATE SET count=count+1, "
+                    "last_error=excluded.last_error, identity=excluded.identity, "
+                    "last_seen=excluded.last_seen",
+                    (response.key, error, ident, now, now),
+                )
+            ]
+        )
+        return False
+
+    def failures(self) -> list[dict[str, Any]]:
+        """Keys that failed and have no answer yet, most recent first."""
+        rows = self._retry(
+            lambda: (
+                self._connection()
+                .execute(
+                    "SELECT key, count, last_error, identity, first_seen, last_seen FROM failures "
+                    "WHERE key NOT IN (SELECT key FROM answers) ORDER BY last_seen DESC"
+                )
+                .fetchall()
+            )
+        )
+        return [
+            {
+                "key": key,
+                "count": count,
+                "last_error": error,
+                "identity": json.loads(ident),
+                "first_seen": first,
+                "last_seen": last,
+            }
+            for key, count, error, ident, first, last in rows
+        ]
+
+    def stats(self) -> dict[str, Any]:
+        """Sizes of the store and this session's hit/miss counts."""
+
+        def count() -> tuple[int, int]:
+            conn = self._connection()
+            answers = conn.execute("SELECT COUNT(*) FROM answers").fetchone()[0]
+            failed = conn.execute(
+                "SELECT COUNT(*) FROM failures WHERE key NOT IN (SELECT key FROM answers)"
+            ).fetchone()[0]
+            return answers, failed
+
+        answers, failed = self._retry(count)
+        return {
+            "path": str(self.path),
+            "answers": answers,
+            "failures": failed,
+            "hits": self._hits,
+            "misses": self._misses,
+        }
+
+    def close(self) -> None:
+        """Close the connection (idempotent); the data is already on disk."""
+        with self._lock:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+
+    def __enter__(self) -> ResponseCache:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

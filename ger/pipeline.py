@@ -1,0 +1,178 @@
+"""`ger run` and `ger prepare`: the stages in data-flow order.
+
+manifest -> sample loader -> prompt -> backend (through the response cache) -> parser
+-> metrics -> report. Per-sample problems (unreadable media, failed requests) are
+recorded in predictions.csv and counted; they never end the run.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
+
+from ger.ask import Asker, ask_batches
+from ger.backends import create_backend
+from ger.cache import ResponseCache
+from ger.datasets import DatasetSpec, load_samples, spec_from_dict
+from ger.media import MediaError, load_sample
+from ger.metrics import score
+from ger.models import resolve_model
+from ger.parse import LabelMatcher, parse_ranked
+from ger.prompts import build_request, load_template
+from ger.records import ERROR, LoadedSample, Prediction, Request, Sample
+from ger.run_files import write_run_files
+from ger.validate import check_dataset
+
+log = logging.getLogger("ger")
+
+
+def _plain(node: Any) -> Any:
+    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
+
+
+def resolve_spec(cfg: DictConfig) -> tuple[DatasetSpec, Path]:
+    """The dataset spec from the composed config, and its data root (demo data made on demand)."""
+    spec = spec_from_dict(_plain(cfg.dataset))
+    data_root = Path(str(cfg.data_root)).expanduser()
+    if spec.demo and not (spec.root(data_root) / spec.layout.label_file).is_file():
+        from ger.demo import ensure_demo
+
+        data_root = ensure_demo(Path(str(cfg.cache_dir)).expanduser() / "demo")
+    return spec, data_root
+
+
+def select(samples: list[Sample], limit: int | None, shard: str | None) -> list[Sample]:
+    """`shard=i/n` keeps every n-th sample from i (one engine per GPU); `limit` keeps the first N."""
+    if shard:
+        try:
+            i, n = (int(x) for x in str(shard).split("/"))
+            assert 0 <= i < n
+        except (ValueError, AssertionError):
+            raise ValueError(f"shard must look like i/n with 0 <= i < n, got {shard!r}") from None
+        samples = samples[i::n]
+    return samples[: int(limit)] if limit else samples
+
+
+def modality_plan(cfg: DictConfig, spec: DatasetSpec) -> tuple[str, str]:
+    """(prompt modality, template name): the multimodal ablations swap the template with the inputs."""
+    if spec.modality != "video+text":
+        if cfg.modality not in (None, "video"):
+            raise ValueError(f"dataset {spec.key} has no transcripts; modality must stay null, not {cfg.modality!r}")
+        return "visual", cfg.prompt or spec.prompt
+    modality = cfg.modality or "multi"
+    if modality not in cfg.modality_prompts:
+        raise ValueError(f"unknown modality {modality!r}; expected one of {list(cfg.modality_prompts)}")
+    return ("visual" if modality == "video" else modality), cfg.prompt or cfg.modality_prompts[modality]
+
+
+def load_media(cfg: DictConfig, spec: DatasetSpec, samples: list[Sample], modality: str):
+    """Decode every sample; the ones that fail become error predictions instead of ending the run."""
+    loaded: list[LoadedSample] = []
+    errors: dict[str, str] = {}
+    for s in tqdm(samples, desc="loading media", unit="sample", disable=not cfg.progress):
+        try:
+            loaded.append(load_sample(s, spec.layout.media_kind, frames=cfg.frames, sampler=cfg.sampler,
+                                      greyscale=cfg.greyscale, with_text=modality in ("text", "multi"),
+                                      with_visual=modality != "text"))
+        except (MediaError, OSError) as exc:
+            errors[s.name] = f"{type(exc).__name__}: {exc}"
+    return loaded, errors
+
+
+def key_parts(cfg: DictConfig, model_identity: dict[str, Any]) -> dict[str, Any]:
+    """Everything outside the prompt that changes an answer; the cache key hashes it."""
+    backend = {k: v for k, v in _plain(cfg.backend).items() if k not in set(cfg.backend.get("not_in_key", []))}
+    return {"model": model_identity, "backend": backend, "sampling": _plain(cfg.sampling),
+            "structured_output": bool(cfg.structured_output and cfg.mode == "single")}
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """Evaluate one model on one test set; writes the run folder and returns metrics.json's content."""
+    from hydra.core.hydra_config import HydraConfig
+
+    out = Path(HydraConfig.get().runtime.output_dir)
+    spec, data_root = resolve_spec(cfg)
+    modality, template_name = modality_plan(cfg, spec)
+    template = load_template(template_name)
+    samples = select(load_samples(spec, data_root), cfg.limit, cfg.shard)
+    check_dataset(spec, samples, media=False).raise_for_labels()
+    model = resolve_model(cfg.model, cfg.cache_dir)
+    loaded, errors = load_media(cfg, spec, samples, modality)
+
+    parts = key_parts(cfg, model.identity())
+    by_name = {ls.sample.name: ls for ls in loaded}
+
+    def request_for(names: tuple[str, ...]) -> Request:
+        return build_request([by_name[n] for n in names], template, spec.labels, mode=cfg.mode,
+                             frames_as=cfg.frames_as, key_parts=parts, max_tokens=cfg.sampling.max_tokens,
+                             modality=modality)
+
+    cache = ResponseCache(Path(str(cfg.cache_dir)).expanduser() / "responses.sqlite")
+    asker = Asker(cache, lambda: create_backend(cfg.backend.name, cfg.backend, model), cfg.progress)
+    try:
+        preds = predict(cfg, spec, loaded, request_for, asker)
+    finally:
+        asker.close()
+        cache.close()
+    preds += [Prediction(n, s.gt, [], ERROR, "", errors[n]) for s in samples for n in [s.name] if n in errors]
+    order = {s.name: i for i, s in enumerate(samples)}
+    preds.sort(key=lambda p: order[p.name])
+
+    result = score(preds, spec)
+    overrides = list(HydraConfig.get().overrides.task)
+    meta = write_run_files(out, cfg, spec, preds, result, overrides, asker.stats)
+    print(f"{spec.key}: " + ", ".join(f"{m} {v:.2f}" for m, v in result.values.items())
+          + f" (n={result.n}, parse failures {result.parse_failure_rate:.2f}%, "
+          f"cached {asker.stats.cached}, sent {asker.stats.sent}) -> {out}", file=sys.stderr)
+    return meta
+
+
+def predict(cfg: DictConfig, spec: DatasetSpec, loaded: list[LoadedSample], request_for, asker: Asker):
+    """Prompt, ask and parse, in single or batch mode."""
+    names = [ls.sample.name for ls in loaded]
+    gts = {ls.sample.name: ls.sample.gt for ls in loaded}
+    if cfg.mode == "single":
+        requests = [request_for((n,)) for n in names]
+        answers = asker.ask(requests)
+        matcher = LabelMatcher(spec.labels)
+        preds = []
+        for req in requests:
+            resp = answers[req.key]
+            if not resp.ok:
+                preds.append(Prediction(req.names[0], gts[req.names[0]], [], ERROR, req.key, resp.error or "empty"))
+                continue
+            parsed = parse_ranked(resp.text, matcher)
+            preds.append(Prediction(req.names[0], gts[req.names[0]], parsed.ranked, parsed.status, req.key,
+                                    parsed.detail))
+        return preds
+    if cfg.mode != "batch":
+        raise ValueError(f"unknown mode {cfg.mode!r}; expected one of ['single', 'batch']")
+    size = int(cfg.batch_size or spec.batch_size)
+    requests = [request_for(tuple(names[i : i + size])) for i in range(0, len(names), size)]
+    answered = ask_batches(asker, requests, spec.labels, request_for)
+    preds = []
+    for name in names:
+        req, resp, parsed = answered[name]
+        if not resp.ok:
+            preds.append(Prediction(name, gts[name], [], ERROR, req.key, resp.error or "empty"))
+        else:
+            r = parsed.results[name]
+            preds.append(Prediction(name, gts[name], r.ranked, r.status, req.key, r.detail))
+    return preds
+
+
+def prepare(cfg: DictConfig) -> None:
+    """Check a dataset on disk; exit non-zero listing the first problems."""
+    spec, data_root = resolve_spec(cfg)
+    samples = load_samples(spec, data_root)
+    report = check_dataset(spec, samples, media=True, progress=cfg.progress,
+                           transcripts=spec.modality == "video+text")
+    print(report.summary())
+    if report.problems:
+        sys.exit(1)
+

@@ -1,0 +1,90 @@
+"""What a run leaves in its folder: config, predictions, metrics and a short report."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from ger.datasets import DatasetSpec
+from ger.metrics import Score
+from ger.predictions import write_predictions
+from ger.records import Prediction
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def resolved_config(cfg: DictConfig) -> str:
+    """The config as run, resolved, minus anything named like a secret (keys come from the environment)."""
+    data = OmegaConf.to_container(cfg, resolve=True)
+
+    def scrub(node: Any) -> Any:
+        if isinstance(node, dict):
+            return {
+                k: (
+                    "<redacted>"
+                    if any(s in str(k).lower() for s in ("api_key", "secret", "token"))
+                    and not str(k).endswith("_env")
+                    and not isinstance(v, (int, float, dict))
+                    else scrub(v)
+                )
+                for k, v in node.items()
+            }
+        if isinstance(node, list):
+            return [scrub(v) for v in node]
+        return node
+
+    return OmegaConf.to_yaml(OmegaConf.create(scrub(data)))
+
+
+def report_markdown(spec: DatasetSpec, result: Score, model: str, stats: Any) -> str:
+    metrics = ", ".join(f"{m.upper()} {v:.2f}" for m, v in result.values.items())
+    paper = ", ".join(f"{m.upper()} {v:.2f}" for m, v in spec.paper.gpt4v.items()) or "–"
+    supervised = ", ".join(f"{m.upper()} {v:.2f}" for m, v in spec.paper.supervised.items()) or "–"
+    lines = [
+        f"# {spec.title}: {model}",
+        "",
+        f"- {metrics} over {result.n} samples"
+        + (f" ({result.dropped} with score 0 dropped)" if result.dropped else ""),
+        f"- parse failures: {result.failures} ({result.parse_failure_rate:.2f}%), scored as wrong",
+        f"- GPT-4V (paper): {paper}; best supervised: {supervised}",
+        f"- requests: {stats.cached} from cache, {stats.sent} sent, {stats.failed} failed, {stats.splits} batch splits",
+        "",
+        "| class | recall % |",
+        "|---|---|",
+    ]
+    lines += [f"| {c} | {r:.2f} |" for c, r in result.per_class_recall.items()]
+    return "\n".join(lines) + "\n"
+
+
+def write_run_files(
+    out: Path,
+    cfg: DictConfig,
+    spec: DatasetSpec,
+    preds: list[Prediction],
+    result: Score,
+    overrides: list[str],
+    stats: Any,
+) -> dict[str, Any]:
+    """config.yaml, predictions.csv, metrics.json and report.md; each written atomically."""
+    out.mkdir(parents=True, exist_ok=True)
+    _atomic_write(out / "config.yaml", resolved_config(cfg))
+    write_predictions(out / "predictions.csv", preds)
+    meta = {
+        **result.to_dict(),
+        "model": cfg.model.name,
+        "backend": cfg.backend.name,
+        "overrides": overrides,
+        "requests": asdict(stats),
+    }
+    _atomic_write(out / "metrics.json", json.dumps(meta, indent=2))
+    _atomic_write(out / "report.md", report_markdown(spec, result, cfg.model.name, stats))
+    return meta

@@ -1,0 +1,30 @@
+"""Shared fixtures: an isolated cache folder per test session, and a helper to call `ger` as users do."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def ger_cache(tmp_path_factory) -> Path:
+    """One cache per test session, shared by the tests (tiny models are built once), never the user's."""
+    path = Path(os.environ.get("GER_TEST_CACHE") or tmp_path_factory.mktemp("ger-cache"))
+    return path
+
+
+def run_ger(args: list[str], cache: Path, cwd: Path, timeout: float = 600, env: dict | None = None,
+            check: bool = True) -> subprocess.CompletedProcess:
+    """`ger ARGS` in a fresh process, with the given cache folder."""
+    full_env = {**os.environ, "GER_CACHE_DIR": str(cache), "PYTHONUNBUFFERED": "1", **(env or {})}
+    proc = subprocess.run([sys.executable, "-m", "ger.cli", *args], cwd=cwd, env=full_env, text=True,
+                          capture_output=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"ger {' '.join(args)} exited {proc.returncode}:\n{proc.stderr[-4000:]}")
+    return proc

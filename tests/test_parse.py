@@ -1,0 +1,58 @@
+"""The answer parser: tables of hand-made answers."""
+
+import pytest
+
+from ger.parse import normalise, parse_batch, parse_ranked
+from ger.records import EMPTY, MISSING, OK, UNKNOWN_LABEL
+
+LABELS = ["happy", "sad", "neutral", "weakly positive", "Anger"]
+
+
+@pytest.mark.parametrize(
+    "text, ranked, status",
+    [
+        ("happy,sad,neutral", ["happy", "sad", "neutral"], OK),  # the release's format
+        ('["Sad", "happy"]', ["sad", "happy"], OK),  # JSON list, other case
+        ("['neutral', 'sad']", ["neutral", "sad"], OK),  # Python literal, as the paper asked for
+        ("{'name': 'x', 'result': ['anger', 'sad']}", ["Anger", "sad"], OK),  # record; label-set spelling
+        ("Weakly   Positive, happy", ["weakly positive", "happy"], OK),  # whitespace folded
+        ("1. happy\n2. sad", ["happy", "sad"], OK),  # enumerated
+        ("```json\n[\"sad\"]\n```", ["sad"], OK),  # fenced
+        ("angers", ["Anger"], OK),  # plural
+        ("happy, happy, sad", ["happy", "sad"], OK),  # duplicates dropped
+        ("surprised, happy", ["surprised", "happy"], UNKNOWN_LABEL),  # top-1 outside the set: not guessed
+        ("The person looks happy", ["The person looks happy"], UNKNOWN_LABEL),
+        ("", [], EMPTY),
+        (None, [], EMPTY),
+        ("  \n ", [], EMPTY),
+    ],
+)
+def test_parse_ranked(text, ranked, status):
+    result = parse_ranked(text, LABELS)
+    assert (result.ranked, result.status) == (ranked, status)
+
+
+def test_unknown_top1_is_reported_with_the_text():
+    result = parse_ranked("Pain, happy", LABELS)
+    assert result.status == UNKNOWN_LABEL and "Pain" in result.detail
+
+
+def test_normalise_folds_case_whitespace_and_quotes():
+    assert normalise("  'Weakly \t Positive' ") == "weakly positive"
+
+
+def test_batch_matches_by_name_not_position():
+    text = "[{'name': 'b.jpg', 'result': ['sad']}, {'name': 'a', 'result': ['happy', 'sad']}]"
+    out = parse_batch(text, ["a.jpg", "b.jpg", "c.jpg"], LABELS)
+    assert out.n_records == 2
+    assert out.results["a.jpg"].ranked == ["happy", "sad"]
+    assert out.results["b.jpg"].ranked == ["sad"]
+    assert out.results["c.jpg"].status == MISSING
+
+
+def test_batch_tolerates_broken_json_and_reports_strangers():
+    text = "{'name': 'a', 'result': ['sad', 'happy']}\n{'name': 'zz', 'result': ['happy']}\n{'name': 'b', 'result': ['neu"
+    out = parse_batch(text, ["a", "b"], LABELS)
+    assert out.results["a"].ranked == ["sad", "happy"]
+    assert out.results["b"].status == UNKNOWN_LABEL
+    assert out.unmatched == ["zz"]

@@ -1,0 +1,308 @@
+"""Prompt templates and request building: rendering, media parts, modalities, keys."""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+import shutil
+
+import pytest
+from PIL import Image
+
+from ger.config import conf_dir
+from ger.prompts import (
+    PromptTemplate,
+    available_templates,
+    build_request,
+    load_template,
+    placeholders,
+    render,
+)
+from ger.records import LoadedSample, Sample
+
+LABELS = ["Happiness", "Sadness", "Anger", "Neutral"]
+KEY_PARTS = {"model": "tiny", "revision": None, "sampling": {"temperature": 0.0, "seed": 0}}
+TEMPLATES = ["facial", "sentiment", "micro", "video", "text", "multimodal"]
+HAS_MEDIA = importlib.util.find_spec("ger.media") is not None
+
+
+def _image(shade: int, size: tuple[int, int] = (16, 12), mode: str = "RGB") -> Image.Image:
+    return Image.new(mode, size, (shade, 255 - shade, 7)[: len(mode)] if mode == "RGB" else shade)
+
+
+def _still(i: int, gt: str = "Happiness") -> LoadedSample:
+    return LoadedSample(Sample("demo", f"img_{i}.jpg", gt), images=[_image(10 * i)], text=f"words {i}")
+
+
+def _clip(i: int, indices: tuple[int, ...] = (0, 10, 20), fps: float = 25.0) -> LoadedSample:
+    return LoadedSample(
+        Sample("demo", f"clip_{i}", "Sadness"),
+        images=[_image(10 * i + k) for k in range(len(indices))],
+        frame_indices=list(indices),
+        source_fps=fps,
+        source_frames=30,
+        text=f"I said thing number {i}",
+    )
+
+
+def _setup(name: str) -> tuple[str, bool]:
+    """(modality, whether samples are clips) that fit a template."""
+    t = load_template(name)
+    modality = "text" if name == "text" else ("multi" if t.uses_transcript else "visual")
+    return modality, t.uses_media
+
+
+def _build(samples, template="facial", labels=LABELS, mode="batch", frames_as="images", **kw):
+    kw.setdefault("key_parts", KEY_PARTS)
+    kw.setdefault("max_tokens", 256)
+    tmpl = template if isinstance(template, PromptTemplate) else load_template(template)
+    return build_request(samples, tmpl, labels, mode=mode, frames_as=frames_as, **kw)
+
+
+def _parts(request, kind):
+    return [p for p in request.messages[0]["content"] if p["type"] == kind]
+
+
+def _all_text(request) -> str:
+    return "\n".join(p["text"] for p in _parts(request, "text"))
+
+
+def test_shipped_templates_are_all_there():
+    assert set(TEMPLATES) <= set(available_templates())
+
+
+@pytest.mark.parametrize("name", TEMPLATES)
+def test_every_template_renders_single_and_batch(name):
+    modality, clips = _setup(name)
+    make = _clip if clips else _still
+    samples = [make(i) for i in range(3)]
+
+    single = _build(samples[:1], name, mode="single", modality=modality)
+    text = _all_text(single)
+    assert ", ".join(LABELS) in text and re.search(r"\b1 (image|video|utterance)", text)
+    assert not placeholders(text)  # nothing left unrendered
+    assert single.names == (samples[0].sample.name,)
+    assert single.choices is None and single.max_tokens == 256
+    assert "JSON list" in text
+
+    batch = _build(samples, name, mode="batch", modality=modality)
+    text = _all_text(batch)
+    assert f"{len(samples)} " in text and ", ".join(LABELS) in text
+    assert ", ".join(s.sample.name for s in samples) in text
+    assert '"name"' in text and '"result"' in text  # one record per sample
+    assert not placeholders(text)
+    assert batch.names == tuple(s.sample.name for s in samples)
+    identity = "identity" in text
+    assert identity == (name not in ("sentiment", "text"))
+    if modality != "visual":
+        assert all(s.text in text for s in samples)
+
+
+def test_constrained_single_mode_sets_choices_and_asks_for_one_label():
+    parts = {**KEY_PARTS, "structured_output": True}
+    req = _build([_still(0)], mode="single", key_parts=parts)
+    assert req.choices == LABELS
+    assert "one label only" in _all_text(req)
+    with pytest.raises(ValueError, match="mode=single"):
+        _build([_still(0), _still(1)], mode="batch", key_parts=parts)
+
+
+def test_micro_prompt_says_subtle_and_sentiment_asks_about_the_viewer():
+    assert "subtle" in _all_text(_build([_still(0)], "micro", mode="single"))
+    assert "viewer" in _all_text(_build([_still(0)], "sentiment", mode="single"))
+
+
+def test_each_sample_media_follows_its_name():
+    clips = [_clip(0), _clip(1)]
+    req = _build(clips, "video", frames_as="images")
+    content = req.messages[0]["content"]
+    assert [p["type"] for p in content] == [
+        "text",
+        "image",
+        "image",
+        "image",
+        "text",
+        "image",
+        "image",
+        "image",
+    ]
+    assert content[0]["text"].endswith("clip_0:") and content[4]["text"] == "clip_1:"
+    assert [p["image"] for p in content[5:]] == clips[1].images
+
+
+def test_frames_as_images_sends_one_image_per_frame():
+    req = _build([_clip(0), _clip(1)], "video", frames_as="images")
+    assert len(_parts(req, "image")) == 6 and not _parts(req, "video")
+    assert "3 frames sampled uniformly" in _all_text(req)
+
+
+@pytest.mark.skipif(not HAS_MEDIA, reason="ger/media.py (make_grid) is not written yet")
+def test_frames_as_grid_sends_one_mosaic_per_clip():
+    req = _build([_clip(0), _clip(1)], "video", frames_as="grid")
+    images = _parts(req, "image")
+    assert len(images) == 2 and not _parts(req, "video")
+    assert all(p["image"].size == (16 * 3, 12) for p in images)  # 3 frames -> a 1x3 mosaic
+    assert "grid image of 3 frames" in _all_text(req)
+
+
+def test_frames_as_video_sends_one_video_part_per_clip():
+    clips = [_clip(0), _clip(1, indices=(1, 2, 3, 4), fps=30.0)]
+    req = _build(clips, "video", frames_as="video")
+    videos = _parts(req, "video")
+    assert len(videos) == 2 and not _parts(req, "image")
+    assert [len(v["frames"]) for v in videos] == [3, 4]
+    assert (
+        videos[1]["fps"] == 30.0 and videos[1]["total_frames"] == 30 and videos[1]["indices"] == [1, 2, 3, 4]
+    )
+
+
+@pytest.mark.parametrize("frames_as", ["images", "grid", "video"])
+def test_still_images_stay_images_whatever_frames_as(frames_as):
+    req = _build([_still(0), _still(1)], "facial", frames_as=frames_as)
+    assert [p["type"] for p in req.messages[0]["content"]] == ["text", "image", "text", "image"]
+
+
+def test_text_modality_sends_no_media():
+    req = _build([_clip(0), _clip(1)], "text", modality="text")
+    assert [p["type"] for p in req.messages[0]["content"]] == ["text"]
+    assert "clip_1: I said thing number 1" in _all_text(req)
+    single = _build([_clip(0)], "text", mode="single", modality="text")
+    assert [p["type"] for p in single.messages[0]["content"]] == ["text"]
+    assert "I said thing number 0" in _all_text(single)
+
+
+def test_multi_modality_sends_frames_and_transcript():
+    req = _build([_clip(0)], "multimodal", mode="single", modality="multi")
+    assert len(_parts(req, "image")) == 3 and "I said thing number 0" in _all_text(req)
+
+
+def test_template_and_modality_must_agree():
+    with pytest.raises(ValueError, match="transcript"):
+        _build([_clip(0)], "facial", mode="single", modality="text")
+    with pytest.raises(ValueError, match="transcript"):
+        _build([_clip(0)], "multimodal", mode="single", modality="visual")
+    with pytest.raises(ValueError, match="needs transcripts"):
+        _build(
+            [LoadedSample(Sample("d", "x", "y"), images=[_image(1)])], "text", mode="single", modality="text"
+        )
+    with pytest.raises(ValueError, match="unknown modality"):
+        _build([_clip(0)], "video", modality="audio")
+
+
+def test_bad_calls_fail_loudly():
+    with pytest.raises(ValueError, match="one sample per request"):
+        _build([_still(0), _still(1)], mode="single")
+    with pytest.raises(ValueError, match="frames_as"):
+        _build([_still(0)], frames_as="gif")
+    with pytest.raises(ValueError, match="key_parts must not set"):
+        _build([_still(0)], key_parts={"max_tokens": 3})
+    with pytest.raises(ValueError, match="no images"):
+        _build([LoadedSample(Sample("d", "x", "y"))])
+
+
+# ------------------------------------------------------------------ request keys
+
+
+def _key(samples=None, template="video", **kw) -> str:
+    return _build(samples or [_clip(0), _clip(1)], template, **kw).key
+
+
+def test_key_is_stable_across_calls_and_fresh_objects():
+    assert _key() == _key()
+    assert (
+        _key(key_parts={"sampling": {"seed": 0, "temperature": 0.0}, "revision": None, "model": "tiny"})
+        == _key()
+    )
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"key_parts": {**KEY_PARTS, "model": "other"}},
+        {"key_parts": {**KEY_PARTS, "sampling": {"temperature": 0.5, "seed": 0}}},
+        {"max_tokens": 64},
+        {"labels": list(reversed(LABELS))},  # prompt text
+        {"template": "multimodal", "modality": "multi"},  # prompt text
+        {"frames_as": "video"},
+        {"samples": [_clip(0), _clip(1, indices=(0, 10, 21))]},  # frame indices
+        {"samples": [_clip(0), _clip(2)]},  # pixels (and name)
+    ],
+)
+def test_key_changes_with_what_reaches_the_model(change):
+    kw = dict(change)
+    samples = kw.pop("samples", None)
+    assert _key(samples, **kw) != _key()
+
+
+def test_video_timing_changes_the_key_only_when_sent():
+    timed = [_clip(0), _clip(1, fps=30.0)]
+    assert _key(timed, frames_as="video") != _key(frames_as="video")
+    assert _key(timed, frames_as="images") == _key(frames_as="images")  # fps is not sent with still frames
+
+
+def test_key_changes_with_pixels_and_choices():
+    base = _build([_still(0)], mode="single")
+    grey = LoadedSample(_still(0).sample, images=[_still(0).images[0].convert("L")])
+    assert _build([grey], mode="single").key != base.key
+    constrained = _build([_still(0)], mode="single", key_parts={**KEY_PARTS, "structured_output": True})
+    assert constrained.key != base.key
+
+
+def test_key_ignores_what_the_model_never_sees():
+    # The ground-truth label and unsent metadata must neither leak into the prompt nor split the cache.
+    a = _build([_still(0, gt="Happiness")], mode="single")
+    b = _build([_still(0, gt="Sadness")], mode="single")
+    assert a.key == b.key
+    assert "Happiness" not in _all_text(a).replace(", ".join(LABELS), "")
+
+
+# ------------------------------------------------------------------ templates as files
+
+
+def test_placeholders_are_identifiers_and_json_braces_stay():
+    text = 'Sort {labels}; answer [{"name": ..., "result": [...]}] or {\'name\': x}'
+    assert placeholders(text) == {"labels"}
+    assert render(text, {"labels": "a, b"}).startswith('Sort a, b; answer [{"name"')
+
+
+def test_unknown_placeholder_is_rejected():
+    with pytest.raises(ValueError, match=r"\{label\}.*allowed there"):
+        PromptTemplate(name="t", single="Sort {label}", batch="{count} {labels}")
+    with pytest.raises(ValueError, match=r"\{transcript\}"):
+        PromptTemplate(name="t", single="x", batch="{transcript}")  # whose transcript?
+
+
+def test_template_consistency_checks():
+    with pytest.raises(ValueError, match="media"):
+        PromptTemplate(name="t", single="as {media}", batch="x")
+    with pytest.raises(ValueError, match="transcript"):
+        PromptTemplate(name="t", single="{transcript}", batch="x", item="{name}")
+    with pytest.raises(ValueError, match="unknown key"):
+        PromptTemplate.from_dict("t", {"single": "x", "batch": "y", "singel": "z"})
+    with pytest.raises(ValueError, match="missing"):
+        PromptTemplate.from_dict("t", {"single": "x"})
+
+
+def test_missing_template_lists_the_available_ones():
+    with pytest.raises(ValueError, match=r"unknown prompt 'nope'.*facial"):
+        load_template("nope")
+
+
+def test_a_dropped_yaml_file_is_a_new_template(tmp_path, monkeypatch):
+    conf = tmp_path / "conf"
+    shutil.copytree(conf_dir(), conf)
+    (conf / "prompt" / "terse.yaml").write_text(
+        "single: 'Rank {labels}.'\n"
+        "batch: 'Rank {labels} for {count} faces: {names}.'\n"
+        "item: '#{index} {name}'\n"
+    )
+    (conf / "prompt" / "broken.yaml").write_text("single: 'Rank {labelz}.'\nbatch: 'x'\n")
+    monkeypatch.setenv("GER_CONF_DIR", str(conf))
+    assert "terse" in available_templates()
+    req = _build([_still(0), _still(1)], load_template("terse"))
+    assert (
+        _all_text(req) == "Rank Happiness, Sadness, Anger, Neutral for 2 faces: img_0.jpg, img_1.jpg."
+        "\n\n#1 img_0.jpg\n#2 img_1.jpg"
+    )
+    with pytest.raises(ValueError, match="labelz"):
+        load_template("broken")
