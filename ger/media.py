@@ -1,0 +1,360 @@
+"""The sample loader stage: images, frame sampling, grids and transcripts.
+
+Turns a `Sample` (paths) into a `LoadedSample` (decoded PIL images and text) plus a
+hash of exactly what will be sent, so the response cache notices when media change.
+Videos are read with decord (the `decord2` package) by random access: only the
+sampled frames are decoded, never the whole clip as the paper's release did.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import re
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ger.records import LoadedSample, Sample
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+SAMPLERS = ("paper", "uniform")
+MEDIA_KINDS = ("image", "video", "frames")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
+TRANSCRIPT_EXTENSIONS = (".npy", ".txt")
+_HASH_VERSION = b"ger-media-v1"  # bump when the meaning of content_hash changes
+
+# (resolved path, size, mtime_ns) -> sha256 hex; file bytes are hashed once per process.
+_DIGESTS: dict[tuple[str, int, int], str] = {}
+
+
+class MediaError(ValueError):
+    """A media file is missing, empty, truncated or cannot be decoded."""
+
+
+# ---------------------------------------------------------------- images
+
+
+def _require_file(path: Path | str, what: str) -> Path:
+    """Fail early with a message that names the file and the reason."""
+    p = Path(path)
+    if not p.exists():
+        raise MediaError(f"{what} not found: {p}")
+    if not p.is_file():
+        raise MediaError(f"{what} is not a file: {p}")
+    if p.stat().st_size == 0:
+        raise MediaError(f"{what} is empty (0 bytes): {p}")
+    return p
+
+
+def to_greyscale(image: Image.Image) -> Image.Image:
+    """Grey levels kept in 3 channels, so every model gets the input shape it expects."""
+    return image.convert("L").convert("RGB")
+
+
+def load_image(path: Path | str, greyscale: bool = False) -> Image.Image:
+    """Decode an image fully (truncation surfaces here, not inside a backend) as RGB."""
+    from PIL import Image
+
+    p = _require_file(path, "image")
+    try:
+        with Image.open(p) as im:
+            im.load()  # Image.open is lazy; force the full decode so truncated files fail now
+            rgb = im.convert("RGB")
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise MediaError(f"cannot decode image {p}: {e}") from e
+    return to_greyscale(rgb) if greyscale else rgb
+
+
+# ---------------------------------------------------------------- frame sampling
+
+
+def sample_indices(n_frames: int, count: int, sampler: str = "paper") -> list[int]:
+    """Indices of `count` frames of an `n_frames` clip.
+
+    paper: the release's rule generalised to any count: step = n // count (the clip
+    trimmed to a multiple of count), frames 0, step, 2*step, ...; a clip shorter than
+    `count` gives all its frames then repeats the last one.
+    uniform: the middle frame of each of `count` equal segments (centred in time).
+    """
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; expected one of {list(SAMPLERS)}")
+    if count < 1:
+        raise ValueError(f"frame count must be >= 1, got {count}")
+    if n_frames < 1:
+        raise MediaError(f"clip has no frames (n_frames={n_frames})")
+    if sampler == "paper":
+        if n_frames < count:
+            return list(range(n_frames)) + [n_frames - 1] * (count - n_frames)
+        step = n_frames // count
+        return [i * step for i in range(count)]
+    # floor((i + 1/2) * n / count) in integers, so no float rounding at segment edges
+    return [((2 * i + 1) * n_frames) // (2 * count) for i in range(count)]
+
+
+# ---------------------------------------------------------------- videos and frame folders
+
+
+def _natural_key(path: Path) -> list[Any]:
+    """frame_2 before frame_10, as the extraction tools number them."""
+    return [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", path.name)]
+
+
+def frame_files(folder: Path | str) -> list[Path]:
+    """The image files of a folder of pre-extracted frames, in frame order."""
+    d = Path(folder)
+    files = sorted(
+        (f for f in d.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS),
+        key=_natural_key,
+    )
+    if not files:
+        raise MediaError(f"frame folder holds no image files ({', '.join(IMAGE_EXTENSIONS)}): {d}")
+    return files
+
+
+_ABSENT = object()
+
+
+def _import_decord() -> Any:
+    """Import decord without its CUDA preload.
+
+    On import, decord2 dlopens every library of the `nvidia` pip packages with
+    RTLD_GLOBAL, libnvblas among them, which then intercepts BLAS calls and crashes
+    CPU matrix products in torch (seen with the CUDA torch wheel on a GPU-less host).
+    We decode on the CPU only, so the import runs with `nvidia` hidden from it.
+    """
+    if "decord" in sys.modules:
+        return sys.modules["decord"]
+    saved = sys.modules.get("nvidia", _ABSENT)
+    sys.modules["nvidia"] = None  # type: ignore[assignment]  # find_spec("nvidia") -> None
+    try:
+        import decord
+    except ImportError as e:
+        raise ImportError("reading videos needs decord: pip install 'ger[video]' (decord2)") from e
+    finally:
+        if saved is _ABSENT:
+            del sys.modules["nvidia"]
+        else:
+            sys.modules["nvidia"] = saved
+    return decord
+
+
+def _open_video(path: Path | str) -> Any:
+    """A decord VideoReader; opening reads the index, not the frames."""
+    decord = _import_decord()
+    VideoReader, cpu = decord.VideoReader, decord.cpu
+    p = _require_file(path, "video")
+    try:
+        # one decoding thread: frame threading makes ffmpeg decode ahead, wasted on 3 sparse frames
+        reader = VideoReader(str(p), ctx=cpu(0), num_threads=1)
+    except Exception as e:  # decord raises RuntimeError or its own DECORDError
+        raise MediaError(f"cannot open video {p}: {str(e).splitlines()[0][:200]}") from e
+    if len(reader) == 0:
+        raise MediaError(f"video has no frames: {p}")
+    return reader
+
+
+def _fps(reader: Any) -> float | None:
+    """The container's average rate; None where it is missing or nonsense (0, nan)."""
+    fps = float(reader.get_avg_fps())
+    return fps if math.isfinite(fps) and fps > 0 else None
+
+
+def video_info(path: Path | str) -> tuple[int, float | None]:
+    """(frame count, frames per second) of a video file, or of a frame folder (fps None)."""
+    p = Path(path)
+    if p.is_dir():
+        return len(frame_files(p)), None
+    reader = _open_video(p)
+    return len(reader), _fps(reader)
+
+
+def _check_indices(indices: Sequence[int], n_frames: int, path: Path) -> list[int]:
+    bad = [i for i in indices if not 0 <= int(i) < n_frames]
+    if bad:
+        raise MediaError(f"frame indices {bad} out of range for {path} ({n_frames} frames)")
+    return [int(i) for i in indices]
+
+
+def _decode_batch(reader: Any, indices: list[int], path: Path) -> list[Image.Image]:
+    """One get_batch call: decord seeks to the keyframe before each wanted frame and decodes
+    forward from there, so only a few frames per index are decoded, never the whole clip."""
+    from PIL import Image
+
+    indices = _check_indices(indices, len(reader), path)
+    try:
+        batch = reader.get_batch(indices).asnumpy()
+    except Exception as e:
+        raise MediaError(f"cannot decode frames {indices} of {path}: {str(e).splitlines()[0][:200]}") from e
+    if batch.shape[0] != len(indices):
+        raise MediaError(f"decoded {batch.shape[0]} frames of {path}, asked for {len(indices)}")
+    return [Image.fromarray(frame) for frame in batch]
+
+
+def read_frames(path: Path | str, indices: Sequence[int]) -> list[Image.Image]:
+    """The frames at `indices` (any order, repeats allowed) of a video or frame folder, as RGB."""
+    p = Path(path)
+    if not indices:
+        return []
+    if p.is_dir():
+        files = frame_files(p)
+        return [load_image(files[i]) for i in _check_indices(indices, len(files), p)]
+    return _decode_batch(_open_video(p), list(indices), p)
+
+
+def sample_frames(
+    path: Path | str, count: int, sampler: str = "paper"
+) -> tuple[list[Image.Image], list[int], int, float | None]:
+    """video_info + sample_indices + read_frames with the file opened once.
+
+    Returns (frames, indices, n_frames, fps).
+    """
+    p = Path(path)
+    if p.is_dir():
+        n, fps = video_info(p)
+        indices = sample_indices(n, count, sampler)
+        return read_frames(p, indices), indices, n, fps
+    reader = _open_video(p)
+    n, fps = len(reader), _fps(reader)
+    indices = sample_indices(n, count, sampler)
+    return _decode_batch(reader, indices, p), indices, n, fps
+
+
+# ---------------------------------------------------------------- grids
+
+
+def grid_shape(count: int) -> tuple[int, int]:
+    """Near-square, landscape-leaning (rows, cols): 3 -> 1x3, 4 -> 2x2, 6 -> 2x3, 8 -> 2x4."""
+    if count < 1:
+        raise ValueError(f"a grid needs at least one image, got {count}")
+    rows = math.isqrt(count)
+    return rows, math.ceil(count / rows)
+
+
+def make_grid(images: Sequence[Image.Image], rows: int | None = None, cols: int | None = None) -> Image.Image:
+    """One mosaic of `images` in row-major order, every cell the size of the first image.
+
+    For models that accept one image per prompt: the frames of a clip become one picture.
+    """
+    from PIL import Image
+
+    if not images:
+        raise ValueError("make_grid needs at least one image")
+    k = len(images)
+    if rows is None and cols is None:
+        rows, cols = grid_shape(k)
+    elif rows is None:
+        rows = math.ceil(k / cols)
+    elif cols is None:
+        cols = math.ceil(k / rows)
+    if rows < 1 or cols < 1 or rows * cols < k:
+        raise ValueError(f"a {rows}x{cols} grid cannot hold {k} images")
+    w, h = images[0].size
+    grid = Image.new("RGB", (cols * w, rows * h))
+    for i, im in enumerate(images):
+        cell = im.convert("RGB")
+        if cell.size != (w, h):
+            cell = cell.resize((w, h), Image.Resampling.BICUBIC)
+        grid.paste(cell, ((i % cols) * w, (i // cols) * h))
+    return grid
+
+
+# ---------------------------------------------------------------- transcripts
+
+
+def _npy_text(p: Path) -> str:
+    import numpy as np
+
+    try:
+        try:
+            arr = np.load(p, allow_pickle=False)
+        except ValueError:
+            # the release stores some transcripts as object arrays; only then allow pickle
+            arr = np.load(p, allow_pickle=True)
+    except Exception as e:
+        raise MediaError(f"cannot read transcript {p}: {e}") from e
+    if not isinstance(arr, np.ndarray):
+        raise MediaError(f"transcript {p} is an archive, expected one array holding a string")
+    items = [arr.item()] if arr.ndim == 0 else arr.reshape(-1).tolist()
+    items = [x.decode("utf-8", errors="replace") if isinstance(x, bytes) else x for x in items]
+    if not items or not all(isinstance(x, str) for x in items):
+        raise MediaError(f"transcript {p} holds {arr.dtype} {arr.shape}, expected a string")
+    return " ".join(x.strip() for x in items).strip()
+
+
+def load_transcript(path: Path | str) -> str:
+    """The transcript text of a sample, from a `.npy` (as in the release) or `.txt` file."""
+    p = Path(path)
+    if p.suffix.lower() not in TRANSCRIPT_EXTENSIONS:
+        raise MediaError(f"unsupported transcript file {p}; expected one of {list(TRANSCRIPT_EXTENSIONS)}")
+    _require_file(p, "transcript")
+    if p.suffix.lower() == ".npy":
+        return _npy_text(p)
+    try:
+        return p.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as e:
+        raise MediaError(f"cannot read transcript {p}: {e}") from e
+
+
+# ---------------------------------------------------------------- hashing and the loader
+
+
+def file_digest(path: Path | str) -> str:
+    """sha256 of a file's bytes, remembered per (path, size, mtime) for this process."""
+    p = Path(path).resolve()
+    st = p.stat()
+    key = (str(p), st.st_size, st.st_mtime_ns)
+    if key not in _DIGESTS:
+        with p.open("rb") as f:
+            _DIGESTS[key] = hashlib.file_digest(f, "sha256").hexdigest()  # reads in chunks
+    return _DIGESTS[key]
+
+
+def _content_hash(files: Sequence[Path], indices: Sequence[int], greyscale: bool, text: str | None) -> str:
+    h = hashlib.sha256(_HASH_VERSION)
+    for f in files:
+        h.update(b"file:" + file_digest(f).encode())
+    h.update(f"|frames:{','.join(map(str, indices))}|grey:{int(greyscale)}".encode())
+    if text is not None:
+        h.update(b"|text:" + text.encode("utf-8"))
+    return h.hexdigest()
+
+
+def load_sample(
+    sample: Sample,
+    media_kind: str,
+    *,
+    frames: int = 3,
+    sampler: str = "paper",
+    greyscale: bool = False,
+    with_text: bool = False,
+    with_visual: bool = True,
+) -> LoadedSample:
+    """Decode what the prompt will show of one sample; raises MediaError when it cannot."""
+    if media_kind not in MEDIA_KINDS:
+        raise ValueError(f"unknown media kind {media_kind!r}; expected one of {list(MEDIA_KINDS)}")
+    loaded = LoadedSample(sample=sample)
+    files: list[Path] = []
+    if with_visual:
+        if sample.media is None:
+            raise MediaError(f"sample {sample.name!r} of {sample.dataset!r} has no media path")
+        media = Path(sample.media)
+        if media_kind == "image":
+            loaded.images = [load_image(media, greyscale)]
+            files = [media]
+        else:
+            if media_kind == "frames" and not media.is_dir():
+                raise MediaError(f"expected a folder of frames for {sample.name!r}: {media}")
+            imgs, idx, n, fps = sample_frames(media, frames, sampler)
+            loaded.images = [to_greyscale(im) for im in imgs] if greyscale else imgs
+            loaded.frame_indices, loaded.source_frames, loaded.source_fps = idx, n, fps
+            files = [frame_files(media)[i] for i in idx] if media.is_dir() else [media]
+    if with_text:
+        if sample.transcript is None:
+            raise MediaError(f"sample {sample.name!r} of {sample.dataset!r} has no transcript path")
+        loaded.text = load_transcript(sample.transcript)
+    loaded.content_hash = _content_hash(files, loaded.frame_indices, greyscale, loaded.text)
+    return loaded
