@@ -42,16 +42,22 @@ def _hydra_app(task: str, argv: list[str]) -> int:
 def cmd_reproduce(argv: list[str]) -> int:
     from ger.reference import RELEASE_URL, download_release, score_release, write_results
 
-    parser = argparse.ArgumentParser(prog="ger reproduce", description="Re-score the released GPT-4V predictions.")
-    parser.add_argument("--reference-dir", type=Path, help="the release's results/ folder (default: download it)")
-    parser.add_argument("--out", type=Path, default=Path("reproduce"), help="output folder (default: reproduce/)")
+    parser = argparse.ArgumentParser(
+        prog="ger reproduce", description="Re-score the released GPT-4V predictions."
+    )
+    parser.add_argument(
+        "--reference-dir", type=Path, help="the release's results/ folder (default: download it)"
+    )
+    parser.add_argument(
+        "--out", type=Path, default=Path("reproduce"), help="output folder (default: reproduce/)"
+    )
     parser.add_argument("--url", default=RELEASE_URL, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     ref_dir = args.reference_dir or download_release(args.url)
     scores = score_release(ref_dir, args.out)
     write_results(scores, args.out)
     print((args.out / "results.md").read_text())
-    print(f"wrote {args.out / 'results.json'}, results.csv, results.md and {len(scores)} runs under {args.out / 'runs'}")
+    print(f"wrote results.json, results.csv, results.md and {len(scores)} runs under {args.out}")
     return 0
 
 
@@ -65,8 +71,10 @@ def cmd_datasets(argv: list[str]) -> int:
     print("| key | task | input | labels | scoring | GPT-4V (paper) | best supervised |")
     print("|---|---|---|---|---|---|---|")
     for s in all_specs(include_demo=args.all):
-        print(f"| {s.key} | {s.task} | {s.modality} | {', '.join(s.labels)} | {s.scoring} | "
-              f"{fmt(s.paper.gpt4v)} | {fmt(s.paper.supervised)} {s.paper.supervised_method or ''} |")
+        print(
+            f"| {s.key} | {s.task} | {s.modality} | {', '.join(s.labels)} | {s.scoring} | "
+            f"{fmt(s.paper.gpt4v)} | {fmt(s.paper.supervised)} {s.paper.supervised_method or ''} |"
+        )
     return 0
 
 

@@ -121,7 +121,9 @@ def spec_from_dict(data: dict[str, Any]) -> DatasetSpec:
         layout=layout,
         polarity=dict(polarity) if polarity else None,
         reference=Reference(**ref) if ref else None,
-        paper=Paper(**{**paper, "gpt4v": paper.get("gpt4v") or {}, "supervised": paper.get("supervised") or {}}),
+        paper=Paper(
+            **{**paper, "gpt4v": paper.get("gpt4v") or {}, "supervised": paper.get("supervised") or {}}
+        ),
         demo=bool(data.get("demo", False)),
         gt_only_labels=list(data.get("gt_only_labels") or []),
     )

@@ -56,16 +56,27 @@ class Score:
     def records(self) -> list[dict[str, Any]]:
         """Rows of results.json: one per metric."""
         return [
-            {"dataset": self.dataset, "variant": self.variant, "metric": m, "value": v, "n": self.n,
-             "paper": self.paper.get(m)}
+            {
+                "dataset": self.dataset,
+                "variant": self.variant,
+                "metric": m,
+                "value": v,
+                "n": self.n,
+                "paper": self.paper.get(m),
+            }
             for m, v in self.values.items()
         ]
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "dataset": self.dataset, "test_set": self.test_set or self.dataset, "variant": self.variant, "n": self.n,
-            "parse_failures": self.failures, "parse_failure_rate": self.parse_failure_rate,
-            "dropped_zero_scores": self.dropped, "scores": self.records(),
+            "dataset": self.dataset,
+            "test_set": self.test_set or self.dataset,
+            "variant": self.variant,
+            "n": self.n,
+            "parse_failures": self.failures,
+            "parse_failure_rate": self.parse_failure_rate,
+            "dropped_zero_scores": self.dropped,
+            "scores": self.records(),
             "per_class_recall": self.per_class_recall,
             "confusion": {"labels": self.confusion_labels, "matrix": self.confusion},
         }
@@ -83,7 +94,9 @@ def _plain(preds: list[Prediction], spec: DatasetSpec) -> Outcome:
     for p in preds:
         gt = gt_matcher.match(p.gt)
         if gt is None:
-            raise ValueError(f"{spec.key}: ground truth {p.gt!r} of {p.name!r} is not in the label set {spec.gt_labels}")
+            raise ValueError(
+                f"{spec.key}: ground truth {p.gt!r} of {p.name!r} is not in the label set {spec.gt_labels}"
+            )
         top = _usable_top1(p, matcher)
         failures += top is None
         y_true.append(gt)
@@ -170,5 +183,16 @@ def score(preds: list[Prediction], spec: DatasetSpec, variant: str = "") -> Scor
     support = matrix.sum(axis=1)
     recall = {c: round(100.0 * matrix[i, i] / support[i], 2) for i, c in enumerate(out.classes) if support[i]}
     paper = spec.paper.gpt4v if (spec.reference is None or variant == spec.reference.paper_variant) else {}
-    return Score(spec.key, variant, values, len(out.y_true), out.failures, recall, cols,
-                 matrix.tolist(), dict(paper), out.dropped, spec.key)
+    return Score(
+        spec.key,
+        variant,
+        values,
+        len(out.y_true),
+        out.failures,
+        recall,
+        cols,
+        matrix.tolist(),
+        dict(paper),
+        out.dropped,
+        spec.key,
+    )

@@ -62,7 +62,9 @@ def modality_plan(cfg: DictConfig, spec: DatasetSpec) -> tuple[str, str]:
     """(prompt modality, template name): the multimodal ablations swap the template with the inputs."""
     if spec.modality != "video+text":
         if cfg.modality not in (None, "video"):
-            raise ValueError(f"dataset {spec.key} has no transcripts; modality must stay null, not {cfg.modality!r}")
+            raise ValueError(
+                f"dataset {spec.key} has no transcripts; modality must stay null, not {cfg.modality!r}"
+            )
         return "visual", cfg.prompt or spec.prompt
     modality = cfg.modality or "multi"
     if modality not in cfg.modality_prompts:
@@ -76,9 +78,17 @@ def load_media(cfg: DictConfig, spec: DatasetSpec, samples: list[Sample], modali
     errors: dict[str, str] = {}
     for s in tqdm(samples, desc="loading media", unit="sample", disable=not cfg.progress):
         try:
-            loaded.append(load_sample(s, spec.layout.media_kind, frames=cfg.frames, sampler=cfg.sampler,
-                                      greyscale=cfg.greyscale, with_text=modality in ("text", "multi"),
-                                      with_visual=modality != "text"))
+            loaded.append(
+                load_sample(
+                    s,
+                    spec.layout.media_kind,
+                    frames=cfg.frames,
+                    sampler=cfg.sampler,
+                    greyscale=cfg.greyscale,
+                    with_text=modality in ("text", "multi"),
+                    with_visual=modality != "text",
+                )
+            )
         except (MediaError, OSError) as exc:
             errors[s.name] = f"{type(exc).__name__}: {exc}"
     return loaded, errors
@@ -86,9 +96,15 @@ def load_media(cfg: DictConfig, spec: DatasetSpec, samples: list[Sample], modali
 
 def key_parts(cfg: DictConfig, model_identity: dict[str, Any]) -> dict[str, Any]:
     """Everything outside the prompt that changes an answer; the cache key hashes it."""
-    backend = {k: v for k, v in _plain(cfg.backend).items() if k not in set(cfg.backend.get("not_in_key", []))}
-    return {"model": model_identity, "backend": backend, "sampling": _plain(cfg.sampling),
-            "structured_output": bool(cfg.structured_output and cfg.mode == "single")}
+    backend = {
+        k: v for k, v in _plain(cfg.backend).items() if k not in set(cfg.backend.get("not_in_key", []))
+    }
+    return {
+        "model": model_identity,
+        "backend": backend,
+        "sampling": _plain(cfg.sampling),
+        "structured_output": bool(cfg.structured_output and cfg.mode == "single"),
+    }
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
@@ -108,9 +124,16 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     by_name = {ls.sample.name: ls for ls in loaded}
 
     def request_for(names: tuple[str, ...]) -> Request:
-        return build_request([by_name[n] for n in names], template, spec.labels, mode=cfg.mode,
-                             frames_as=cfg.frames_as, key_parts=parts, max_tokens=cfg.sampling.max_tokens,
-                             modality=modality)
+        return build_request(
+            [by_name[n] for n in names],
+            template,
+            spec.labels,
+            mode=cfg.mode,
+            frames_as=cfg.frames_as,
+            key_parts=parts,
+            max_tokens=cfg.sampling.max_tokens,
+            modality=modality,
+        )
 
     cache = ResponseCache(Path(str(cfg.cache_dir)).expanduser() / "responses.sqlite")
     asker = Asker(cache, lambda: create_backend(cfg.backend.name, cfg.backend, model), cfg.progress)
@@ -126,9 +149,13 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     result = score(preds, spec)
     overrides = list(HydraConfig.get().overrides.task)
     meta = write_run_files(out, cfg, spec, preds, result, overrides, asker.stats)
-    print(f"{spec.key}: " + ", ".join(f"{m} {v:.2f}" for m, v in result.values.items())
-          + f" (n={result.n}, parse failures {result.parse_failure_rate:.2f}%, "
-          f"cached {asker.stats.cached}, sent {asker.stats.sent}) -> {out}", file=sys.stderr)
+    print(
+        f"{spec.key}: "
+        + ", ".join(f"{m} {v:.2f}" for m, v in result.values.items())
+        + f" (n={result.n}, parse failures {result.parse_failure_rate:.2f}%, "
+        f"cached {asker.stats.cached}, sent {asker.stats.sent}) -> {out}",
+        file=sys.stderr,
+    )
     return meta
 
 
@@ -144,11 +171,16 @@ def predict(cfg: DictConfig, spec: DatasetSpec, loaded: list[LoadedSample], requ
         for req in requests:
             resp = answers[req.key]
             if not resp.ok:
-                preds.append(Prediction(req.names[0], gts[req.names[0]], [], ERROR, req.key, resp.error or "empty"))
+                preds.append(
+                    Prediction(req.names[0], gts[req.names[0]], [], ERROR, req.key, resp.error or "empty")
+                )
                 continue
             parsed = parse_ranked(resp.text, matcher)
-            preds.append(Prediction(req.names[0], gts[req.names[0]], parsed.ranked, parsed.status, req.key,
-                                    parsed.detail))
+            preds.append(
+                Prediction(
+                    req.names[0], gts[req.names[0]], parsed.ranked, parsed.status, req.key, parsed.detail
+                )
+            )
         return preds
     if cfg.mode != "batch":
         raise ValueError(f"unknown mode {cfg.mode!r}; expected one of ['single', 'batch']")
@@ -170,9 +202,9 @@ def prepare(cfg: DictConfig) -> None:
     """Check a dataset on disk; exit non-zero listing the first problems."""
     spec, data_root = resolve_spec(cfg)
     samples = load_samples(spec, data_root)
-    report = check_dataset(spec, samples, media=True, progress=cfg.progress,
-                           transcripts=spec.modality == "video+text")
+    report = check_dataset(
+        spec, samples, media=True, progress=cfg.progress, transcripts=spec.modality == "video+text"
+    )
     print(report.summary())
     if report.problems:
         sys.exit(1)
-

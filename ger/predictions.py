@@ -33,9 +33,12 @@ def read_predictions(path: Path) -> list[Prediction]:
             raise ValueError(f"{path}: not a ger predictions file (missing columns {sorted(missing)})")
         return [
             Prediction(
-                name=row["name"], gt=row["gt"],
+                name=row["name"],
+                gt=row["gt"],
                 ranked=[x for x in row["prediction"].split(",") if x] if row["prediction"] else [],
-                status=row["status"], response_key=row.get("response_key") or "", detail=row.get("detail") or "",
+                status=row["status"],
+                response_key=row.get("response_key") or "",
+                detail=row.get("detail") or "",
             )
             for row in reader
         ]

@@ -23,7 +23,9 @@ from ger.records import Prediction
 RELEASE_REPO = "zeroQiaoba/gpt4v-emotion"
 RELEASE_COMMIT = "82d24bcdba81d722f18e4bf9b157f8b82c8940bc"
 RELEASE_URL = f"https://codeload.github.com/{RELEASE_REPO}/tar.gz/{RELEASE_COMMIT}"
-_FILE = re.compile(r"^label-gpt4v(?:-(?P<suffix>[A-Za-z0-9]+))?\.csv$|^label-(?P<prefix>[A-Za-z0-9]+)-gpt4v\.csv$")
+_FILE = re.compile(
+    r"^label-gpt4v(?:-(?P<suffix>[A-Za-z0-9]+))?\.csv$|^label-(?P<prefix>[A-Za-z0-9]+)-gpt4v\.csv$"
+)
 
 
 @dataclass(frozen=True)
@@ -47,7 +49,9 @@ def discover(ref_dir: Path) -> list[ReleasedFile]:
         if m:
             found.append(ReleasedFile(path.parent.name, m.group("suffix") or m.group("prefix") or "", path))
     if not found:
-        raise FileNotFoundError(f"no label-gpt4v*.csv files under {ref_dir}; is it the release's results/ folder?")
+        raise FileNotFoundError(
+            f"no label-gpt4v*.csv files under {ref_dir}; is it the release's results/ folder?"
+        )
     return found
 
 
@@ -118,9 +122,14 @@ def paper_tables_markdown(scores: list[Score]) -> str:
     specs = {s.key: s for s in all_specs()}
     lines = ["# GPT-4V, re-scored from the release", ""]
     for task, title in TASK_TITLES.items():
-        cols = [(sc, specs[sc.test_set], m) for sc in scores for m in sc.values
-                if specs[sc.test_set].task == task and specs[sc.test_set].reference
-                and sc.variant == specs[sc.test_set].reference.paper_variant]
+        cols = [
+            (sc, specs[sc.test_set], m)
+            for sc in scores
+            for m in sc.values
+            if specs[sc.test_set].task == task
+            and specs[sc.test_set].reference
+            and sc.variant == specs[sc.test_set].reference.paper_variant
+        ]
         if not cols:
             continue
         head = [f"{spec.title} {m.upper()}" for _, spec, m in cols]
@@ -129,19 +138,30 @@ def paper_tables_markdown(scores: list[Score]) -> str:
             ("GPT-4V (paper)", [sp.paper.gpt4v.get(m) for _, sp, m in cols]),
             ("GPT-4V (re-scored here)", [sc.values[m] for sc, _, m in cols]),
             ("Best supervised", [sp.paper.supervised.get(m) for _, sp, m in cols]),
-            ("Re-scored − paper", [None if sp.paper.gpt4v.get(m) is None else round(sc.values[m] - sp.paper.gpt4v[m], 2)
-                                   for sc, sp, m in cols]),
+            (
+                "Re-scored − paper",
+                [
+                    None if sp.paper.gpt4v.get(m) is None else round(sc.values[m] - sp.paper.gpt4v[m], 2)
+                    for sc, sp, m in cols
+                ],
+            ),
         ]
         lines += [f"## {title}", "", "| | " + " | ".join(head) + " |", "|---" * (len(head) + 1) + "|"]
         lines += ["| " + name + " | " + " | ".join(fmt(v) for v in vals) + " |" for name, vals in rows]
         lines.append("")
-    lines += ["## Every released file", "", "| dataset | variant | metric | re-scored | paper | n | parse failures |",
-              "|---|---|---|---|---|---|---|"]
+    lines += [
+        "## Every released file",
+        "",
+        "| dataset | variant | metric | re-scored | paper | n | parse failures |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for sc in scores:
         for rec in sc.records():
             paper = "–" if rec["paper"] is None else f"{rec['paper']:.2f}"
-            lines.append(f"| {sc.dataset} | {sc.variant or '–'} | {rec['metric']} | {rec['value']:.2f} | {paper} | "
-                         f"{sc.n} | {sc.failures} |")
+            lines.append(
+                f"| {sc.dataset} | {sc.variant or '–'} | {rec['metric']} | {rec['value']:.2f} | {paper} | "
+                f"{sc.n} | {sc.failures} |"
+            )
     return "\n".join(lines) + "\n"
 
 

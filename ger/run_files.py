@@ -56,7 +56,8 @@ def report_markdown(spec: DatasetSpec, result: Score, model: str, stats: Any) ->
         + (f" ({result.dropped} with score 0 dropped)" if result.dropped else ""),
         f"- parse failures: {result.failures} ({result.parse_failure_rate:.2f}%), scored as wrong",
         f"- GPT-4V (paper): {paper}; best supervised: {supervised}",
-        f"- requests: {stats.cached} from cache, {stats.sent} sent, {stats.failed} failed, {stats.splits} batch splits",
+        f"- requests: {stats.cached} from cache, {stats.sent} sent, {stats.failed} failed, "
+        f"{stats.splits} batch splits",
         "",
         "| class | recall % |",
         "|---|---|",

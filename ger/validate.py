@@ -35,9 +35,12 @@ class DatasetReport:
 
     def summary(self) -> str:
         lines = [f"{self.key}: {self.samples} samples, {self.problems} problems"]
-        for title, items in (("labels outside the label set", self.bad_labels),
-                             ("names listed more than once", self.duplicates),
-                             ("missing files", self.missing), ("unreadable files", self.unreadable)):
+        for title, items in (
+            ("labels outside the label set", self.bad_labels),
+            ("names listed more than once", self.duplicates),
+            ("missing files", self.missing),
+            ("unreadable files", self.unreadable),
+        ):
             if items:
                 lines.append(f"  {len(items)} {title}:")
                 lines += [f"    {x}" for x in items[:SHOW]]
@@ -58,8 +61,14 @@ def _label_ok(spec: DatasetSpec, gt: str, matcher: LabelMatcher) -> bool:
     return matcher.match(gt) is not None
 
 
-def check_dataset(spec: DatasetSpec, samples: list[Sample], *, media: bool, progress: bool = False,
-                  transcripts: bool = False) -> DatasetReport:
+def check_dataset(
+    spec: DatasetSpec,
+    samples: list[Sample],
+    *,
+    media: bool,
+    progress: bool = False,
+    transcripts: bool = False,
+) -> DatasetReport:
     """Label and name checks always; with `media`, open every file as a run would."""
     report = DatasetReport(spec.key, len(samples))
     matcher = LabelMatcher(spec.gt_labels)

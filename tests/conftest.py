@@ -19,12 +19,19 @@ def ger_cache(tmp_path_factory) -> Path:
     return path
 
 
-def run_ger(args: list[str], cache: Path, cwd: Path, timeout: float = 600, env: dict | None = None,
-            check: bool = True) -> subprocess.CompletedProcess:
+def run_ger(
+    args: list[str], cache: Path, cwd: Path, timeout: float = 600, env: dict | None = None, check: bool = True
+) -> subprocess.CompletedProcess:
     """`ger ARGS` in a fresh process, with the given cache folder."""
     full_env = {**os.environ, "GER_CACHE_DIR": str(cache), "PYTHONUNBUFFERED": "1", **(env or {})}
-    proc = subprocess.run([sys.executable, "-m", "ger.cli", *args], cwd=cwd, env=full_env, text=True,
-                          capture_output=True, timeout=timeout)
+    proc = subprocess.run(
+        [sys.executable, "-m", "ger.cli", *args],
+        cwd=cwd,
+        env=full_env,
+        text=True,
+        capture_output=True,
+        timeout=timeout,
+    )
     if check and proc.returncode != 0:
         raise AssertionError(f"ger {' '.join(args)} exited {proc.returncode}:\n{proc.stderr[-4000:]}")
     return proc

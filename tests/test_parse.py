@@ -17,7 +17,7 @@ LABELS = ["happy", "sad", "neutral", "weakly positive", "Anger"]
         ("{'name': 'x', 'result': ['anger', 'sad']}", ["Anger", "sad"], OK),  # record; label-set spelling
         ("Weakly   Positive, happy", ["weakly positive", "happy"], OK),  # whitespace folded
         ("1. happy\n2. sad", ["happy", "sad"], OK),  # enumerated
-        ("```json\n[\"sad\"]\n```", ["sad"], OK),  # fenced
+        ('```json\n["sad"]\n```', ["sad"], OK),  # fenced
         ("angers", ["Anger"], OK),  # plural
         ("happy, happy, sad", ["happy", "sad"], OK),  # duplicates dropped
         ("surprised, happy", ["surprised", "happy"], UNKNOWN_LABEL),  # top-1 outside the set: not guessed
@@ -51,7 +51,10 @@ def test_batch_matches_by_name_not_position():
 
 
 def test_batch_tolerates_broken_json_and_reports_strangers():
-    text = "{'name': 'a', 'result': ['sad', 'happy']}\n{'name': 'zz', 'result': ['happy']}\n{'name': 'b', 'result': ['neu"
+    text = (
+        "{'name': 'a', 'result': ['sad', 'happy']}\n{'name': 'zz', 'result': ['happy']}\n"
+        "{'name': 'b', 'result': ['neu"
+    )
     out = parse_batch(text, ["a", "b"], LABELS)
     assert out.results["a"].ranked == ["sad", "happy"]
     assert out.results["b"].status == UNKNOWN_LABEL

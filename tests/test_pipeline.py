@@ -13,8 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-
-from conftest import REPO, run_ger
+from conftest import run_ger
 
 pytest.importorskip("transformers")
 
@@ -46,8 +45,20 @@ def test_run_writes_a_complete_run_folder_and_reruns_from_cache(ger_cache, tmp_p
 
 def test_video_batch_mode_answers_every_sample_once(ger_cache, tmp_path):
     run = tmp_path / "video"
-    run_ger(["run", "dataset=demo_video", "limit=3", "mode=batch", "batch_size=3", "frames=2",
-             *BASE, f"hydra.run.dir={run}"], ger_cache, tmp_path)
+    run_ger(
+        [
+            "run",
+            "dataset=demo_video",
+            "limit=3",
+            "mode=batch",
+            "batch_size=3",
+            "frames=2",
+            *BASE,
+            f"hydra.run.dir={run}",
+        ],
+        ger_cache,
+        tmp_path,
+    )
     preds = rows(run)
     assert len(preds) == 3 and len({r["name"] for r in preds}) == 3
     meta = json.loads((run / "metrics.json").read_text())
@@ -60,8 +71,12 @@ def test_bad_label_list_stops_before_any_request(ger_cache, tmp_path):
     root = tmp_path / "data" / "demo"
     (root / "images").mkdir(parents=True)
     (root / "label.csv").write_text("name,gt\na.png,anger\nb.png,joyful\n")
-    proc = run_ger(["run", "dataset=demo", f"data_root={tmp_path / 'data'}", *BASE,
-                    f"hydra.run.dir={tmp_path / 'run'}"], ger_cache, tmp_path, check=False)
+    proc = run_ger(
+        ["run", "dataset=demo", f"data_root={tmp_path / 'data'}", *BASE, f"hydra.run.dir={tmp_path / 'run'}"],
+        ger_cache,
+        tmp_path,
+        check=False,
+    )
     assert proc.returncode != 0
     assert "labels outside the label set" in proc.stderr and "joyful" in proc.stderr
 
@@ -85,9 +100,14 @@ def test_killed_run_restarts_with_every_sample_once(tmp_path):
         (cache / "tiny-models").symlink_to(shared / "tiny-models")
     args = ["run", "dataset=demo", "limit=8", *BASE, "sampling.max_tokens=24"]
     env = {**os.environ, "GER_CACHE_DIR": str(cache)}
-    proc = subprocess.Popen([sys.executable, "-m", "ger.cli", *args, f"hydra.run.dir={tmp_path / 'killed'}"],
-                            cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ger.cli", *args, f"hydra.run.dir={tmp_path / 'killed'}"],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     deadline = time.time() + 300
     while _answers(cache) < 2 and time.time() < deadline and proc.poll() is None:
         time.sleep(0.2)

@@ -16,12 +16,23 @@ REPO = Path(__file__).resolve().parents[1]
 
 # PROTOCOL.md, "Paper's GPT-4V numbers that re-scoring the release reproduces exactly".
 EXACT = [
-    ("ckplus", "", "acc", 69.72), ("sfew2", "", "acc", 57.24), ("rafdb", "rgb", "acc", 75.81),
-    ("ferplus", "", "acc", 64.25), ("affectnet", "", "acc", 42.77), ("abstract", "", "acc", 71.81),
-    ("artphoto", "", "acc", 80.40), ("twitter1", "five", "acc", 97.81), ("twitter1", "four", "acc", 94.63),
-    ("twitter1", "three", "acc", 90.71), ("twitter2", "", "acc", 87.95), ("casme1", "", "acc", 36.93),
-    ("casme2", "", "acc", 14.64), ("samm", "", "acc", 17.04), ("cmumosi", "multi", "wf1", 80.43),
-    ("sims", "multi", "wf1", 81.24), ("mer2023", "multi", "acc", 63.50),
+    ("ckplus", "", "acc", 69.72),
+    ("sfew2", "", "acc", 57.24),
+    ("rafdb", "rgb", "acc", 75.81),
+    ("ferplus", "", "acc", 64.25),
+    ("affectnet", "", "acc", 42.77),
+    ("abstract", "", "acc", 71.81),
+    ("artphoto", "", "acc", 80.40),
+    ("twitter1", "five", "acc", 97.81),
+    ("twitter1", "four", "acc", 94.63),
+    ("twitter1", "three", "acc", 90.71),
+    ("twitter2", "", "acc", 87.95),
+    ("casme1", "", "acc", 36.93),
+    ("casme2", "", "acc", 14.64),
+    ("samm", "", "acc", 17.04),
+    ("cmumosi", "multi", "wf1", 80.43),
+    ("sims", "multi", "wf1", 81.24),
+    ("mer2023", "multi", "acc", 63.50),
 ]
 
 
@@ -54,7 +65,9 @@ def test_paper_numbers_reproduce_exactly(reproduced, dataset, variant, metric, v
 
 def test_every_released_file_is_scored(reproduced, reference_dir):
     rows = json.loads((reproduced / "results.json").read_text())
-    assert {(r["dataset"], r["variant"]) for r in rows} == {(f.folder, f.variant) for f in discover(reference_dir)}
+    assert {(r["dataset"], r["variant"]) for r in rows} == {
+        (f.folder, f.variant) for f in discover(reference_dir)
+    }
     assert {"dataset", "variant", "metric", "value", "n", "paper"} == set(rows[0])
     md = (reproduced / "results.md").read_text()
     for heading in ("Table 3", "Table 4", "Table 5", "Table 6", "Table 7"):
