@@ -1,0 +1,311 @@
+"""The transformers backend: AutoModelForImageTextToText + AutoProcessor, batched generate().
+
+Slower than vLLM but needs nothing beyond torch and transformers, so it runs where
+vLLM does not (CPU tests, a laptop, a model vLLM lacks). Requests are converted to
+the processor's chat format, grouped into left-padded batches, and answered greedily
+when temperature is 0. A request that cannot be prepared or answered becomes a
+Response with `error` set; the run goes on.
+
+Constrained choice (Request.choices) is honoured with a token-trie restriction on the
+logits (`prefix_allowed_tokens_fn`): the answer is exactly one of the choices.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from ger.models import ModelSpec, resolve_model
+from ger.records import Request, Response
+
+log = logging.getLogger(__name__)
+
+DEFAULTS: dict[str, Any] = {
+    "device": "auto",  # cpu | cuda | auto (accelerate device_map across visible GPUs, else cpu)
+    "dtype": None,  # None = the model config's dtype
+    "batch_size": 4,
+    "attn_implementation": "sdpa",
+    "temperature": 0.0,
+    "top_p": 1.0,
+    "seed": 0,
+    "tiny_cache_dir": None,  # where tiny models are built; None = $GER_CACHE_DIR or ~/.cache/ger
+}
+
+
+@dataclass
+class Prepared:
+    """A request in the processor's format: rendered prompt text plus its decoded media."""
+
+    request: Request
+    chat: list[dict[str, Any]]  # messages with media replaced by {"type": "image"|"video"}
+    text: str = ""  # the chat rendered by the processor's template
+    images: list[Any] = field(default_factory=list)
+    videos: list[list[Any]] = field(default_factory=list)
+    video_metadata: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _cfg_dict(cfg: Any) -> dict[str, Any]:
+    if cfg is None:
+        return {}
+    if isinstance(cfg, Mapping) and not hasattr(cfg, "_metadata"):
+        return dict(cfg)
+    from omegaconf import OmegaConf
+
+    return dict(OmegaConf.to_container(cfg, resolve=True))  # type: ignore[arg-type]
+
+
+def _video_metadata(part: dict[str, Any], n_frames: int) -> dict[str, Any]:
+    """Where the frames came from, so the processor knows their real frame rate (Qwen2.5-VL's time ids)."""
+    total = int(part.get("total_frames") or n_frames)
+    indices = part.get("indices", part.get("frame_indices"))  # source-clip index of each frame
+    if indices is None:  # assume the frames were spread evenly over the clip
+        step = (total - 1) / (n_frames - 1) if n_frames > 1 else 0
+        indices = [round(i * step) for i in range(n_frames)]
+    return {"fps": part.get("fps"), "total_num_frames": total, "frames_indices": list(indices)}
+
+
+def _check_image(obj: Any, where: str) -> Any:
+    from PIL import Image
+
+    if not isinstance(obj, Image.Image):
+        raise TypeError(f"{where} holds {type(obj).__name__}, not a PIL image")
+    return obj.convert("RGB") if obj.mode != "RGB" else obj
+
+
+def to_chat(request: Request, supports_video: bool) -> Prepared:
+    """Split Request.messages into media-free chat messages (for the template) and media lists."""
+    prepared = Prepared(request=request, chat=[])
+    for m, message in enumerate(request.messages):
+        content = message.get("content", "")
+        parts = [{"type": "text", "text": content}] if isinstance(content, str) else list(content)
+        out: list[dict[str, Any]] = []
+        for p, part in enumerate(parts):
+            kind, where = part.get("type"), f"message {m} part {p}"
+            if kind == "text":
+                out.append({"type": "text", "text": str(part.get("text", ""))})
+            elif kind == "image":
+                prepared.images.append(_check_image(part.get("image"), where))
+                out.append({"type": "image"})
+            elif kind == "video":
+                if not supports_video:
+                    raise ValueError(f"{where}: this model takes no native video; send frames as images")
+                frames = [
+                    _check_image(f, f"{where} frame {i}") for i, f in enumerate(part.get("frames") or [])
+                ]
+                if not frames:
+                    raise ValueError(f"{where}: video part has no frames")
+                prepared.videos.append(frames)
+                prepared.video_metadata.append(_video_metadata(part, len(frames)))
+                out.append({"type": "video"})
+            else:
+                raise ValueError(f"{where}: unknown content type {kind!r}; expected text, image or video")
+        prepared.chat.append({"role": message.get("role", "user"), "content": out})
+    return prepared
+
+
+class ChoiceConstraint:
+    """prefix_allowed_tokens_fn that lets each batch row spell exactly one of its choices, then stop."""
+
+    def __init__(self, tokenizer: Any, choices_per_row: list[list[str]], prompt_len: int, eos: int):
+        self.prompt_len, self.eos = prompt_len, eos
+        self.tries = [self._trie(tokenizer, choices) for choices in choices_per_row]
+        self.max_len = 1 + max(self._depth(t) for t in self.tries)
+
+    @staticmethod
+    def _trie(tokenizer: Any, choices: list[str]) -> dict:
+        root: dict = {}
+        for choice in choices:
+            node = root
+            for tid in tokenizer(choice, add_special_tokens=False)["input_ids"]:
+                node = node.setdefault(tid, {})
+            node[None] = {}  # a choice may end here
+        return root
+
+    def _depth(self, node: dict) -> int:
+        return max((1 + self._depth(child) for key, child in node.items() if key is not None), default=0)
+
+    def __call__(self, row: int, ids: Any) -> list[int]:
+        node = self.tries[row]
+        for tid in ids[self.prompt_len :].tolist():
+            if tid not in node:  # finished (eos, then padding): keep emitting eos
+                return [self.eos]
+            node = node[tid]
+        allowed = [k for k in node if k is not None]
+        return allowed + [self.eos] if None in node or not allowed else allowed
+
+
+class HFBackend:
+    """Backend protocol over transformers; see the module docstring."""
+
+    def __init__(self, backend_cfg: Any, model_cfg: Any):
+        given = _cfg_dict(backend_cfg)
+        unknown = set(given) - set(DEFAULTS) - {"name", "not_in_key"}
+        if unknown:
+            raise ValueError(
+                f"unknown hf backend settings {sorted(unknown)}; expected some of {sorted(DEFAULTS)}"
+            )
+        self.cfg = DEFAULTS | {k: v for k, v in given.items() if v is not None}
+        self.spec: ModelSpec = resolve_model(model_cfg, cache_dir=self.cfg["tiny_cache_dir"])
+        self.batch_size = max(1, int(self.cfg["batch_size"]))
+        self.temperature = float(self.cfg["temperature"])
+        self.dtype_name = str(self.cfg["dtype"] or self.spec.dtype)
+        self._load()
+
+    def _load(self) -> None:
+        import torch
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+
+        device = str(self.cfg["device"])
+        if device == "auto" and not torch.cuda.is_available():
+            device = "cpu"
+        common = {"revision": self.spec.revision, "trust_remote_code": self.spec.trust_remote_code}
+        self.processor = AutoProcessor.from_pretrained(self.spec.path, **common)
+        self.tokenizer = self.processor.tokenizer
+        self.tokenizer.padding_side = "left"  # decoder-only batches must end where generation starts
+        dtype = self.dtype_name if self.dtype_name == "auto" else getattr(torch, self.dtype_name)
+        self.model = AutoModelForImageTextToText.from_pretrained(
+            self.spec.path,
+            dtype=dtype,
+            device_map=None if device == "cpu" else device,
+            attn_implementation=self.cfg["attn_implementation"],
+            **common,
+        )
+        self.model.eval()
+        if device == "cpu":
+            self.model.to("cpu")
+        gen = self.model.generation_config
+        eos = gen.eos_token_id if gen.eos_token_id is not None else self.tokenizer.eos_token_id
+        self.eos_ids = list(eos) if isinstance(eos, list | tuple) else [eos]
+        self.pad_id = (
+            self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_ids[0]
+        )
+
+    def identity(self) -> dict[str, Any]:
+        import transformers
+
+        ident = {"backend": "hf", "engine": f"transformers-{transformers.__version__}"}
+        ident |= self.spec.identity() | {"dtype": self.dtype_name, "temperature": self.temperature}
+        if self.temperature > 0:  # sampling settings matter only when sampling
+            ident |= {"top_p": float(self.cfg["top_p"]), "seed": int(self.cfg["seed"])}
+        ident["choices"] = "logits-trie"
+        return ident
+
+    def generate(self, requests: list[Request]) -> Iterator[Response]:
+        ready: list[Prepared] = []
+        for request in requests:
+            try:
+                ready.append(self._prepare(request))
+            except Exception as exc:  # a bad request fails alone
+                yield Response(key=request.key, error=f"prepare: {type(exc).__name__}: {exc}")
+        for batch in self._batches(ready):
+            yield from self._run_batch(batch)
+
+    def close(self) -> None:
+        import torch
+
+        self.model = None  # type: ignore[assignment]
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    def _prepare(self, request: Request) -> Prepared:
+        prepared = to_chat(request, self.spec.supports_video)
+        prepared.text = self.processor.apply_chat_template(
+            prepared.chat, tokenize=False, add_generation_prompt=True
+        )
+        if len(prepared.images) > self.spec.max_images:
+            raise ValueError(f"{len(prepared.images)} images exceed max_images={self.spec.max_images}")
+        if len(prepared.videos) > self.spec.max_videos:
+            raise ValueError(f"{len(prepared.videos)} videos exceed max_videos={self.spec.max_videos}")
+        return prepared
+
+    def _batches(self, ready: list[Prepared]) -> Iterator[list[Prepared]]:
+        """Same-kind requests together (choice or free text), similar sizes together, less padding."""
+
+        def kind(p: Prepared) -> tuple:
+            return (p.request.choices is not None, len(p.images), len(p.videos), p.request.max_tokens)
+
+        ordered = sorted(ready, key=kind)
+        batch: list[Prepared] = []
+        for p in ordered:
+            if batch and (len(batch) == self.batch_size or kind(batch[0])[0] != kind(p)[0]):
+                yield batch
+                batch = []
+            batch.append(p)
+        if batch:
+            yield batch
+
+    def _run_batch(self, batch: list[Prepared]) -> list[Response]:
+        try:
+            return self._generate(batch)
+        except Exception as exc:
+            if len(batch) == 1:
+                log.warning("hf: request %s failed: %s", batch[0].request.key, exc)
+                return [Response(key=batch[0].request.key, error=f"generate: {type(exc).__name__}: {exc}")]
+            log.warning("hf: batch of %d failed (%s); retrying one by one", len(batch), exc)
+            return [r for p in batch for r in self._run_batch([p])]
+
+    def _encode(self, batch: list[Prepared]) -> Any:
+        kwargs: dict[str, Any] = {"padding": True, "return_tensors": "pt"} | self.spec.mm_processor_kwargs
+        images = [im for p in batch for im in p.images]
+        videos = [v for p in batch for v in p.videos]
+        if images:
+            kwargs["images"] = images
+        if videos:
+            kwargs["videos"] = videos
+            kwargs["video_metadata"] = [m for p in batch for m in p.video_metadata]
+        inputs = self.processor(text=[p.text for p in batch], **kwargs)
+        return inputs.to(device=self.model.device, dtype=self.model.dtype)
+
+    def _generate(self, batch: list[Prepared]) -> list[Response]:
+        import torch
+
+        start = time.perf_counter()
+        inputs = self._encode(batch)
+        lengths = inputs["attention_mask"].sum(dim=1).tolist()
+        too_long = [i for i, n in enumerate(lengths) if n >= self.spec.max_model_len]
+        if too_long:  # answer the rest without them
+            errors = [
+                Response(
+                    key=batch[i].request.key,
+                    error=f"prompt of {lengths[i]} tokens exceeds max_model_len={self.spec.max_model_len}",
+                )
+                for i in too_long
+            ]
+            rest = [p for i, p in enumerate(batch) if i not in too_long]
+            return errors + (self._generate(rest) if rest else [])
+        prompt_len = inputs["input_ids"].shape[1]
+        gen_kwargs = self._generation_kwargs(batch, prompt_len)
+        with torch.inference_mode():
+            out = self.model.generate(**inputs, **gen_kwargs)
+        seconds = (time.perf_counter() - start) / len(batch)
+        responses = []
+        for row, p in enumerate(batch):
+            ids = out[row, prompt_len:][: p.request.max_tokens]
+            text = self.tokenizer.decode(ids, skip_special_tokens=True)
+            responses.append(Response(key=p.request.key, text=text, seconds=seconds))
+        return responses
+
+    def _generation_kwargs(self, batch: list[Prepared], prompt_len: int) -> dict[str, Any]:
+        import torch
+
+        kwargs: dict[str, Any] = {
+            "max_new_tokens": max(p.request.max_tokens for p in batch),
+            "pad_token_id": self.pad_id,
+            "eos_token_id": self.eos_ids,
+        }
+        if self.temperature > 0:
+            torch.manual_seed(int(self.cfg["seed"]))
+            kwargs |= {"do_sample": True, "temperature": self.temperature, "top_p": float(self.cfg["top_p"])}
+        else:
+            kwargs |= {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+        if batch[0].request.choices is not None:
+            rows = [list(p.request.choices or []) for p in batch]
+            constraint = ChoiceConstraint(self.tokenizer, rows, prompt_len, self.eos_ids[0])
+            kwargs["prefix_allowed_tokens_fn"] = constraint
+            kwargs["max_new_tokens"] = constraint.max_len
+        return kwargs
