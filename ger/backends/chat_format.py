@@ -1,0 +1,123 @@
+"""Request messages -> OpenAI chat-completions content, shared by the HTTP backends.
+
+A Request holds PIL images (see ger/records.py). Over HTTP they travel as base64
+JPEG data URLs, the one image format every OpenAI-compatible server accepts.
+A video part (sampled frames) goes either as several images, which every server
+and GPT-4V accept, or as one vLLM `video_url` whose data URL is a JPEG frame
+sequence (`data:video/jpeg;base64,<frame>,<frame>,...`): vLLM decodes that
+without a video codec, so no video file has to be encoded on our side.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+from collections.abc import Iterator
+from typing import Any
+
+VIDEO_AS = ("images", "video")
+
+
+def jpeg_base64(image: Any, quality: int = 90) -> str:
+    """One PIL image as base64 JPEG; greyscale stays one channel, anything else becomes RGB."""
+    if image.mode not in ("RGB", "L"):
+        image = image.convert("RGB")  # JPEG has no alpha or palette
+    buf = io.BytesIO()
+    image.save(buf, format="JPEG", quality=quality)
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def image_data_url(image: Any, quality: int = 90) -> str:
+    return f"data:image/jpeg;base64,{jpeg_base64(image, quality)}"
+
+
+def video_data_url(frames: list[Any], quality: int = 90) -> str:
+    """vLLM's frame-sequence video: JPEG frames (all of one size) joined by commas, type video/jpeg."""
+    if not frames:
+        raise ValueError("a video part needs at least one frame")
+    # RGB always: vLLM stacks the decoded frames into one (T, H, W, 3) array
+    return "data:video/jpeg;base64," + ",".join(jpeg_base64(f.convert("RGB"), quality) for f in frames)
+
+
+def _image_part(image: Any, quality: int, detail: str | None) -> dict[str, Any]:
+    url: dict[str, Any] = {"url": image_data_url(image, quality)}
+    if detail:
+        url["detail"] = detail  # OpenAI: low | high | auto; vLLM ignores it
+    return {"type": "image_url", "image_url": url}
+
+
+def _convert_part(part: dict[str, Any], video_as: str, quality: int, detail: str | None) -> list[dict]:
+    kind = part.get("type")
+    if kind == "text":
+        return [{"type": "text", "text": part["text"]}]
+    if kind == "image":
+        return [_image_part(part["image"], quality, detail)]
+    if kind == "video":
+        if video_as == "images":
+            return [_image_part(f, quality, detail) for f in part["frames"]]
+        return [{"type": "video_url", "video_url": {"url": video_data_url(part["frames"], quality)}}]
+    if kind in ("image_url", "video_url"):
+        return [part]  # already in wire format
+    raise ValueError(f"unknown content part type {kind!r}; expected one of text, image, video")
+
+
+def to_openai_messages(
+    messages: list[dict[str, Any]],
+    video_as: str = "images",
+    quality: int = 90,
+    detail: str | None = None,
+) -> list[dict[str, Any]]:
+    """Convert a Request's messages to the chat-completions wire format (JSON-serialisable)."""
+    if video_as not in VIDEO_AS:
+        raise ValueError(f"unknown video_as {video_as!r}; expected one of {list(VIDEO_AS)}")
+    out = []
+    for msg in messages:
+        content = msg["content"]
+        if not isinstance(content, str):
+            content = [p for part in content for p in _convert_part(part, video_as, quality, detail)]
+        out.append({"role": msg["role"], "content": content})
+    return out
+
+
+def video_io_kwargs(messages: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """vLLM's per-request `media_io_kwargs` for frame-sequence videos (fps, source length).
+
+    Without them vLLM assumes 1 fps and that the frames are the whole clip, which
+    changes the time stamps models like Qwen2-VL see. The kwargs apply to every
+    video of the request, so fps is sent only when all videos share it and the
+    source length only for a single video. None when there is nothing to send.
+    """
+    videos = [p for p in iter_parts(messages) if p.get("type") == "video"]
+    kwargs: dict[str, Any] = {}
+    rates = {float(v["fps"]) for v in videos if v.get("fps")}
+    if len(rates) == 1 and all(v.get("fps") for v in videos):
+        kwargs["fps"] = rates.pop()
+    if len(videos) == 1:
+        total = videos[0].get("total_frames")
+        if total and int(total) >= len(videos[0]["frames"]):
+            kwargs["total_num_frames"] = int(total)
+    return {"video": kwargs} if kwargs else None
+
+
+def iter_parts(messages: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    """Every content part of every message; a string content counts as one text part."""
+    for msg in messages:
+        content = msg["content"]
+        if isinstance(content, str):
+            yield {"type": "text", "text": content}
+        else:
+            yield from content
+
+
+def iter_images(messages: list[dict[str, Any]]) -> Iterator[Any]:
+    """Every PIL image a request sends: images, and the frames of videos."""
+    for part in iter_parts(messages):
+        if part.get("type") == "image":
+            yield part["image"]
+        elif part.get("type") == "video":
+            yield from part["frames"]
+
+
+def request_text(messages: list[dict[str, Any]]) -> str:
+    """All the text a request sends, for token estimates."""
+    return "\n".join(p["text"] for p in iter_parts(messages) if p.get("type") == "text")

@@ -1,0 +1,103 @@
+"""Backend `openai`: GPT-4o / GPT-4V through the OpenAI API, with a cost guard and key hygiene.
+
+It is the `server` backend pointed at api.openai.com (or at $OPENAI_BASE_URL),
+plus three things a paid API needs:
+
+- keys come from the environment only (`OPENAI_API_KEY`, or several in
+  `OPENAI_API_KEYS=key1,key2`, rotated when one hits its rate limit, as the
+  paper did), and are scrubbed from every error message;
+- before anything is sent the run is priced (ger/cost.py, conf/pricing.yaml),
+  the estimate printed, and the run refused above `max_cost` unless
+  `allow_over_budget=true`; the tokens actually billed so far count too;
+- videos always go as frames (the API takes no video input).
+
+Failed requests come back as Response.error; the cache never stores those.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+from ger.backends.server import ServerBackend, ServerSettings
+from ger.cost import CostEstimate, check_budget, estimate_cost, load_pricing, model_prices
+from ger.records import Request
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class OpenAISettings(ServerSettings):
+    """conf/backend/openai.yaml, typed."""
+
+    base_url: str | None = None  # the SDK default: $OPENAI_BASE_URL, else api.openai.com
+    model: str | None = "gpt-4o"
+    api_key_env: str | None = "OPENAI_API_KEY"
+    api_keys_env: str | None = "OPENAI_API_KEYS"
+    concurrency: int = 8
+    structured_outputs: str = "none"  # the paper let GPT-4V answer freely; json_schema constrains
+    max_tokens_param: str = "max_completion_tokens"
+    image_detail: str | None = "auto"
+    max_cost: float | None = 5.0  # USD per generate() call; None: no limit
+    allow_over_budget: bool = False
+    pricing: dict[str, Any] | None = None  # None: conf/pricing.yaml
+
+    def validate(self) -> None:
+        super().validate()
+        if self.video_as != "images":
+            raise ValueError("the OpenAI API takes no video input; use video_as=images (frames as images)")
+        if self.structured_outputs in ("vllm", "guided"):
+            raise ValueError(
+                f"structured_outputs={self.structured_outputs!r} is vLLM-only; use json_schema or none"
+            )
+        if not self.model:
+            raise ValueError("backend `openai` needs `model` (e.g. gpt-4o)")
+
+
+class OpenAIBackend(ServerBackend):
+    """The server backend with OpenAI's keys, prices and limits (see the module docstring)."""
+
+    backend_name = "openai"
+    settings_class = OpenAISettings
+    settings: OpenAISettings
+
+    def __init__(self, backend_cfg: Any, model_cfg: Any = None) -> None:
+        super().__init__(backend_cfg, model_cfg)
+        self.pricing = self.settings.pricing or load_pricing()
+        model_prices(self.model, self.pricing)  # an unpriced model fails here, before any run
+        self.last_estimate: CostEstimate | None = None
+
+    def _weights_identity(self, model_cfg: Any) -> None:
+        return None  # the model is the API's; conf/model does not apply
+
+    def _model_name(self, model_cfg: Any) -> str:
+        assert self.settings.model
+        return self.settings.model
+
+    def _read_keys(self) -> list[str]:
+        keys = super()._read_keys()
+        log.info("using %d OpenAI key(s) from the environment", len(keys))
+        return keys
+
+    def spent_usd(self) -> float:
+        """What the tokens billed so far (from the API's usage reports) cost."""
+        prices = model_prices(self.model, self.pricing)
+        return (
+            self.usage["prompt_tokens"] * prices["input"] + self.usage["completion_tokens"] * prices["output"]
+        ) / 1e6
+
+    def before_run(self, requests: list[Request]) -> None:
+        """Price the run, print the estimate, refuse above max_cost (counting what was already spent)."""
+        if not requests:
+            return
+        s = self.settings
+        estimate = estimate_cost(requests, self.model, self.pricing, s.image_detail)
+        self.last_estimate = estimate
+        spent = self.spent_usd()
+        message = estimate.summary() + (f"; already spent this session: ${spent:.2f}" if spent else "")
+        print(message, file=sys.stderr, flush=True)
+        log.info(message)
+        limit = None if s.max_cost is None else s.max_cost - spent
+        check_budget(estimate, limit, s.allow_over_budget)

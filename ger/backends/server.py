@@ -1,0 +1,344 @@
+"""Backend `server`: any OpenAI-compatible chat endpoint, first of all `vllm serve`.
+
+Requests go out concurrently (an asyncio.Semaphore bounds how many are in
+flight) through the official `openai` SDK's AsyncOpenAI client. Rate limits (429),
+server errors (5xx), timeouts and dropped connections are retried with
+exponential backoff by tenacity; what still fails comes back as Response.error,
+never as an exception, so one bad request does not end a run of thousands.
+`generate()` is a plain iterator: it drives its own event loop and yields each
+Response as soon as it arrives.
+
+The OpenAI backend (openai_api.py) is this class with a cost guard and a pool
+of keys; see docs/SCALING.md for how to start a server with launch/serve.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+from ger.backends.chat_format import VIDEO_AS, to_openai_messages, video_io_kwargs
+from ger.backends.keys import KeyPool, read_keys, scrub
+from ger.records import Request, Response
+
+log = logging.getLogger(__name__)
+
+STRUCTURED = ("vllm", "guided", "json_schema", "none")
+NO_KEY = "EMPTY"  # what vLLM expects when it was started without --api-key
+MAX_ERROR_CHARS = 600
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """conf/backend/server.yaml, typed. Keys are referred to by environment variable NAME only."""
+
+    base_url: str | None = "http://127.0.0.1:8000/v1"  # None: the SDK default ($OPENAI_BASE_URL or OpenAI)
+    model: str | None = None  # served model name; None: the model config's name
+    api_key_env: str | None = None  # variable holding the key; None: no key (vllm serve without --api-key)
+    api_keys_env: str | None = None  # variable holding several comma-separated keys, rotated on 429
+    concurrency: int = 16
+    timeout: float = 600.0  # seconds per request attempt
+    max_retries: int = 5  # attempts after the first, on 429 / 5xx / connection errors
+    retry_initial: float = 1.0  # first backoff, seconds; doubles each retry, with jitter
+    retry_max: float = 60.0
+    key_rest_seconds: float = 20.0  # how long a rate-limited key sits out
+    video_as: str = "images"  # images | video (vLLM video_url with a JPEG frame sequence)
+    video_metadata: bool = False  # send fps / source length (vLLM needs --trust-request-mm-kwargs)
+    jpeg_quality: int = 90
+    image_detail: str | None = None  # OpenAI's low | high | auto; None: not sent
+    structured_outputs: str = (
+        "vllm"  # how Request.choices reach the server: vllm | guided | json_schema | none
+    )
+    max_tokens_param: str = "max_tokens"  # or max_completion_tokens (newer OpenAI models)
+    temperature: float = 0.0
+    top_p: float | None = None
+    seed: int | None = 0
+    extra_body: dict[str, Any] = field(default_factory=dict)  # sent with every request, e.g. {top_k: 1}
+
+    @classmethod
+    def from_cfg(cls, cfg: Any) -> ServerSettings:
+        data = _plain(cfg)
+        data.pop("name", None)
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown {cls.__name__} keys {unknown}; expected some of {sorted(known)}")
+        for f in fields(cls):  # numbers from the command line arrive as strings; fail on anything else
+            default, value = f.default, data.get(f.name)
+            if f.name in data and value is not None and type(default) in (int, float):
+                try:
+                    data[f.name] = type(default)(value)
+                except (TypeError, ValueError):
+                    raise ValueError(f"{f.name} must be a number, got {value!r}") from None
+        settings = cls(**data)
+        settings.validate()
+        return settings
+
+    def validate(self) -> None:
+        if self.video_as not in VIDEO_AS:
+            raise ValueError(f"unknown video_as {self.video_as!r}; expected one of {list(VIDEO_AS)}")
+        if self.structured_outputs not in STRUCTURED:
+            raise ValueError(
+                f"unknown structured_outputs {self.structured_outputs!r}; expected one of {list(STRUCTURED)}"
+            )
+        if self.concurrency < 1:
+            raise ValueError(f"concurrency must be >= 1, got {self.concurrency}")
+
+
+def _plain(cfg: Any) -> dict[str, Any]:
+    """A dict from a dict or an OmegaConf node (resolved)."""
+    if cfg is None:
+        return {}
+    if hasattr(cfg, "_metadata"):
+        from omegaconf import OmegaConf
+
+        return dict(OmegaConf.to_container(cfg, resolve=True))  # type: ignore[arg-type]
+    return dict(cfg)
+
+
+def _retryable(exc: BaseException) -> bool:
+    """Worth another attempt: rate limits, server errors, timeouts and dropped connections."""
+    import openai
+
+    if isinstance(exc, openai.APIConnectionError):  # includes APITimeoutError
+        return True
+    if isinstance(exc, openai.APIStatusError):
+        return exc.status_code in (408, 409, 429) or exc.status_code >= 500
+    return False
+
+
+async def _shutdown(pending: set[asyncio.Task], clients: dict[str, Any]) -> None:
+    """Cancel what is still in flight and close the HTTP clients, inside the run's own loop."""
+    for task in pending:
+        task.cancel()
+    await asyncio.gather(*pending, return_exceptions=True)
+    await asyncio.gather(*(client.close() for client in clients.values()), return_exceptions=True)
+
+
+class ServerBackend:
+    """Chat completions against an OpenAI-compatible server (see the module docstring)."""
+
+    backend_name = "server"
+    settings_class: type[ServerSettings] = ServerSettings
+
+    def __init__(self, backend_cfg: Any, model_cfg: Any = None) -> None:
+        self.settings = self.settings_class.from_cfg(backend_cfg)
+        self.weights = self._weights_identity(model_cfg)
+        self.model = self._model_name(model_cfg)
+        self.keys = KeyPool(self._read_keys(), rest_seconds=self.settings.key_rest_seconds)
+        self.usage = {"prompt_tokens": 0, "completion_tokens": 0, "requests": 0}
+
+    # -- configuration -------------------------------------------------------------------------
+
+    def _model_name(self, model_cfg: Any) -> str:
+        if self.settings.model:
+            return self.settings.model
+        name = _plain(model_cfg).get("name")
+        if not name:
+            raise ValueError("backend `server` needs `model` (the served model name) or a model config")
+        return name  # launch/serve.py serves every model under its config name
+
+    def _weights_identity(self, model_cfg: Any) -> dict[str, Any] | None:
+        if model_cfg is None:
+            return None
+        from ger.models import resolve_model
+
+        return resolve_model(model_cfg).identity()
+
+    def _read_keys(self) -> list[str]:
+        s = self.settings
+        if not (s.api_key_env or s.api_keys_env):
+            return [NO_KEY]
+        keys = read_keys(s.api_key_env, s.api_keys_env)
+        if not keys:
+            names = " or ".join(n for n in (s.api_keys_env, s.api_key_env) if n)
+            raise ValueError(f"no API key: set the environment variable {names}")
+        return keys
+
+    def identity(self) -> dict[str, Any]:
+        """What changes an answer: model, weights, sampling, how media are encoded (no URL, no key)."""
+        s = self.settings
+        return {
+            "backend": self.backend_name,
+            "model": self.model,
+            "weights": self.weights,
+            "sampling": {"temperature": s.temperature, "top_p": s.top_p, "seed": s.seed},
+            "media": {
+                "video_as": s.video_as,
+                "video_metadata": s.video_metadata,
+                "jpeg_quality": s.jpeg_quality,
+                "image_detail": s.image_detail,
+            },
+            "structured_outputs": s.structured_outputs,
+            "extra_body": dict(sorted(s.extra_body.items())),
+        }
+
+    def settings_dict(self) -> dict[str, Any]:
+        """The settings, safe to log or save: they name key variables, never hold keys."""
+        return asdict(self.settings)
+
+    # -- the run ---------------------------------------------------------------------------------
+
+    def generate(self, requests: list[Request]) -> Iterator[Response]:
+        """Answer all requests concurrently, yielding each Response as it completes.
+
+        The checks in before_run() happen here, at the call, before anything is sent.
+        """
+        self.before_run(requests)
+        return self._stream(requests)
+
+    def _stream(self, requests: list[Request]) -> Iterator[Response]:
+        if not requests:
+            return
+        loop = asyncio.new_event_loop()
+        clients: dict[str, Any] = {}
+        pending: set[asyncio.Task] = set()
+        try:
+            semaphore = asyncio.Semaphore(self.settings.concurrency)
+            pending = {loop.create_task(self._answer(r, semaphore, clients)) for r in requests}
+            while pending:
+                done, pending = loop.run_until_complete(
+                    asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                )
+                for task in done:
+                    yield task.result()
+        finally:  # also when the caller stops iterating early
+            loop.run_until_complete(_shutdown(pending, clients))
+            loop.close()
+
+    def before_run(self, requests: list[Request]) -> None:
+        """Hook for checks before anything is sent (the OpenAI backend's cost guard)."""
+
+    def close(self) -> None:
+        """Nothing to release: clients live only as long as one generate() call."""
+
+    async def _answer(self, request: Request, semaphore: asyncio.Semaphore, clients: dict) -> Response:
+        start = time.monotonic()
+        async with semaphore:
+            try:
+                body = await asyncio.to_thread(self._body, request)  # JPEG encoding off the loop
+                text = await self._send_with_retries(body, request.choices, clients)
+                return Response(key=request.key, text=text, seconds=time.monotonic() - start)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # every failure becomes a Response, never an exception
+                log.warning("request %s failed: %s", request.key[:12], self._describe(exc))
+                return Response(key=request.key, error=self._describe(exc), seconds=time.monotonic() - start)
+
+    def _describe(self, exc: BaseException) -> str:
+        """A one-line error for Response.error, with anything key-shaped removed."""
+        text = f"{type(exc).__name__}: {exc}".replace("\n", " ")
+        return scrub(text, self.keys.keys)[:MAX_ERROR_CHARS]
+
+    def _body(self, request: Request) -> dict[str, Any]:
+        """The chat-completions arguments for one request."""
+        s = self.settings
+        body: dict[str, Any] = {
+            "model": self.model,
+            "messages": to_openai_messages(request.messages, s.video_as, s.jpeg_quality, s.image_detail),
+            "temperature": s.temperature,
+            s.max_tokens_param: request.max_tokens,
+        }
+        if s.top_p is not None:
+            body["top_p"] = s.top_p
+        if s.seed is not None:
+            body["seed"] = s.seed
+        extra = dict(s.extra_body)
+        if s.video_as == "video" and s.video_metadata and (media := video_io_kwargs(request.messages)):
+            extra["media_io_kwargs"] = media
+        if request.choices:
+            self._constrain(body, extra, list(request.choices))
+        if extra:
+            body["extra_body"] = extra
+        return body
+
+    def _constrain(self, body: dict[str, Any], extra: dict[str, Any], choices: list[str]) -> None:
+        """Restrict the answer to one of `choices`, the way this server understands it."""
+        mode = self.settings.structured_outputs
+        if mode == "vllm":
+            extra["structured_outputs"] = {"choice": choices}
+        elif mode == "guided":  # vLLM before structured_outputs replaced guided_* parameters
+            extra["guided_choice"] = choices
+        elif mode == "json_schema":  # OpenAI structured outputs; unwrapped in _text
+            schema = {
+                "type": "object",
+                "properties": {"label": {"type": "string", "enum": choices}},
+                "required": ["label"],
+                "additionalProperties": False,
+            }
+            body["response_format"] = {
+                "type": "json_schema",
+                "json_schema": {"name": "label", "strict": True, "schema": schema},
+            }
+
+    async def _send_with_retries(self, body: dict[str, Any], choices: Any, clients: dict) -> str:
+        from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt
+
+        s = self.settings
+        text = ""
+        async for attempt in AsyncRetrying(
+            stop=stop_after_attempt(s.max_retries + 1),
+            wait=self._wait,
+            retry=retry_if_exception(_retryable),
+            reraise=True,
+        ):
+            with attempt:
+                text = await self._send_once(body, clients)
+        return self._text(text, choices)
+
+    def _wait(self, retry_state: Any) -> float:
+        """Exponential backoff with jitter, at least the server's Retry-After when it sends one."""
+        from tenacity import wait_exponential, wait_random
+
+        s = self.settings
+        backoff = wait_exponential(multiplier=s.retry_initial, max=s.retry_max) + wait_random(
+            0, s.retry_initial
+        )
+        delay = backoff(retry_state)
+        exc = retry_state.outcome.exception() if retry_state.outcome else None
+        response = getattr(exc, "response", None)
+        try:
+            after = float(response.headers.get("retry-after", 0)) if response is not None else 0.0
+        except (TypeError, ValueError):
+            after = 0.0
+        return min(max(delay, after), s.retry_max)
+
+    async def _send_once(self, body: dict[str, Any], clients: dict) -> str:
+        import openai
+
+        key = self.keys.current()
+        client = clients.get(key) or clients.setdefault(key, self._client(key))
+        try:
+            completion = await client.chat.completions.create(**body)
+        except openai.RateLimitError:
+            self.keys.rate_limited(key)  # the retry goes out with the next key, if there is one
+            raise
+        if completion.usage is not None:
+            self.usage["prompt_tokens"] += completion.usage.prompt_tokens or 0
+            self.usage["completion_tokens"] += completion.usage.completion_tokens or 0
+        self.usage["requests"] += 1
+        if not completion.choices:
+            raise RuntimeError("the server answered with no choices")
+        return completion.choices[0].message.content or ""
+
+    def _client(self, key: str) -> Any:
+        from openai import AsyncOpenAI
+
+        kwargs: dict[str, Any] = {"api_key": key, "timeout": self.settings.timeout, "max_retries": 0}
+        if self.settings.base_url:
+            kwargs["base_url"] = self.settings.base_url
+        return AsyncOpenAI(**kwargs)  # max_retries=0: tenacity does the retrying, with key rotation
+
+    def _text(self, text: str, choices: Any) -> str:
+        """The answer text; a json_schema answer is unwrapped to its label."""
+        if choices and self.settings.structured_outputs == "json_schema":
+            try:
+                return str(json.loads(text)["label"])
+            except (ValueError, KeyError, TypeError):
+                return text
+        return text

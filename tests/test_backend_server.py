@@ -1,0 +1,220 @@
+"""The `server` and `openai` backends against a real vLLM server (CPU build, tiny random Qwen2-VL).
+
+One server per module, started through launch/serve.py on a free loopback port.
+The tiny model answers gibberish, so the tests check what the plumbing promises:
+every request gets a Response, choices are enforced, failures are Response.error,
+and no key reaches a file.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from ger.backends.keys import find_secret
+from ger.backends.openai_api import OpenAIBackend
+from ger.backends.server import ServerBackend
+from ger.records import Request
+
+pytestmark = [
+    pytest.mark.vllm,
+    pytest.mark.slow,
+    pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="needs the vLLM engine (CPU build)"),
+]
+
+ROOT = Path(__file__).resolve().parent.parent
+SERVED = "tiny_qwen2_vl"
+MODEL_YAML = f"""name: {SERVED}
+path: null
+tiny: qwen2_vl
+max_images: 4
+max_videos: 1
+max_model_len: 2048
+dtype: float32
+"""
+PLANTED = "sk-test-PLANTED-" + "7f3a9c2e5b1d4f6a8c0e2b4d6f8a1c3e"
+LABELS = ["Happiness", "Sadness", "Anger", "Neutral"]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class VLLMServer:
+    """A `vllm serve` process started via launch/serve.py; can be killed and started again."""
+
+    def __init__(self, model_yaml: Path, log_path: Path) -> None:
+        self.model_yaml, self.log_path = model_yaml, log_path
+        self.port = free_port()
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    def start(self, timeout: float = 300.0) -> float:
+        cmd = [sys.executable, str(ROOT / "launch/serve.py"), str(self.model_yaml), "--cpu"]
+        cmd += ["--host", "127.0.0.1", "--port", str(self.port), "--", "--max-num-seqs", "4"]
+        env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
+        start = time.monotonic()
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+            )
+        while time.monotonic() - start < timeout:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"vLLM exited early:\n{self.log_path.read_text()[-3000:]}")
+            if self.healthy():
+                return time.monotonic() - start
+            time.sleep(0.5)
+        self.kill()
+        raise RuntimeError(f"vLLM not healthy after {timeout} s:\n{self.log_path.read_text()[-3000:]}")
+
+    def healthy(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=1) as resp:
+                return resp.status == 200
+        except OSError:
+            return False
+
+    def kill(self) -> None:
+        """SIGKILL the launcher and the server (one process group): a crash, not a shutdown."""
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory):
+    folder = tmp_path_factory.mktemp("vllm")
+    (folder / "model.yaml").write_text(MODEL_YAML)
+    srv = VLLMServer(folder / "model.yaml", folder / "server.log")
+    seconds = srv.start()
+    print(f"vLLM healthy after {seconds:.1f} s")
+    yield srv
+    srv.kill()
+
+
+def image(color: tuple[int, int, int], size: tuple[int, int] = (64, 48)) -> Image.Image:
+    return Image.new("RGB", size, color)
+
+
+def ask(key: str, *parts: dict, choices: list[str] | None = None, max_tokens: int = 8) -> Request:
+    content = [*parts, {"type": "text", "text": "Which emotion is shown? Answer with one word."}]
+    return Request(
+        key=key,
+        names=(key,),
+        messages=[{"role": "user", "content": content}],
+        choices=choices,
+        max_tokens=max_tokens,
+    )
+
+
+def img(color: tuple[int, int, int]) -> dict:
+    return {"type": "image", "image": image(color)}
+
+
+def server_cfg(srv: VLLMServer, **over) -> dict:
+    return {"base_url": srv.base_url, "model": SERVED, "max_retries": 1, "retry_initial": 0.05, **over}
+
+
+def test_answers_images_video_and_choices(server: VLLMServer) -> None:
+    frames = [image((10 * i, 80, 120)) for i in range(4)]
+    requests = [
+        ask("one", img((200, 30, 30))),
+        ask("several", img((200, 30, 30)), img((30, 200, 30)), img((30, 30, 200))),
+        ask("frames", {"type": "video", "frames": frames, "fps": 2.0, "total_frames": 40}),
+        ask("choice", img((90, 90, 90)), choices=LABELS),
+    ]
+    for video_as in ("images", "video"):
+        backend = ServerBackend(server_cfg(server, video_as=video_as, video_metadata=True))
+        got = {r.key: r for r in backend.generate(requests)}
+        assert set(got) == {r.key for r in requests}
+        assert all(r.error is None and r.text for r in got.values()), got
+        assert got["choice"].text in LABELS  # exactly one of the labels, nothing around it
+        assert backend.usage["requests"] == len(requests)
+
+
+def test_identity_names_model_not_endpoint(server: VLLMServer) -> None:
+    model_cfg = {"name": SERVED, "tiny": "qwen2_vl", "max_images": 4}
+    ident = ServerBackend({"base_url": server.base_url}, model_cfg).identity()
+    assert ident["model"] == SERVED and ident["backend"] == "server"
+    assert ident["weights"]["path"].startswith("tiny:qwen2_vl")
+    assert str(server.port) not in repr(ident) and "127.0.0.1" not in repr(ident)
+
+
+def test_openai_adapter_on_local_server_leaks_no_key(server, tmp_path, monkeypatch) -> None:
+    from omegaconf import OmegaConf
+
+    from ger.cache import ResponseCache
+
+    monkeypatch.setenv("OPENAI_API_KEY", PLANTED)
+    monkeypatch.delenv("OPENAI_API_KEYS", raising=False)
+    monkeypatch.setenv("OPENAI_BASE_URL", server.base_url)
+    run = tmp_path / "run"
+    run.mkdir()
+    handler = logging.FileHandler(run / "run.log")  # DEBUG: the SDK and HTTP client log requests
+    root = logging.getLogger()
+    old_level = root.level
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG)
+    try:
+        cfg = OmegaConf.load(ROOT / "conf/backend/openai.yaml")
+        cfg.model = SERVED
+        prices = {"input": 1.0, "output": 1.0}
+        cfg.pricing = {
+            "models": {SERVED: prices, "no-such-model": prices},
+            "default_image": {"kind": "fixed", "tokens": 100},
+        }
+        backend = OpenAIBackend(cfg)
+        requests = [ask("a", img((200, 30, 30))), ask("b", img((30, 200, 30)), img((9, 9, 9)))]
+        answers = list(backend.generate(requests))
+        assert all(r.ok for r in answers), answers
+        assert backend.last_estimate is not None and backend.last_estimate.images == 3
+        wrong = OpenAIBackend({**OmegaConf.to_container(cfg, resolve=True), "model": "no-such-model"})
+        failed = list(wrong.generate([ask("c", img((1, 2, 3)))]))
+        assert failed[0].error and "404" in failed[0].error
+        with ResponseCache(run / "cache.sqlite") as cache:
+            for response in answers + failed:
+                cache.put(response, backend.identity())
+        (run / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+        (run / "errors.txt").write_text("\n".join(str(r.error) for r in failed))
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(old_level)
+        handler.close()
+    assert (run / "run.log").stat().st_size > 0
+    assert find_secret(run, PLANTED) == [], "the planted key reached a file"
+
+
+def test_killed_server_gives_errors_then_resumes(server: VLLMServer) -> None:
+    """Kill the server mid-run: the rest come back as Response.error; a rerun after restart completes."""
+    backend = ServerBackend(server_cfg(server, concurrency=1, timeout=20, max_retries=1))
+    requests = [ask(f"r{i}", img((i * 30, 50, 50)), max_tokens=32) for i in range(6)]
+    responses = []
+    for response in backend.generate(requests):  # concurrency 1: the others wait their turn
+        responses.append(response)
+        if len(responses) == 1:
+            server.kill()
+    assert len(responses) == len(requests)
+    failed = [r for r in responses if r.error]
+    assert responses[0].ok and len(failed) >= 4, responses
+    assert all("Connection" in r.error or "Timeout" in r.error for r in failed), [r.error for r in failed]
+
+    print(f"vLLM restarted in {server.start():.1f} s")
+    retry = {r.key for r in failed}
+    again = list(backend.generate([r for r in requests if r.key in retry]))
+    assert {r.key for r in again} == retry and all(r.ok for r in again), again
