@@ -7,6 +7,7 @@ recorded in predictions.csv and counted; they never end the run.
 
 from __future__ import annotations
 
+import importlib.metadata
 import logging
 import sys
 from pathlib import Path
@@ -94,12 +95,24 @@ def load_media(cfg: DictConfig, spec: DatasetSpec, samples: list[Sample], modali
     return loaded, errors
 
 
+def engine_versions(packages: list[str]) -> dict[str, str]:
+    """Installed versions of the engine's packages: an engine upgrade can change answers."""
+    versions = {}
+    for name in packages:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
 def key_parts(cfg: DictConfig, model_identity: dict[str, Any]) -> dict[str, Any]:
     """Everything outside the prompt that changes an answer; the cache key hashes it."""
     backend = {
         k: v for k, v in _plain(cfg.backend).items() if k not in set(cfg.backend.get("not_in_key", []))
     }
     return {
+        "engine": engine_versions(list(cfg.backend.get("key_packages", []))),
         "model": model_identity,
         "backend": backend,
         "sampling": _plain(cfg.sampling),

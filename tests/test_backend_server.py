@@ -8,7 +8,6 @@ and no key reaches a file.
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import os
 import signal
@@ -20,6 +19,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from conftest import require_vllm
 from PIL import Image
 
 from ger.backends.keys import find_secret
@@ -30,8 +30,13 @@ from ger.records import Request
 pytestmark = [
     pytest.mark.vllm,
     pytest.mark.slow,
-    pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="needs the vLLM engine (CPU build)"),
 ]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _needs_vllm() -> None:
+    require_vllm()
+
 
 ROOT = Path(__file__).resolve().parent.parent
 SERVED = "tiny_qwen2_vl"

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import run_ger
+from conftest import require_vllm, run_ger
 
 pytest.importorskip("transformers")
 
@@ -123,3 +123,42 @@ def test_killed_run_restarts_with_every_sample_once(tmp_path):
     assert sorted(r["name"] for r in preds) == [f"img_{i:03d}" for i in range(1, 9)]
     meta = json.loads((run / "metrics.json").read_text())["requests"]
     assert meta["cached"] == done and meta["sent"] == 8 - done
+
+
+VLLM = ["model=tiny-random-qwen2vl", "backend=vllm_cpu", "sampling.max_tokens=8", "progress=false"]
+
+
+@pytest.mark.vllm
+def test_vllm_run_with_structured_output_answers_only_labels(ger_cache, tmp_path):
+    require_vllm()
+    run = tmp_path / "vllm"
+    run_ger(
+        ["run", "dataset=demo", "limit=6", "structured_output=true", *VLLM, f"hydra.run.dir={run}"],
+        ger_cache,
+        tmp_path,
+    )
+    preds = rows(run)
+    labels = ["anger", "disgust", "fear", "happy", "neutral", "sad", "surprise"]
+    assert len(preds) == 6 and all(r["status"] == "ok" and r["top1"] in labels for r in preds)
+
+
+@pytest.mark.vllm
+def test_vllm_run_on_video_input(ger_cache, tmp_path):
+    require_vllm()
+    run = tmp_path / "vllm-video"
+    run_ger(
+        [
+            "run",
+            "dataset=demo_video",
+            "limit=3",
+            "frames=4",
+            "frames_as=video",
+            *VLLM,
+            f"hydra.run.dir={run}",
+        ],
+        ger_cache,
+        tmp_path,
+    )
+    preds = rows(run)
+    assert [r["name"] for r in preds] == ["clip_01", "clip_02", "clip_03"]
+    assert all(r["status"] != "error" for r in preds), preds

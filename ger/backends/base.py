@@ -14,6 +14,9 @@ from typing import Any, Protocol
 
 from ger.records import Request, Response
 
+# Backend config keys read by the pipeline (registry and cache keys), not by the backend itself.
+PIPELINE_KEYS = frozenset({"name", "not_in_key", "key_packages"})
+
 # name -> "module:Class"; imported only when that backend is used.
 _REGISTRY: dict[str, str] = {
     "vllm": "ger.backends.vllm_offline:VLLMBackend",

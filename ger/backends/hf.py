@@ -19,6 +19,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from ger.backends.base import PIPELINE_KEYS
 from ger.models import ModelSpec, resolve_model
 from ger.records import Request, Response
 
@@ -143,7 +144,7 @@ class HFBackend:
 
     def __init__(self, backend_cfg: Any, model_cfg: Any):
         given = _cfg_dict(backend_cfg)
-        unknown = set(given) - set(DEFAULTS) - {"name", "not_in_key"}
+        unknown = set(given) - set(DEFAULTS) - PIPELINE_KEYS
         if unknown:
             raise ValueError(
                 f"unknown hf backend settings {sorted(unknown)}; expected some of {sorted(DEFAULTS)}"

