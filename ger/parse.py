@@ -185,11 +185,15 @@ def parse_batch(text: str | None, names: list[str], labels: list[str]) -> BatchP
         records = _records(text or "")
     except Exception:  # noqa: BLE001 - never raise on model output
         records = []
-    wanted = {name_key(n): n for n in names}
+    exact = {n.strip(): n for n in names}
+    keys = [name_key(n) for n in names]
+    # the folded key (no case, folder or extension) only where it fits one requested name:
+    # "a.jpg" and "a.png" in one batch must not take each other's answers
+    wanted = {k: n for k, n in zip(keys, names, strict=True) if keys.count(k) == 1}
     results: dict[str, ParseResult] = {}
     unmatched: list[str] = []
     for rec_name, rec_result in records:
-        name = wanted.get(name_key(rec_name))
+        name = exact.get(rec_name.strip().strip(_QUOTES).strip()) or wanted.get(name_key(rec_name))
         if name is None:
             unmatched.append(rec_name)
         elif name not in results:  # first record for a name wins; duplicates are ignored

@@ -8,6 +8,7 @@ and no key reaches a file.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -19,7 +20,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import require_vllm
+from conftest import require_vllm, run_ger
 from PIL import Image
 
 from ger.backends.keys import find_secret
@@ -223,3 +224,83 @@ def test_killed_server_gives_errors_then_resumes(server: VLLMServer) -> None:
     retry = {r.key for r in failed}
     again = list(backend.generate([r for r in requests if r.key in retry]))
     assert {r.key for r in again} == retry and all(r.ok for r in again), again
+
+
+# ---- `ger run` through the live server: the pipeline, not just the backend ----
+
+RUN = ["dataset=demo", "model=tiny-random-qwen2vl", "sampling.max_tokens=8", "progress=false"]
+PRICING = (
+    "backend.pricing={models:{" + SERVED + ":{input:1.0,output:1.0}},default_image:{kind:fixed,tokens:100}}"
+)
+
+
+def _predictions(run: Path) -> list[dict]:
+    import csv
+
+    with (run / "predictions.csv").open() as f:
+        return list(csv.DictReader(f))
+
+
+def test_ger_run_through_server_and_openai_adapter_scores_and_leaks_no_key(server, tmp_path) -> None:
+    cache = tmp_path / "cache"
+    srv = ["backend=server", f"backend.base_url={server.base_url}", f"backend.model={SERVED}"]
+    run_ger(["run", *RUN, "limit=4", *srv, f"hydra.run.dir={tmp_path / 'server'}"], cache, tmp_path)
+    meta = json.loads((tmp_path / "server" / "metrics.json").read_text())
+    assert meta["n"] == 4 and meta["backend"] == "server" and meta["requests"]["sent"] == 4
+
+    env = {"OPENAI_API_KEY": PLANTED, "OPENAI_BASE_URL": server.base_url, "OPENAI_API_KEYS": ""}
+    oai = ["backend=openai", f"backend.model={SERVED}", PRICING]
+    run_ger(["run", *RUN, "limit=4", *oai, f"hydra.run.dir={tmp_path / 'openai'}"], cache, tmp_path, env=env)
+    meta = json.loads((tmp_path / "openai" / "metrics.json").read_text())
+    assert meta["n"] == 4 and meta["backend"] == "openai" and meta["requests"]["failed"] == 0
+    assert find_secret(tmp_path, PLANTED) == [], "the planted key reached a file a run wrote"
+
+
+def test_ger_run_resumes_after_the_server_dies(server, tmp_path) -> None:
+    """Kill the server mid-run: the run ends with error rows; after a restart a rerun completes them."""
+    import sqlite3
+
+    cache = tmp_path / "cache"
+    args = [
+        "run",
+        *RUN,
+        "sampling.max_tokens=48",
+        "backend=server",
+        f"backend.base_url={server.base_url}",
+        f"backend.model={SERVED}",
+        "backend.concurrency=1",
+        "backend.max_retries=1",
+        "backend.timeout=20",
+    ]
+    env = {**os.environ, "GER_CACHE_DIR": str(cache)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ger.cli", *args, f"hydra.run.dir={tmp_path / 'first'}"],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.time() + 300
+    answered = 0
+    while answered < 2 and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+        try:
+            with sqlite3.connect(cache / "responses.sqlite", timeout=5) as conn:
+                answered = conn.execute("SELECT COUNT(*) FROM answers").fetchone()[0]
+        except sqlite3.OperationalError:
+            answered = 0
+    server.kill()
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    first = _predictions(tmp_path / "first")
+    errors = [r["name"] for r in first if r["status"] == "error"]
+    assert len(first) == 14 and len(errors) >= 1, first
+
+    server.start()
+    run_ger([*args, f"hydra.run.dir={tmp_path / 'second'}"], cache, tmp_path)
+    second = _predictions(tmp_path / "second")
+    assert sorted(r["name"] for r in second) == sorted(r["name"] for r in first)  # every sample exactly once
+    assert all(r["status"] != "error" for r in second)
+    meta = json.loads((tmp_path / "second" / "metrics.json").read_text())["requests"]
+    assert meta["sent"] == len(errors) and meta["cached"] == 14 - len(errors)

@@ -1,0 +1,240 @@
+"""Property tests of the answer parser: whatever a model writes, parsing never raises, never
+guesses a label, and in batch mode never moves an answer onto another sample.
+
+Label sets are the real ones from conf/dataset; answers are generated in the formats models
+use (JSON, Python literals, plain lists, enumerations, fences) with case, plural and spacing
+variants, plus arbitrary and broken text.
+"""
+
+from __future__ import annotations
+
+import json
+import string
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from ger.datasets import all_specs
+from ger.parse import LabelMatcher, name_key, parse_batch, parse_ranked
+from ger.records import EMPTY, MISSING, OK, STATUSES, UNKNOWN_LABEL
+
+SETTINGS = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+LABEL_SETS = sorted({tuple(s.labels) for s in all_specs(include_demo=True)})
+
+
+def dedupe(items: list[str]) -> list[str]:
+    return list(dict.fromkeys(items))
+
+
+# ---------------------------------------------------------------- strategies
+
+
+@st.composite
+def spelling(draw, label: str) -> str:
+    """How a model may write `label`: other case, a plural, extra spaces, trailing full stop."""
+    case = draw(st.sampled_from([str, str.lower, str.upper, str.title, str.swapcase]))
+    text = case(label)
+    text = draw(st.sampled_from([" ", "  ", " \t "])).join(text.split(" ")) if " " in label else text
+    text += draw(st.sampled_from(["", "", "s", "es", "."]))
+    pad = draw(st.sampled_from(["", " ", "\t"]))
+    return pad + text + pad
+
+
+@st.composite
+def ranked_answer(draw) -> tuple[list[str], list[str], str]:
+    """(label set, the ranking meant, the answer text in one of the formats models use)."""
+    labels = list(draw(st.sampled_from(LABEL_SETS)))
+    meant = draw(st.lists(st.sampled_from(labels), min_size=1, max_size=len(labels) + 2))
+    words = [draw(spelling(label)) for label in meant]
+    fmt = draw(st.sampled_from(["comma", "json", "python", "enum", "fence", "dict", "arrow", "lines"]))
+    text = {
+        "comma": lambda: draw(st.sampled_from([",", ", ", " ,"])).join(words),
+        "json": lambda: json.dumps([w.strip() for w in words]),
+        "python": lambda: repr([w.strip() for w in words]),
+        "enum": lambda: "\n".join(f"{i}. {w.strip()}" for i, w in enumerate(words, 1)),
+        "fence": lambda: "```json\n" + json.dumps([w.strip() for w in words]) + "\n```",
+        "dict": lambda: json.dumps({"result": [w.strip() for w in words]}),
+        "arrow": lambda: " > ".join(words),
+        "lines": lambda: "\n".join(f"- {w.strip()}" for w in words),
+    }[fmt]()
+    return labels, dedupe(meant), text
+
+
+json_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats(allow_nan=False)
+    | st.text(max_size=12)
+    | st.sampled_from(["happy", "Sad", "neutral", "weakly positive", "anger"]),
+    lambda inner: (
+        st.lists(inner, max_size=4)
+        | st.dictionaries(
+            st.sampled_from(["name", "result", "results", "labels", "x", ""]) | st.text(max_size=5),
+            inner,
+            max_size=4,
+        )
+    ),
+    max_leaves=20,
+)
+
+
+@st.composite
+def broken_json(draw) -> str:
+    """Nested JSON or Python literals, often cut off mid-way, sometimes wrapped in prose."""
+    value = draw(json_values)
+    text = draw(st.sampled_from([json.dumps, repr]))(value)
+    if draw(st.booleans()):
+        text = text[: draw(st.integers(0, len(text)))]
+    return (
+        draw(st.sampled_from(["", "Answer: ", "```json\n"]))
+        + text
+        + draw(st.sampled_from(["", "\n```", " ok"]))
+    )
+
+
+# ---------------------------------------------------------------- single answers
+
+
+def check_invariants(result, labels: list[str]) -> None:
+    """What a caller may rely on for any text: top-1 is a label (ok), or the status says why."""
+    assert result.status in (OK, EMPTY, UNKNOWN_LABEL)
+    if result.status == OK:
+        assert result.ranked and all(r in labels for r in result.ranked)
+        assert len(set(result.ranked)) == len(result.ranked)
+    elif result.status == UNKNOWN_LABEL:
+        assert result.ranked and result.ranked[0] not in labels and result.detail
+        assert all(r in labels for r in result.ranked[1:])
+    else:
+        assert result.ranked == [] and result.detail
+
+
+@SETTINGS
+@given(st.sampled_from(LABEL_SETS), st.text(max_size=300))
+def test_parse_ranked_never_raises_on_any_text(labels, text):
+    check_invariants(parse_ranked(text, list(labels)), list(labels))
+
+
+@SETTINGS
+@given(st.sampled_from(LABEL_SETS), broken_json())
+def test_parse_ranked_never_raises_on_nested_or_broken_json(labels, text):
+    check_invariants(parse_ranked(text, list(labels)), list(labels))
+
+
+def test_parse_ranked_survives_pathological_nesting():
+    labels = ["happy", "sad"]
+    for text in (
+        "[" * 50_000,
+        "{'result': " * 5_000,
+        "[" * 2_000 + "]" * 2_000,
+        '"' * 10_000,
+        "happy" * 20_000,
+    ):
+        check_invariants(parse_ranked(text, labels), labels)
+
+
+@SETTINGS
+@given(ranked_answer())
+def test_parse_ranked_recovers_the_ranking_in_any_usual_format(case):
+    labels, meant, text = case
+    result = parse_ranked(text, LabelMatcher(labels))
+    assert (result.status, result.ranked) == (OK, meant), text
+
+
+# ---------------------------------------------------------------- batch answers
+
+NAME_CHARS = string.ascii_letters + string.digits + "_-"
+stems = st.text(NAME_CHARS, min_size=1, max_size=10)
+shared_stems = st.sampled_from(
+    ["a", "A", "clip_01", "Clip_01"]
+)  # names that differ only in case or extension
+extensions = st.sampled_from(["", "", ".jpg", ".png", ".mp4"])
+names_strategy = st.builds(str.__add__, stems | shared_stems, extensions)
+junk = st.text(st.characters(blacklist_characters=":=", blacklist_categories=("Cs",)), max_size=30)
+
+
+@st.composite
+def name_variant(draw, name: str, names: list[str]) -> tuple[str, bool]:
+    """How a model may echo a requested name; True when it is the name exactly as asked.
+
+    A form that is literally another requested name is that sample's record, so it is not offered.
+    """
+    stem = name.rsplit(".", 1)[0] if "." in name else name
+    forms = [name, name.upper(), stem, "images/" + name, " " + name + " "]
+    forms = [f for f in forms if f.strip() == name or f.strip() not in names]
+    shown = draw(st.sampled_from(forms))
+    return shown, shown.strip() == name
+
+
+def record_text(fmt: str, name: str, words: list[str]) -> str:
+    if fmt == "python":
+        return repr({"name": name, "result": words})
+    if fmt == "single" and len(words) == 1:
+        return json.dumps({"name": name, "result": words[0]})
+    return json.dumps({"name": name, "result": words})
+
+
+@st.composite
+def batch_answer(draw):
+    """Names with known rankings; an answer with records for a shuffled subset, some dropped,
+    some repeated, strangers and junk in between."""
+    labels = list(draw(st.sampled_from(LABEL_SETS)))
+    names = draw(st.lists(names_strategy, min_size=1, max_size=20, unique=True))
+    truth = {n: dedupe(draw(st.lists(st.sampled_from(labels), min_size=1, max_size=3))) for n in names}
+    answered = draw(st.lists(st.sampled_from(names), unique=True, max_size=len(names)))
+    keys = {name_key(n) for n in names}
+    strangers = draw(st.lists(stems.filter(lambda s: name_key(s) not in keys), max_size=3))
+    entries = [(n, False) for n in answered] + [(s, True) for s in strangers]
+    entries += [(n, False) for n in draw(st.lists(st.sampled_from(answered), max_size=3))] if answered else []
+    entries = draw(st.permutations(entries))
+    fmt = draw(st.sampled_from(["json_list", "wrapped", "python", "json", "single"]))
+    records, echoed = [], {}
+    for name, stranger in entries:
+        shown, exact = (name, True) if stranger else draw(name_variant(name, names))
+        if not stranger:
+            echoed.setdefault(name, []).append((shown, exact))
+        meant = [labels[0]] if stranger else truth[name]
+        records.append((shown, [draw(spelling(w)).strip() for w in meant]))
+    if fmt in ("json_list", "wrapped"):
+        body = [{"name": n, "result": w} for n, w in records]
+        text = json.dumps(body if fmt == "json_list" else {"results": body})
+    else:
+        lines = []
+        for n, w in records:
+            lines += [draw(junk)] if draw(st.booleans()) else []
+            lines.append(record_text(fmt, n, w))
+        text = "\n".join(lines)
+    return labels, names, truth, echoed, len(records), text
+
+
+@SETTINGS
+@given(batch_answer())
+def test_batch_answers_never_shift_onto_another_sample(case):
+    labels, names, truth, echoed, n_records, text = case
+    out = parse_batch(text, names, labels)
+    assert set(out.results) == set(names)
+    assert out.n_records == n_records, text
+    keys = [name_key(n) for n in names]
+    for name in names:
+        got = out.results[name]
+        if name not in echoed:
+            assert got.status == MISSING, (name, text)
+            continue
+        # a name echoed exactly, or in a form that fits no other requested name, must get its own answer
+        unambiguous = any(exact or keys.count(name_key(name)) == 1 for _, exact in echoed[name])
+        if unambiguous:
+            assert (got.status, got.ranked) == (OK, truth[name]), (name, text)
+        else:
+            assert got.status == MISSING or got.ranked == truth[name], (name, text)
+
+
+@SETTINGS
+@given(st.lists(names_strategy, min_size=1, max_size=8, unique=True), st.text(max_size=300) | broken_json())
+def test_parse_batch_never_raises_and_answers_every_name(names, text):
+    labels = ["happy", "sad", "neutral"]
+    out = parse_batch(text, names, labels)
+    assert set(out.results) == set(names)
+    for result in out.results.values():
+        assert result.status in STATUSES
+        if result.status == OK:
+            assert result.ranked[0] in labels
