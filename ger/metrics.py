@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, recall_score
 
 from ger.datasets import DatasetSpec
 from ger.parse import LabelMatcher, normalise
@@ -154,6 +153,8 @@ def outcome(preds: list[Prediction], spec: DatasetSpec) -> Outcome:
 
 def metric_value(metric: str, y_true: list[str] | np.ndarray, y_pred: list[str] | np.ndarray) -> float:
     """One metric in percent. UAR averages recall over the classes present in y_true."""
+    from sklearn.metrics import accuracy_score, f1_score, recall_score  # lazy: ~2 s of imports
+
     if metric in ("acc", "war"):
         value = accuracy_score(y_true, y_pred)
     elif metric == "uar":
@@ -174,6 +175,8 @@ def correct_vector(preds: list[Prediction], spec: DatasetSpec) -> tuple[np.ndarr
 
 def score(preds: list[Prediction], spec: DatasetSpec, variant: str = "") -> Score:
     """All of the dataset's metrics, per-class recall and the confusion matrix."""
+    from sklearn.metrics import confusion_matrix
+
     if not preds:
         raise ValueError(f"{spec.key}: nothing to score")
     out = outcome(preds, spec)

@@ -140,7 +140,8 @@ def parse_ranked(text: str | None, labels: list[str] | LabelMatcher) -> ParseRes
             ranked.append(label)
     top = matcher.match(items[0])
     if top is None:
-        return ParseResult([items[0][:80], *ranked], UNKNOWN_LABEL, f"top-1 {items[0][:80]!r} not in label set")
+        raw = items[0][:80]
+        return ParseResult([raw, *ranked], UNKNOWN_LABEL, f"top-1 {raw!r} not in label set")
     return ParseResult(ranked, OK)
 
 
@@ -168,7 +169,8 @@ def _records(text: str) -> list[tuple[str, str]]:
         for record in value:
             if "name" in record:
                 result = record.get("result", record.get("results", ""))
-                pairs.append((str(record["name"]), json.dumps(result) if not isinstance(result, str) else result))
+                text = result if isinstance(result, str) else json.dumps(result)
+                pairs.append((str(record["name"]), text))
         if pairs:
             return pairs
     return [(m.group("name"), m.group("result")) for m in _RECORD.finditer(text)]

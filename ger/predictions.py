@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import csv
-import os
+import io
 from pathlib import Path
 
+from ger.files import atomic_write_text
 from ger.records import Prediction
 
 COLUMNS = ["name", "gt", "prediction", "top1", "status", "response_key", "detail"]
@@ -13,16 +14,13 @@ COLUMNS = ["name", "gt", "prediction", "top1", "status", "response_key", "detail
 
 def write_predictions(path: Path, preds: list[Prediction]) -> None:
     """Write atomically (temp file + rename), so a crash never leaves a half-written file."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with tmp.open("w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f)
-        writer.writerow(COLUMNS)
-        for p in preds:
-            ranked = ",".join(r.replace(",", ";") for r in p.ranked)  # commas separate labels
-            writer.writerow([p.name, p.gt, ranked, p.top1, p.status, p.response_key, p.detail])
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(COLUMNS)
+    for p in preds:
+        ranked = ",".join(r.replace(",", ";") for r in p.ranked)  # commas separate labels
+        writer.writerow([p.name, p.gt, ranked, p.top1, p.status, p.response_key, p.detail])
+    atomic_write_text(path, buf.getvalue())
 
 
 def read_predictions(path: Path) -> list[Prediction]:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from ger.config import cache_dir
 from ger.datasets import TASK_TITLES, DatasetSpec, all_specs
+from ger.files import atomic_write_text
 from ger.metrics import Score, score
 from ger.parse import LabelMatcher, parse_ranked
 from ger.predictions import write_predictions
@@ -113,7 +114,7 @@ def score_release(ref_dir: Path, out: Path | None = None) -> list[Score]:
             run.mkdir(parents=True, exist_ok=True)
             write_predictions(run / "predictions.csv", preds)
             meta = {**s.to_dict(), "model": "gpt4v-release", "overrides": [f"reference={rf.path.name}"]}
-            (run / "metrics.json").write_text(json.dumps(meta, indent=2))
+            atomic_write_text(run / "metrics.json", json.dumps(meta, indent=2))
     return scores
 
 
@@ -169,9 +170,9 @@ def write_results(scores: list[Score], out: Path) -> None:
     """results.json (records), results.csv (the same rows) and results.md (the paper's tables)."""
     out.mkdir(parents=True, exist_ok=True)
     records = [r for sc in scores for r in sc.records()]
-    (out / "results.json").write_text(json.dumps(records, indent=2))
+    atomic_write_text(out / "results.json", json.dumps(records, indent=2))
     with (out / "results.csv").open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=["dataset", "variant", "metric", "value", "n", "paper"])
         writer.writeheader()
         writer.writerows(records)
-    (out / "results.md").write_text(paper_tables_markdown(scores))
+    atomic_write_text(out / "results.md", paper_tables_markdown(scores))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -11,15 +10,10 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from ger.datasets import DatasetSpec
+from ger.files import atomic_write_text
 from ger.metrics import Score
 from ger.predictions import write_predictions
 from ger.records import Prediction
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def resolved_config(cfg: DictConfig) -> str:
@@ -77,7 +71,7 @@ def write_run_files(
 ) -> dict[str, Any]:
     """config.yaml, predictions.csv, metrics.json and report.md; each written atomically."""
     out.mkdir(parents=True, exist_ok=True)
-    _atomic_write(out / "config.yaml", resolved_config(cfg))
+    atomic_write_text(out / "config.yaml", resolved_config(cfg))
     write_predictions(out / "predictions.csv", preds)
     meta = {
         **result.to_dict(),
@@ -86,6 +80,6 @@ def write_run_files(
         "overrides": overrides,
         "requests": asdict(stats),
     }
-    _atomic_write(out / "metrics.json", json.dumps(meta, indent=2))
-    _atomic_write(out / "report.md", report_markdown(spec, result, cfg.model.name, stats))
+    atomic_write_text(out / "metrics.json", json.dumps(meta, indent=2))
+    atomic_write_text(out / "report.md", report_markdown(spec, result, cfg.model.name, stats))
     return meta

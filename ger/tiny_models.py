@@ -345,7 +345,7 @@ def _portable_tokenizer_class(out_dir: Path) -> None:
 
 def tiny_version(kind: str) -> str:
     """A short hash of what shapes the built folder, so a changed builder rebuilds, not reuses."""
-    import transformers
+    import importlib.metadata
 
     spec = {
         "build": BUILD_VERSION,
@@ -356,7 +356,8 @@ def tiny_version(kind: str) -> str:
         "llava": LLAVA_IMAGE,
         "corpus": CORPUS,
         "templates": [QWEN_TEMPLATE, LLAVA_TEMPLATE],
-        "transformers": transformers.__version__,  # saved formats differ across releases
+        # saved formats differ across releases; read without importing (a cached rerun never loads it)
+        "transformers": importlib.metadata.version("transformers"),
     }
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:10]
 
