@@ -129,7 +129,7 @@ def _frame_count(run: Any) -> int | None:
 
 def write_frame_plots(report: Report, out: Path) -> list[Path]:
     """Per video test set swept over `frames`: one line per otherwise-equal setting."""
-    from ger.report import differing_keys, label_of
+    from ger.runs import differing_keys, label_of
 
     own = [r for r in report.runs if not r.is_reference and "video" in r.spec.modality]
     keys = differing_keys(own, exclude={"frames"})

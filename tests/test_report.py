@@ -16,7 +16,8 @@ from ger.datasets import load_spec
 from ger.metrics import score
 from ger.predictions import write_predictions
 from ger.records import OK, Prediction
-from ger.report import build_report, cli, find_runs
+from ger.report import build_report, cli
+from ger.runs import find_runs
 
 REPO = Path(__file__).resolve().parent.parent
 REFERENCE_DIR = Path(
