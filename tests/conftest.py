@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import csv
 import importlib.util
 import os
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -50,3 +52,21 @@ def skip_or_fail_vllm(reason: str) -> None:
     if os.environ.get("GER_SKIP_VLLM") == "1":
         pytest.skip(reason)
     pytest.fail(f"{reason} (set GER_SKIP_VLLM=1 to skip the engine tests)")
+
+
+def rows(run: Path) -> list[dict]:
+    """The rows of a run's predictions.csv."""
+    with (run / "predictions.csv").open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def cached_answers(cache: Path) -> int:
+    """Answers in a response cache so far (0 while the file or its tables do not exist yet)."""
+    db = cache / "responses.sqlite"
+    if not db.exists():
+        return 0
+    try:
+        with sqlite3.connect(db, timeout=5) as conn:
+            return conn.execute("SELECT COUNT(*) FROM answers").fetchone()[0]
+    except sqlite3.OperationalError:
+        return 0

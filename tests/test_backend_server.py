@@ -20,7 +20,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import require_vllm, run_ger
+from conftest import cached_answers, require_vllm, rows, run_ger
 from PIL import Image
 
 from ger.backends.keys import find_secret
@@ -234,13 +234,6 @@ PRICING = (
 )
 
 
-def _predictions(run: Path) -> list[dict]:
-    import csv
-
-    with (run / "predictions.csv").open() as f:
-        return list(csv.DictReader(f))
-
-
 def test_ger_run_through_server_and_openai_adapter_scores_and_leaks_no_key(server, tmp_path) -> None:
     cache = tmp_path / "cache"
     srv = ["backend=server", f"backend.base_url={server.base_url}", f"backend.model={SERVED}"]
@@ -258,7 +251,6 @@ def test_ger_run_through_server_and_openai_adapter_scores_and_leaks_no_key(serve
 
 def test_ger_run_resumes_after_the_server_dies(server, tmp_path) -> None:
     """Kill the server mid-run: the run ends with error rows; after a restart a rerun completes them."""
-    import sqlite3
 
     cache = tmp_path / "cache"
     args = [
@@ -285,21 +277,17 @@ def test_ger_run_resumes_after_the_server_dies(server, tmp_path) -> None:
     answered = 0
     while answered < 2 and time.time() < deadline and proc.poll() is None:
         time.sleep(0.2)
-        try:
-            with sqlite3.connect(cache / "responses.sqlite", timeout=5) as conn:
-                answered = conn.execute("SELECT COUNT(*) FROM answers").fetchone()[0]
-        except sqlite3.OperationalError:
-            answered = 0
+        answered = cached_answers(cache)
     server.kill()
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err[-3000:]
-    first = _predictions(tmp_path / "first")
+    first = rows(tmp_path / "first")
     errors = [r["name"] for r in first if r["status"] == "error"]
     assert len(first) == 14 and len(errors) >= 1, first
 
     server.start()
     run_ger([*args, f"hydra.run.dir={tmp_path / 'second'}"], cache, tmp_path)
-    second = _predictions(tmp_path / "second")
+    second = rows(tmp_path / "second")
     assert sorted(r["name"] for r in second) == sorted(r["name"] for r in first)  # every sample exactly once
     assert all(r["status"] != "error" for r in second)
     meta = json.loads((tmp_path / "second" / "metrics.json").read_text())["requests"]

@@ -2,27 +2,14 @@
 
 from __future__ import annotations
 
-import csv
 import json
-import os
-import signal
-import sqlite3
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import pytest
-from conftest import require_vllm, run_ger
+from conftest import require_vllm, rows, run_ger
 
 pytest.importorskip("transformers")
 
 BASE = ["model=tiny-random-qwen2vl", "backend=hf", "sampling.max_tokens=8", "progress=false"]
-
-
-def rows(run: Path) -> list[dict]:
-    with (run / "predictions.csv").open() as f:
-        return list(csv.DictReader(f))
 
 
 def test_run_writes_a_complete_run_folder_and_reruns_from_cache(ger_cache, tmp_path):
@@ -65,64 +52,6 @@ def test_video_batch_mode_answers_every_sample_once(ger_cache, tmp_path):
     # a tiny random model never returns 3 well-formed records, so the paper's back-off splits the batch
     assert meta["requests"]["splits"] >= 1
     assert {m["metric"] for m in meta["scores"]} == {"war", "uar"}
-
-
-def test_bad_label_list_stops_before_any_request(ger_cache, tmp_path):
-    root = tmp_path / "data" / "demo"
-    (root / "images").mkdir(parents=True)
-    (root / "label.csv").write_text("name,gt\na.png,anger\nb.png,joyful\n")
-    proc = run_ger(
-        ["run", "dataset=demo", f"data_root={tmp_path / 'data'}", *BASE, f"hydra.run.dir={tmp_path / 'run'}"],
-        ger_cache,
-        tmp_path,
-        check=False,
-    )
-    assert proc.returncode != 0
-    assert "labels outside the label set" in proc.stderr and "joyful" in proc.stderr
-
-
-def _answers(cache: Path) -> int:
-    db = cache / "responses.sqlite"
-    if not db.exists():
-        return 0
-    try:
-        with sqlite3.connect(db, timeout=5) as conn:
-            return conn.execute("SELECT COUNT(*) FROM answers").fetchone()[0]
-    except sqlite3.OperationalError:
-        return 0
-
-
-def test_killed_run_restarts_with_every_sample_once(tmp_path):
-    cache = tmp_path / "cache"
-    cache.mkdir()
-    shared = Path(os.environ.get("GER_TEST_CACHE", "")) if os.environ.get("GER_TEST_CACHE") else None
-    if shared and (shared / "tiny-models").exists():  # reuse built tiny models, but not the responses
-        (cache / "tiny-models").symlink_to(shared / "tiny-models")
-    args = ["run", "dataset=demo", "limit=8", *BASE, "sampling.max_tokens=24"]
-    env = {**os.environ, "GER_CACHE_DIR": str(cache)}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "ger.cli", *args, f"hydra.run.dir={tmp_path / 'killed'}"],
-        cwd=tmp_path,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    deadline = time.time() + 300
-    while _answers(cache) < 2 and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.2)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    done = _answers(cache)
-    assert 2 <= done < 8, f"expected to kill the run mid-way, found {done} answers"
-    assert not (tmp_path / "killed" / "predictions.csv").exists()
-
-    run = tmp_path / "restarted"
-    run_ger([*args, f"hydra.run.dir={run}"], cache, tmp_path)
-    preds = rows(run)
-    assert sorted(r["name"] for r in preds) == [f"img_{i:03d}" for i in range(1, 9)]
-    meta = json.loads((run / "metrics.json").read_text())["requests"]
-    assert meta["cached"] == done and meta["sent"] == 8 - done
 
 
 VLLM = ["model=tiny-random-qwen2vl", "backend=vllm_cpu", "sampling.max_tokens=8", "progress=false"]

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import run_ger
+from conftest import cached_answers, rows, run_ger
 
 pytest.importorskip("transformers")
 
@@ -83,24 +83,8 @@ def write_clip(path: Path, label: str, variant: int, n_frames: int = 16) -> None
     writer.release()
 
 
-def rows(run: Path) -> list[dict]:
-    with (run / "predictions.csv").open(newline="") as f:
-        return list(csv.DictReader(f))
-
-
 def metrics(run: Path) -> dict:
     return json.loads((run / "metrics.json").read_text())
-
-
-def db_answers(cache: Path) -> int:
-    db = cache / "responses.sqlite"
-    if not db.exists():
-        return 0
-    try:
-        with sqlite3.connect(db, timeout=5) as conn:
-            return conn.execute("SELECT COUNT(*) FROM answers").fetchone()[0]
-    except sqlite3.OperationalError:  # created but its tables not yet
-        return 0
 
 
 def assert_cache_intact(cache: Path) -> None:
@@ -180,14 +164,14 @@ def test_killed_at_every_stage_the_restart_answers_each_sample_once(cache, tmp_p
     ger.kill()
     assert "loading media" in ger.stderr, ger.stderr[-2000:]
     assert f"{n}/{n}" not in ger.stderr and "requests" not in ger.stderr  # killed inside the loop
-    assert db_answers(cache) == 0 and not (tmp_path / "r1" / "predictions.csv").exists()
+    assert cached_answers(cache) == 0 and not (tmp_path / "r1" / "predictions.csv").exists()
     assert_cache_intact(cache)
 
     # 2. mid-way through the requests (the hf backend answers 4 at a time)
     ger = Ger([*args, *QUIET, f"hydra.run.dir={tmp_path / 'r2'}"], cache, tmp_path)
-    ger.wait_for(lambda: db_answers(cache) >= 1, poll=0.1)
+    ger.wait_for(lambda: cached_answers(cache) >= 1, poll=0.1)
     ger.kill()
-    cached = db_answers(cache)
+    cached = cached_answers(cache)
     assert 0 < cached < n, f"expected to kill mid-way, found {cached} answers\n{ger.stderr[-2000:]}"
     assert not (tmp_path / "r2" / "predictions.csv").exists()
     assert_cache_intact(cache)
@@ -201,7 +185,7 @@ def test_killed_at_every_stage_the_restart_answers_each_sample_once(cache, tmp_p
         "failed": 0,
         "splits": 0,
     }
-    assert db_answers(cache) == n
+    assert cached_answers(cache) == n
     assert_cache_intact(cache)
 
     # 3. while writing the results: watch the folder and kill as soon as predictions.csv appears
@@ -225,7 +209,7 @@ def test_killed_at_every_stage_the_restart_answers_each_sample_once(cache, tmp_p
     assert metrics(out)["requests"]["sent"] == 0 and metrics(out)["requests"]["cached"] == n
     assert rows(out) == rows(tmp_path / "r3")
     assert not list(out.glob("*.tmp"))
-    assert db_answers(cache) == n
+    assert cached_answers(cache) == n
     assert_cache_intact(cache)
 
 
