@@ -23,6 +23,7 @@ _REGISTRY: dict[str, str] = {
     "hf": "ger.backends.hf:HFBackend",
     "server": "ger.backends.server:ServerBackend",
     "openai": "ger.backends.openai_api:OpenAIBackend",
+    "ray": "ger.backends.ray_data:RayDataBackend",
 }
 
 

@@ -57,7 +57,7 @@ class VLLMSettings:
     @classmethod
     def from_cfg(cls, backend_cfg: Any) -> VLLMSettings:
         """Read a dict or DictConfig, failing on unknown keys so typos do not pass silently."""
-        cfg = _plain(backend_cfg)
+        cfg = plain_config(backend_cfg)
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(cfg) - known)
         if unknown:
@@ -67,7 +67,7 @@ class VLLMSettings:
         return cls(**cfg)
 
 
-def _plain(cfg: Any) -> dict[str, Any]:
+def plain_config(cfg: Any) -> dict[str, Any]:
     if cfg is None:
         return {}
     if hasattr(cfg, "_metadata"):  # an OmegaConf node
