@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import run_ger
 
 from ger.datasets import load_spec
 from ger.metrics import score
@@ -247,3 +248,19 @@ def test_compare_skips_runs_without_shared_samples(tmp_path: Path, capsys):
     )
     assert "share no sample names" in capsys.readouterr().err
     assert json.loads((tmp_path / "out" / "report.json").read_text())["comparisons"] == []
+
+
+def test_a_real_sweep_over_two_frame_counts_gives_two_runs_in_one_report(ger_cache: Path, tmp_path: Path):
+    """`ger run -m ... frames=1,2` with the tiny model on the demo videos, then `ger report` on the sweep."""
+    pytest.importorskip("transformers")
+    sweep = tmp_path / "sweep"
+    args = ["run", "-m", "dataset=demo_video", "frames=1,2", "model=tiny-random-qwen2vl", "backend=hf",
+            "limit=2", "sampling.max_tokens=8", "progress=false", f"hydra.sweep.dir={sweep}"]  # fmt: skip
+    run_ger(args, ger_cache, tmp_path)
+    runs = find_runs([sweep])
+    assert sorted(r.setting("frames") for r in runs) == ["1", "2"]
+    out = tmp_path / "report"
+    assert cli([str(sweep), "--out", str(out), "--plots"]) == 0
+    md = (out / "report.md").read_text()
+    assert "frames=1" in md and "frames=2" in md
+    assert (out / "plots" / "frames_demo_video.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
