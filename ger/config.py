@@ -49,3 +49,14 @@ def load_group_yaml(group: str, name: str) -> dict[str, Any]:
 def cache_dir() -> Path:
     """Root of ger's caches (tiny models, demo data, responses, the reference download)."""
     return Path(os.environ.get("GER_CACHE_DIR", "~/.cache/ger")).expanduser()
+
+
+def plain(cfg: Any) -> dict[str, Any]:
+    """A plain dict from a dict, an OmegaConf node (resolved) or None; configs cross stages this way."""
+    if cfg is None:
+        return {}
+    if hasattr(cfg, "_metadata"):  # an OmegaConf node; imported only when one is given
+        from omegaconf import OmegaConf
+
+        return dict(OmegaConf.to_container(cfg, resolve=True))  # type: ignore[arg-type]
+    return dict(cfg)

@@ -7,10 +7,11 @@ per-prompt media limits are decided in one place.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
+
+from ger.config import plain
 
 
 @dataclass(frozen=True)
@@ -45,15 +46,6 @@ class ModelSpec:
         return ident
 
 
-def _as_dict(model_cfg: Any) -> dict[str, Any]:
-    """Plain dict from a dict or an OmegaConf node (resolved), without importing omegaconf eagerly."""
-    if isinstance(model_cfg, Mapping) and not hasattr(model_cfg, "_metadata"):
-        return dict(model_cfg)
-    from omegaconf import OmegaConf
-
-    return dict(OmegaConf.to_container(model_cfg, resolve=True))  # type: ignore[arg-type]
-
-
 def resolve_model(model_cfg: Any, cache_dir: str | Path | None = None) -> ModelSpec:
     """Turn conf/model/<name>.yaml into a ModelSpec; builds the tiny model when `tiny` is set.
 
@@ -61,7 +53,7 @@ def resolve_model(model_cfg: Any, cache_dir: str | Path | None = None) -> ModelS
     """
     if isinstance(model_cfg, ModelSpec):
         return model_cfg
-    cfg = _as_dict(model_cfg)
+    cfg = plain(model_cfg)
     known = {f.name for f in fields(ModelSpec)} - {"extra", "tiny_version"}
     values = {k: v for k, v in cfg.items() if k in known}
     values["extra"] = {k: v for k, v in cfg.items() if k not in known}

@@ -13,12 +13,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from tqdm import tqdm
 
 from ger.ask import Asker, ask_batches
 from ger.backends import create_backend
 from ger.cache import ResponseCache
+from ger.config import plain
 from ger.datasets import DatasetSpec, load_samples, spec_from_dict
 from ger.media import MediaError, load_sample
 from ger.metrics import score
@@ -32,13 +33,9 @@ from ger.validate import check_dataset
 log = logging.getLogger("ger")
 
 
-def _plain(node: Any) -> Any:
-    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
-
-
 def resolve_spec(cfg: DictConfig) -> tuple[DatasetSpec, Path]:
     """The dataset spec from the composed config, and its data root (demo data made on demand)."""
-    spec = spec_from_dict(_plain(cfg.dataset))
+    spec = spec_from_dict(plain(cfg.dataset))
     data_root = Path(str(cfg.data_root)).expanduser()
     if spec.demo and not (spec.root(data_root) / spec.layout.label_file).is_file():
         from ger.demo import ensure_demo
@@ -108,14 +105,12 @@ def engine_versions(packages: list[str]) -> dict[str, str]:
 
 def key_parts(cfg: DictConfig, model_identity: dict[str, Any]) -> dict[str, Any]:
     """Everything outside the prompt that changes an answer; the cache key hashes it."""
-    backend = {
-        k: v for k, v in _plain(cfg.backend).items() if k not in set(cfg.backend.get("not_in_key", []))
-    }
+    backend = {k: v for k, v in plain(cfg.backend).items() if k not in set(cfg.backend.get("not_in_key", []))}
     return {
         "engine": engine_versions(list(cfg.backend.get("key_packages", []))),
         "model": model_identity,
         "backend": backend,
-        "sampling": _plain(cfg.sampling),
+        "sampling": plain(cfg.sampling),
         "structured_output": bool(cfg.structured_output and cfg.mode == "single"),
     }
 

@@ -8,11 +8,15 @@ backends are a class plus one registry line; the config file
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 from collections.abc import Iterable, Iterator
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
+from ger.config import plain
 from ger.records import Request, Response
+
+T = TypeVar("T")
 
 # Backend config keys read by the pipeline (registry and cache keys), not by the backend itself.
 PIPELINE_KEYS = frozenset({"name", "not_in_key", "key_packages"})
@@ -43,6 +47,16 @@ class Backend(Protocol):
         ...
 
     def close(self) -> None: ...
+
+
+def read_settings(cls: type[T], backend_cfg: Any, backend: str) -> T:
+    """A backend's settings dataclass from its config; unknown keys fail, so typos never pass silently."""
+    cfg = plain(backend_cfg)
+    known = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(cfg) - known)
+    if unknown:
+        raise ValueError(f"unknown {backend} backend keys {unknown}; expected some of {sorted(known)}")
+    return cls(**cfg)
 
 
 def register_backend(name: str, target: str) -> None:

@@ -15,11 +15,12 @@ from __future__ import annotations
 import gc
 import logging
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from ger.backends.base import PIPELINE_KEYS
+from ger.config import plain
 from ger.models import ModelSpec, resolve_model
 from ger.records import Request, Response
 
@@ -47,16 +48,6 @@ class Prepared:
     images: list[Any] = field(default_factory=list)
     videos: list[list[Any]] = field(default_factory=list)
     video_metadata: list[dict[str, Any]] = field(default_factory=list)
-
-
-def _cfg_dict(cfg: Any) -> dict[str, Any]:
-    if cfg is None:
-        return {}
-    if isinstance(cfg, Mapping) and not hasattr(cfg, "_metadata"):
-        return dict(cfg)
-    from omegaconf import OmegaConf
-
-    return dict(OmegaConf.to_container(cfg, resolve=True))  # type: ignore[arg-type]
 
 
 def _video_metadata(part: dict[str, Any], n_frames: int) -> dict[str, Any]:
@@ -143,7 +134,7 @@ class HFBackend:
     """Backend protocol over transformers; see the module docstring."""
 
     def __init__(self, backend_cfg: Any, model_cfg: Any):
-        given = _cfg_dict(backend_cfg)
+        given = plain(backend_cfg)
         unknown = set(given) - set(DEFAULTS) - PIPELINE_KEYS
         if unknown:
             raise ValueError(

@@ -26,10 +26,11 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any
 
-from ger.backends.vllm_offline import VLLMBackend, VLLMSettings, engine_args, plain_config
+from ger.backends.base import read_settings
+from ger.backends.vllm_offline import VLLMBackend, VLLMSettings, engine_args
 from ger.models import resolve_model
 from ger.records import Request, Response
 
@@ -83,16 +84,11 @@ class RaySettings:
     @classmethod
     def from_cfg(cls, backend_cfg: Any) -> RaySettings:
         """Read a dict or DictConfig, failing on unknown keys and values."""
-        cfg = plain_config(backend_cfg)
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(cfg) - known)
-        if unknown:
-            raise ValueError(f"unknown ray backend keys {unknown}; expected some of {sorted(known)}")
-        settings = cls(**cfg)
+        settings = read_settings(cls, backend_cfg, "ray")
         if settings.device not in DEVICES:
             raise ValueError(f"unknown device {settings.device!r}; expected one of {list(DEVICES)}")
         if settings.batch_size < 1 or settings.concurrency < 1:
-            raise ValueError(f"batch_size and concurrency must be >= 1, got {cfg}")
+            raise ValueError(f"batch_size and concurrency must be >= 1, got {settings}")
         return settings
 
     def vllm_settings(self) -> VLLMSettings:

@@ -24,6 +24,7 @@ from typing import Any
 
 from ger.backends.chat_format import VIDEO_AS, to_openai_messages, video_io_kwargs
 from ger.backends.keys import KeyPool, read_keys, scrub
+from ger.config import plain
 from ger.records import Request, Response
 
 log = logging.getLogger(__name__)
@@ -62,7 +63,7 @@ class ServerSettings:
 
     @classmethod
     def from_cfg(cls, cfg: Any) -> ServerSettings:
-        data = _plain(cfg)
+        data = plain(cfg)
         data.pop("name", None)
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
@@ -88,17 +89,6 @@ class ServerSettings:
             )
         if self.concurrency < 1:
             raise ValueError(f"concurrency must be >= 1, got {self.concurrency}")
-
-
-def _plain(cfg: Any) -> dict[str, Any]:
-    """A dict from a dict or an OmegaConf node (resolved)."""
-    if cfg is None:
-        return {}
-    if hasattr(cfg, "_metadata"):
-        from omegaconf import OmegaConf
-
-        return dict(OmegaConf.to_container(cfg, resolve=True))  # type: ignore[arg-type]
-    return dict(cfg)
 
 
 def _retryable(exc: BaseException) -> bool:
@@ -138,7 +128,7 @@ class ServerBackend:
     def _model_name(self, model_cfg: Any) -> str:
         if self.settings.model:
             return self.settings.model
-        name = _plain(model_cfg).get("name")
+        name = plain(model_cfg).get("name")
         if not name:
             raise ValueError("backend `server` needs `model` (the served model name) or a model config")
         return name  # launch/serve.py serves every model under its config name

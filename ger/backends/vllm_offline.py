@@ -18,9 +18,10 @@ import logging
 import os
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any
 
+from ger.backends.base import read_settings
 from ger.backends.chat_format import iter_parts
 from ger.models import ModelSpec, resolve_model
 from ger.records import Request, Response
@@ -57,24 +58,10 @@ class VLLMSettings:
     @classmethod
     def from_cfg(cls, backend_cfg: Any) -> VLLMSettings:
         """Read a dict or DictConfig, failing on unknown keys so typos do not pass silently."""
-        cfg = plain_config(backend_cfg)
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(cfg) - known)
-        if unknown:
-            raise ValueError(f"unknown vllm backend keys {unknown}; expected some of {sorted(known)}")
-        if int(cfg.get("chunk_size", 1)) < 1:
-            raise ValueError(f"chunk_size must be >= 1, got {cfg['chunk_size']}")
-        return cls(**cfg)
-
-
-def plain_config(cfg: Any) -> dict[str, Any]:
-    if cfg is None:
-        return {}
-    if hasattr(cfg, "_metadata"):  # an OmegaConf node
-        from omegaconf import OmegaConf
-
-        return dict(OmegaConf.to_container(cfg, resolve=True))  # type: ignore[arg-type]
-    return dict(cfg)
+        settings = read_settings(cls, backend_cfg, "vllm")
+        if settings.chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {settings.chunk_size}")
+        return settings
 
 
 def engine_args(settings: VLLMSettings, spec: ModelSpec) -> dict[str, Any]:
