@@ -99,6 +99,20 @@ def video_io_kwargs(messages: list[dict[str, Any]]) -> dict[str, Any] | None:
     return {"video": kwargs} if kwargs else None
 
 
+def clip_positions(part: dict[str, Any], n_frames: int) -> tuple[float | None, int, list[int]]:
+    """(fps, source frame count, source index of each frame) of a video part.
+
+    The prompt builder always says which frames it took; a part that does not is
+    taken as evenly spaced over the clip.
+    """
+    fps = float(part["fps"]) if part.get("fps") else None
+    total = max(int(part.get("total_frames") or n_frames), n_frames)
+    indices = [int(i) for i in part.get("indices") or []]
+    if len(indices) != n_frames:
+        indices = [i * total // n_frames for i in range(n_frames)]
+    return fps, total, indices
+
+
 def iter_parts(messages: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
     """Every content part of every message; a string content counts as one text part."""
     for msg in messages:

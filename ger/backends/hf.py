@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ger.backends.base import PIPELINE_KEYS
+from ger.backends.chat_format import clip_positions
 from ger.config import plain
 from ger.models import ModelSpec, resolve_model
 from ger.records import Request, Response
@@ -52,12 +53,8 @@ class Prepared:
 
 def _video_metadata(part: dict[str, Any], n_frames: int) -> dict[str, Any]:
     """Where the frames came from, so the processor knows their real frame rate (Qwen2.5-VL's time ids)."""
-    total = int(part.get("total_frames") or n_frames)
-    indices = part.get("indices", part.get("frame_indices"))  # source-clip index of each frame
-    if indices is None:  # assume the frames were spread evenly over the clip
-        step = (total - 1) / (n_frames - 1) if n_frames > 1 else 0
-        indices = [round(i * step) for i in range(n_frames)]
-    return {"fps": part.get("fps"), "total_num_frames": total, "frames_indices": list(indices)}
+    fps, total, indices = clip_positions(part, n_frames)
+    return {"fps": fps, "total_num_frames": total, "frames_indices": indices}
 
 
 def _check_image(obj: Any, where: str) -> Any:

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ger.backends.base import read_settings
-from ger.backends.chat_format import iter_parts
+from ger.backends.chat_format import clip_positions, iter_parts
 from ger.models import ModelSpec, resolve_model
 from ger.records import Request, Response
 
@@ -126,12 +126,8 @@ def video_item(part: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
     frames = part["frames"]
     if not frames:
         raise ValueError("a video part needs at least one frame")
-    n = len(frames)
-    fps = float(part.get("fps") or _DEFAULT_VIDEO_FPS)
-    total = max(int(part.get("total_frames") or n), n)
-    indices = [int(i) for i in part.get("indices") or []]
-    if len(indices) != n:  # the prompt builder did not say which frames: assume evenly spaced
-        indices = [i * total // n for i in range(n)]
+    fps, total, indices = clip_positions(part, len(frames))
+    fps = fps or _DEFAULT_VIDEO_FPS
     array = np.stack([np.asarray(f.convert("RGB")) for f in frames])  # (T, H, W, 3) uint8
     metadata = {
         "fps": fps,
