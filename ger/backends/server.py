@@ -22,6 +22,7 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+from ger.backends.base import PIPELINE_KEYS, read_settings
 from ger.backends.chat_format import VIDEO_AS, to_openai_messages, video_io_kwargs
 from ger.backends.keys import KeyPool, read_keys, scrub
 from ger.config import plain
@@ -63,12 +64,7 @@ class ServerSettings:
 
     @classmethod
     def from_cfg(cls, cfg: Any) -> ServerSettings:
-        data = plain(cfg)
-        data.pop("name", None)
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown {cls.__name__} keys {unknown}; expected some of {sorted(known)}")
+        data = {k: v for k, v in plain(cfg).items() if k not in PIPELINE_KEYS}
         for f in fields(cls):  # numbers from the command line arrive as strings; fail on anything else
             default, value = f.default, data.get(f.name)
             if f.name in data and value is not None and type(default) in (int, float):
@@ -76,7 +72,7 @@ class ServerSettings:
                     data[f.name] = type(default)(value)
                 except (TypeError, ValueError):
                     raise ValueError(f"{f.name} must be a number, got {value!r}") from None
-        settings = cls(**data)
+        settings = read_settings(cls, data, cls.__name__.removesuffix("Settings").lower())
         settings.validate()
         return settings
 
