@@ -105,7 +105,8 @@ def engine_versions(packages: list[str]) -> dict[str, str]:
 
 def key_parts(cfg: DictConfig, model_identity: dict[str, Any]) -> dict[str, Any]:
     """Everything outside the prompt that changes an answer; the cache key hashes it."""
-    backend = {k: v for k, v in plain(cfg.backend).items() if k not in set(cfg.backend.get("not_in_key", []))}
+    skip = set(cfg.backend.get("not_in_key", []))
+    backend = {k: v for k, v in plain(cfg.backend).items() if k not in skip}
     return {
         "engine": engine_versions(list(cfg.backend.get("key_packages", []))),
         "model": model_identity,
@@ -150,7 +151,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     finally:
         asker.close()
         cache.close()
-    preds += [Prediction(n, s.gt, [], ERROR, "", errors[n]) for s in samples for n in [s.name] if n in errors]
+    preds += [Prediction(s.name, s.gt, [], ERROR, "", errors[s.name]) for s in samples if s.name in errors]
     order = {s.name: i for i, s in enumerate(samples)}
     preds.sort(key=lambda p: order[p.name])
 
