@@ -25,8 +25,9 @@ from ger.media import MediaError, load_sample
 from ger.metrics import score
 from ger.models import resolve_model
 from ger.parse import LabelMatcher, parse_ranked
-from ger.prompts import build_request, load_template
+from ger.prompts import build_request
 from ger.records import ERROR, LoadedSample, Prediction, Request, Sample
+from ger.release_prompts import select_template
 from ger.run_files import write_run_files
 from ger.validate import check_dataset
 
@@ -123,7 +124,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     out = Path(HydraConfig.get().runtime.output_dir)
     spec, data_root = resolve_spec(cfg)
     modality, template_name = modality_plan(cfg, spec)
-    template = load_template(template_name)
+    template = select_template(template_name, spec.labels, cfg.prompt_source, cfg.release_dir)
     samples = select(load_samples(spec, data_root), cfg.limit, cfg.shard)
     check_dataset(spec, samples, media=False).raise_for_labels()
     model = resolve_model(cfg.model, cfg.cache_dir)

@@ -82,6 +82,8 @@ class PromptTemplate:
             parts["constrained"] = self.constrained
         parts.update({f"media.{k}": v for k, v in self.media.items()})
         for part, text in parts.items():
+            if part == "item" and text == "":  # no text before each sample's media (the release's prompts)
+                continue
             if not isinstance(text, str) or not text.strip():
                 raise ValueError(f"prompt template {self.name!r}: {part!r} must be a non-empty string")
             allowed = _ALLOWED[part.split(".")[0]]
@@ -311,7 +313,8 @@ def build_request(
                 "frames": str(len(loaded.images)),
                 "transcript": (loaded.text or "").strip(),
             }
-            pairs.append(_text(render(template.item, item_values)))
+            if template.item:
+                pairs.append(_text(render(template.item, item_values)))
             if modality != "text":
                 pairs.extend(_media_parts(loaded, frames_as))
     pairs = _merge_texts(pairs)

@@ -72,11 +72,25 @@ def read_release(path: Path, spec: DatasetSpec) -> list[Prediction]:
     return preds
 
 
+# The release's code files kept beside results/: its prompts, label lists and batching.
+RELEASE_CODE = ("chatgpt.py", "config.py", "main.py")
+_KEPT = ".ger-kept"  # written last: lists what the download kept, so a complete cache is never fetched again
+
+
+def release_cache() -> Path:
+    """Where download_release keeps the pinned release: results/ and the code files beside it."""
+    return cache_dir() / f"gpt4v-emotion-{RELEASE_COMMIT[:12]}"
+
+
 def download_release(url: str = RELEASE_URL, dest: Path | None = None) -> Path:
-    """Fetch the pinned release once into the cache and return its results/ folder."""
-    dest = dest or cache_dir() / f"gpt4v-emotion-{RELEASE_COMMIT[:12]}"
+    """Fetch the pinned release once into the cache and return its results/ folder.
+
+    Keeps results/ and the top-level code files (RELEASE_CODE) that `prompt_source=release`
+    reads its prompts from; a cache from before the code was kept is completed by one fetch.
+    """
+    dest = dest or release_cache()
     results = dest / "results"
-    if results.is_dir():
+    if results.is_dir() and (dest / _KEPT).is_file():
         return results
     dest.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
@@ -91,8 +105,19 @@ def download_release(url: str = RELEASE_URL, dest: Path | None = None) -> Path:
             raise FileNotFoundError(f"the archive from {url} has no <top>/results folder")
         staged = Path(tmp) / "staged"
         staged.mkdir()
+        top = found[0].parent
         shutil.move(str(found[0]), staged / "results")
-        staged.rename(dest)  # atomic: a crash never leaves a half-extracted cache
+        kept = [name for name in RELEASE_CODE if (top / name).is_file()]
+        for name in kept:
+            shutil.move(str(top / name), staged / name)
+        if not dest.exists():
+            staged.rename(dest)  # atomic: a crash never leaves a half-extracted cache
+        else:  # an older download without the code: complete it, one atomic move per entry
+            if not results.is_dir():
+                (staged / "results").rename(results)
+            for name in kept:
+                (staged / name).replace(dest / name)
+        atomic_write_text(dest / _KEPT, "\n".join(["results", *kept]) + "\n")
     return results
 
 
