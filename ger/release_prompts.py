@@ -67,11 +67,15 @@ def _instruction(source: str, function: str, where: str) -> tuple[ast.JoinedStr,
     funcs = {n.name: n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef)}
     if function not in funcs:
         raise ValueError(f"{where}: no function {function!r}; it defines {sorted(funcs)}")
-    for node in ast.walk(funcs[function]):
-        if isinstance(node, ast.Dict):
-            for key, value in zip(node.keys, node.values, strict=True):
-                if isinstance(key, ast.Constant) and key.value == "text" and isinstance(value, ast.JoinedStr):
-                    return value, [a.arg for a in funcs[function].args.args]
+    found = [
+        value
+        for node in ast.walk(funcs[function])
+        if isinstance(node, ast.Dict)
+        for key, value in zip(node.keys, node.values, strict=True)
+        if isinstance(key, ast.Constant) and key.value == "text" and isinstance(value, ast.JoinedStr)
+    ]
+    if found:  # the first in the source: the instruction, before any per-sample text part
+        return min(found, key=lambda v: (v.lineno, v.col_offset)), [a.arg for a in funcs[function].args.args]
     raise ValueError(f"{where}: {function} builds no {{'text': f'...'}} prompt part")
 
 
