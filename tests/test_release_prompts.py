@@ -23,7 +23,7 @@ from PIL import Image
 from ger.config import load_group_yaml
 from ger.prompts import build_request, load_template, render
 from ger.records import LoadedSample, Sample
-from ger.reference import download_release
+from ger.reference import download_release, release_cache
 from ger.release_prompts import ReleaseCodeMissing, find_release_code, release_template, select_template
 
 LABELS = ["happy", "sad", "angry", "neutral"]
@@ -223,21 +223,24 @@ def test_found_through_the_reference_dir_variable(synthetic, monkeypatch):
     assert find_release_code() == synthetic
 
 
-def _archive(path: Path, with_code: bool) -> Path:
+def _archive(path: Path) -> Path:
+    """A release-shaped archive: <top>/results/ckplus and <top>/chatgpt.py."""
     with tarfile.open(path, "w:gz") as tar:
-        tar.addfile(tarfile.TarInfo("top/results/ckplus"), io.BytesIO(b""))
-        if with_code:
-            data = SYNTHETIC.encode()
-            info = tarfile.TarInfo("top/chatgpt.py")
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
+        folder = tarfile.TarInfo("top/results/ckplus")
+        folder.type = tarfile.DIRTYPE
+        tar.addfile(folder)
+        code = tarfile.TarInfo("top/chatgpt.py")
+        code.size = len(SYNTHETIC.encode())
+        tar.addfile(code, io.BytesIO(SYNTHETIC.encode()))
     return path
 
 
 def test_the_release_download_keeps_the_code_and_completes_an_older_cache(no_release):
-    dest = no_release / "cache" / "gpt4v-emotion-82d24bcdba81"
+    archive = _archive(no_release / "release.tar.gz")
+    fresh = download_release(archive.as_uri(), no_release / "fresh")
+    assert (fresh.parent / "chatgpt.py").read_text() == SYNTHETIC and (fresh / "ckplus").is_dir()
+    dest = release_cache()
     (dest / "results").mkdir(parents=True)  # an older download: results only
-    archive = _archive(no_release / "release.tar.gz", with_code=True)
     assert download_release(archive.as_uri()) == dest / "results"
     assert (dest / "chatgpt.py").read_text() == SYNTHETIC
     assert find_release_code() == dest  # the default place prompt_source=release looks
