@@ -41,10 +41,11 @@ def _code_dir(folder: Path) -> Path:
 
 
 def find_release_code(release_dir: str | Path | None = None) -> Path:
-    """The folder holding the release's chatgpt.py: release_dir, else $GER_REFERENCE_DIR, else the cache."""
+    """The folder with the release's chatgpt.py: release_dir if set, else $GER_REFERENCE_DIR or the cache."""
     name = _conf()["file"]
     looked: list[Path] = []
-    for given in (release_dir, os.environ.get("GER_REFERENCE_DIR"), release_cache()):
+    places = [release_dir] if release_dir else [os.environ.get("GER_REFERENCE_DIR"), release_cache()]
+    for given in places:
         if not given:
             continue
         folder = _code_dir(Path(str(given)).expanduser())

@@ -221,6 +221,8 @@ def test_code_the_reader_does_not_understand_is_an_error(synthetic):
 def test_found_through_the_reference_dir_variable(synthetic, monkeypatch):
     monkeypatch.setenv("GER_REFERENCE_DIR", str(synthetic / "results"))
     assert find_release_code() == synthetic
+    with pytest.raises(ReleaseCodeMissing):  # an explicit release_dir is never silently replaced
+        find_release_code(synthetic / "elsewhere")
 
 
 def _archive(path: Path) -> Path:
