@@ -20,7 +20,14 @@ from typing import Any
 from omegaconf import DictConfig
 
 from ger.config import plain
-from ger.datasets import DatasetSpec, load_samples, media_path, read_label_list, spec_from_dict, transcript_path
+from ger.datasets import (
+    DatasetSpec,
+    load_samples,
+    media_path,
+    read_label_list,
+    spec_from_dict,
+    transcript_path,
+)
 from ger.media import IMAGE_EXTENSIONS
 from ger.raw_index import VIDEO_EXTENSIONS, Entry, RawIndex, build_index, name_key
 from ger.raw_transcripts import TranscriptSource, read_sources, write_transcript
@@ -33,7 +40,9 @@ KIND_EXTENSIONS = {"image": IMAGE_EXTENSIONS, "video": VIDEO_EXTENSIONS, "frames
 class RawHints:
     """The `raw:` block of a dataset config: where the official download keeps the test split."""
 
-    folders: list[str] = field(default_factory=list)  # sub-folders that hold the test split (shown on ambiguity)
+    folders: list[str] = field(
+        default_factory=list
+    )  # sub-folders that hold the test split (shown on ambiguity)
     key: str = "stem"  # stem | parent_stem
     transcripts: TranscriptSource | None = None
     note: str = ""
@@ -162,7 +171,12 @@ def _write_label_list(path: Path, rows: list[tuple[str, str]]) -> None:
 
 
 def write_layout(
-    spec: DatasetSpec, rows: list[tuple[str, str]], report: MatchReport, target: Path, copy: bool, overwrite: bool
+    spec: DatasetSpec,
+    rows: list[tuple[str, str]],
+    report: MatchReport,
+    target: Path,
+    copy: bool,
+    overwrite: bool,
 ) -> None:
     """Build the layout beside `target` and rename it into place: a reader never sees half of it."""
     if target.exists() and not overwrite:
@@ -214,7 +228,9 @@ def prepare_from_raw(cfg: DictConfig) -> int:
     spec = spec_from_dict(data)
     hints = RawHints.from_dict(data.get("raw"), spec.key)
     if spec.reference is None:
-        raise ValueError(f"dataset {spec.key} has no release label list; `source=` works for the 21 test sets")
+        raise ValueError(
+            f"dataset {spec.key} has no release label list; `source=` works for the 21 test sets"
+        )
     labels = reference_dir(cfg) / spec.reference.folder / spec.layout.label_file
     rows = read_label_list(labels)
     names = [n for n, _ in rows]
@@ -239,9 +255,15 @@ def prepare_from_raw(cfg: DictConfig) -> int:
     data_root = Path(str(cfg.data_root)).expanduser()
     target = spec.root(data_root)
     write_layout(spec, rows, report, target, bool(cfg.get("copy")), bool(cfg.get("overwrite")))
-    print(f"laid out {len(report.found)} samples under {target} ({'copies' if cfg.get('copy') else 'symlinks'})")
+    print(
+        f"laid out {len(report.found)} samples under {target} ({'copies' if cfg.get('copy') else 'symlinks'})"
+    )
     checked = check_dataset(
-        spec, load_samples(spec, data_root), media=True, progress=cfg.progress, transcripts=bool(spec.layout.transcript_dir)
+        spec,
+        load_samples(spec, data_root),
+        media=True,
+        progress=cfg.progress,
+        transcripts=bool(spec.layout.transcript_dir),
     )
     print(checked.summary())
     # with allow_missing the absent samples stay listed (scored as wrong by `ger run`, never dropped)

@@ -43,7 +43,9 @@ class TranscriptSource:
             return None
         src = cls(**data)
         if src.format not in FORMATS:
-            raise ValueError(f"dataset {key}: unknown raw.transcripts.format {src.format!r}; expected {FORMATS}")
+            raise ValueError(
+                f"dataset {key}: unknown raw.transcripts.format {src.format!r}; expected {FORMATS}"
+            )
         return src
 
 
