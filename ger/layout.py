@@ -224,6 +224,14 @@ def _patterns(value: Any) -> list[str]:
 
 def prepare_from_raw(cfg: DictConfig) -> int:
     """`ger prepare dataset=KEY source=RAW_DIR`: lay out the test set and check it; the exit status."""
+    try:
+        return _prepare_from_raw(cfg)
+    except (FileNotFoundError, FileExistsError) as exc:
+        print(f"ger prepare: {exc}", file=sys.stderr)
+        return 2
+
+
+def _prepare_from_raw(cfg: DictConfig) -> int:
     data = plain(cfg.dataset)
     spec = spec_from_dict(data)
     hints = RawHints.from_dict(data.get("raw"), spec.key)
