@@ -226,7 +226,7 @@ def prepare_from_raw(cfg: DictConfig) -> int:
     """`ger prepare dataset=KEY source=RAW_DIR`: lay out the test set and check it; the exit status."""
     try:
         return _prepare_from_raw(cfg)
-    except (FileNotFoundError, FileExistsError) as exc:
+    except (FileNotFoundError, FileExistsError, ValueError) as exc:
         print(f"ger prepare: {exc}", file=sys.stderr)
         return 2
 

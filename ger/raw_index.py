@@ -117,12 +117,15 @@ def build_index(
     if not root.is_dir():
         raise FileNotFoundError(f"source folder not found: {root} (set source= to the raw download)")
     inc, exc = pattern_regex(include or []), pattern_regex(exclude or [])
-    wanted = {e.lower() for e in extensions}
+    wanted = frozenset(e.lower() for e in extensions)
+    images = frozenset(IMAGE_EXTENSIONS)
     src = [p.lower() for p in source_files or []]
     index = RawIndex(root)
     abs_root = os.path.abspath(root)
 
     def keep(rel: str) -> bool:
+        if inc is None and exc is None:
+            return True
         low = rel.lower()
         return (inc is None or inc.match(low) is not None) and (exc is None or exc.match(low) is None)
 
@@ -137,7 +140,7 @@ def build_index(
             frel = f"{rel}/{f.name}" if rel else f.name
             if src and any(fnmatch.fnmatch(f.name.lower(), p) for p in src):
                 index.sources.append(Entry(f.path, frel, False))
-            if ext in IMAGE_EXTENSIONS:
+            if ext in images:
                 has_image = True
             if ext in TEXT_EXTENSIONS and keep(frel):
                 index.texts[name_key(stem)].append(Entry(f.path, frel, False))

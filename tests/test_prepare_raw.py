@@ -331,3 +331,52 @@ def test_ger_run_accepts_a_prepared_layout(key, reference_dir, media, ger_cache,
     preds = rows(run)
     assert [r["name"] for r in preds] == [n for n, _ in rows_[:2]]
     assert all(r["status"] != "error" and r["response_key"] for r in preds), preds
+
+
+# ------------------------------------------------------------------ transcript files
+
+
+@pytest.mark.parametrize(
+    "header, row, name, text, expect",
+    [
+        # MER2023 baseline (MERTools) reads `name, sentence`; later MER releases `name, chinese, english`
+        (
+            "name,sentence",
+            "sample_01,hello there",
+            "{name}",
+            ["english", "sentence", "chinese"],
+            "hello there",
+        ),
+        ("name,chinese,english", "sample_01,你好,hi", "{name}", ["english", "sentence", "chinese"], "hi"),
+        ("name,chinese,english", "sample_01,你好,", "{name}", ["english", "sentence", "chinese"], "你好"),
+        # CH-SIMS label.csv: clip ids unpadded in the file, padded to 4 in the file tree and the release
+        (
+            "video_id,clip_id,text,mode",
+            "video_0001,2,good,test",
+            "{video_id}_{clip_id:0>4}",
+            ["text"],
+            "good",
+        ),
+    ],
+)
+def test_transcript_csv_columns(tmp_path, header, row, name, text, expect):
+    from ger.raw_index import Entry
+    from ger.raw_transcripts import TranscriptSource, read_sources
+
+    path = tmp_path / "t.csv"
+    path.write_text(f"{header}\n{row}\n", encoding="utf-8")
+    texts, used = read_sources(
+        TranscriptSource("csv", ["t.csv"], name, text), [Entry(str(path), "t.csv", False)]
+    )
+    key = "video_0001_0002" if "video_id" in header else "sample_01"
+    assert texts == {key: expect} and used == ["t.csv"]
+
+
+def test_a_csv_of_another_shape_is_not_read_as_transcripts(tmp_path):
+    from ger.raw_index import Entry
+    from ger.raw_transcripts import TranscriptSource, read_sources
+
+    path = tmp_path / "label.csv"
+    path.write_text("name,gt\nx,happy\n", encoding="utf-8")  # a label list, not CH-SIMS's label.csv
+    src = TranscriptSource("csv", ["label.csv"], "{video_id}_{clip_id:0>4}", ["text"])
+    assert read_sources(src, [Entry(str(path), "label.csv", False)]) == ({}, [])
