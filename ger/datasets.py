@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -153,8 +154,9 @@ def read_label_list(path: Path) -> list[tuple[str, str]]:
 def media_path(spec: DatasetSpec, root: Path, name: str) -> Path:
     """The media file or frames folder for sample `name`, kept inside the dataset root."""
     rel = name if (spec.layout.media_kind == "frames" or Path(name).suffix) else name + spec.layout.extension
-    media_root = (root / spec.layout.media_dir).resolve()
-    path = (media_root / rel).resolve()
+    # normalised without following links, so media symlinked in by `ger prepare source=` stay inside
+    media_root = Path(os.path.abspath(root / spec.layout.media_dir))
+    path = Path(os.path.abspath(media_root / rel))
     if not path.is_relative_to(media_root):
         raise ValueError(f"sample {name!r} points outside the media folder {media_root}")
     return path
@@ -163,8 +165,8 @@ def media_path(spec: DatasetSpec, root: Path, name: str) -> Path:
 def transcript_path(spec: DatasetSpec, root: Path, name: str) -> Path | None:
     if not spec.layout.transcript_dir:
         return None
-    folder = (root / spec.layout.transcript_dir).resolve()
-    path = (folder / (Path(name).stem + spec.layout.transcript_ext)).resolve()
+    folder = Path(os.path.abspath(root / spec.layout.transcript_dir))
+    path = Path(os.path.abspath(folder / (Path(name).stem + spec.layout.transcript_ext)))
     if not path.is_relative_to(folder):
         raise ValueError(f"sample {name!r} points outside the transcript folder {folder}")
     return path

@@ -209,7 +209,11 @@ def predict(cfg: DictConfig, spec: DatasetSpec, loaded: list[LoadedSample], requ
 
 
 def prepare(cfg: DictConfig) -> None:
-    """Check a dataset on disk; exit non-zero listing the first problems."""
+    """Check a dataset on disk; exit non-zero listing the first problems. `source=`: lay it out first."""
+    if cfg.get("source"):
+        from ger.layout import prepare_from_raw
+
+        sys.exit(prepare_from_raw(cfg))
     spec, data_root = resolve_spec(cfg)
     samples = load_samples(spec, data_root)
     report = check_dataset(
