@@ -40,16 +40,16 @@ EMOTIONS = (
     "happy sad angry worried surprised fearful disgusted neutral contempt positive negative "
     "happiness sadness anger fear disgust surprise"
 )
+# Tokenizer corpus in ger's own words (conf/prompt/ shapes), so common prompt words get few tokens.
 PROMPT_WORDS = (
-    "Please play the role of a facial expression classification expert. We provide images. "
-    "Please ignore the speaker's identity and focus on the facial expression. For each image, "
-    "please sort the provided categories from high to low according to the similarity with the "
-    "input. Here are the optional categories: ... The output format should be {'name':, 'result':}. "
-    "Please play the role of a video expression classification expert. We provide frames of a video. "
-    "Please play the role of an emotion recognition expert. We provide the subtitle and the video. "
-    "sentiment analysis micro-expression dynamic facial expression recognition. The answer is "
-    "0 1 2 3 4 5 6 7 8 9 image video frame subtitle name result score valence arousal -1 1.6 "
-    "The quick brown fox jumps over the lazy dog. Yes no, I think it is a smile."
+    "You are an expert in facial expression recognition. Several images follow. Look only at the "
+    "expression and not at who the person is. Rank every candidate category by how well it fits, "
+    "most similar first. Candidate categories: ... Answer with one record per image: {'name':, 'result':}. "
+    "You are an expert in video expression recognition. Frames of a clip follow. "
+    "You are an expert in multimodal emotion recognition. The speaker says: subtitle transcript. "
+    "sentiment micro-expression dynamic facial expression. The answer is "
+    "0 1 2 3 4 5 6 7 8 9 Image Video Text Sample frame name result score valence arousal -1 1.6 "
+    "A small grey cat sleeps on a warm window sill. Yes no, I think it is a smile."
 )
 CORPUS = [EMOTIONS, PROMPT_WORDS, EMOTIONS.lower(), PROMPT_WORDS.upper()]
 
