@@ -135,15 +135,15 @@ def _why_not_seekable(
 ) -> str:
     """'' where decord's seek is exact, else the reason (shown by `ger prepare`)."""
     if container not in SEEKABLE_CONTAINERS:
-        return f"{container.split(',')[0]} container (no reliable presentation times)"
+        return f"{container.split(',')[0]} container: no reliable presentation times"
     if codec not in SEEKABLE_CODECS:
-        return f"codec {codec} (seeking not verified)"
+        return f"codec {codec}: seeking not verified"
     if dropped:
-        return f"edit list ({dropped} coded frames not displayed)"
+        return f"edit list: {dropped} coded frames not shown"
     if not pts or any(p is None for p in pts) or len(set(pts)) != len(pts):
         return "missing or repeated timestamps"
     if not keys[0] or not _clean_cuts(pts, keys):  # type: ignore[arg-type]
-        return "open GOP (frames displayed before a keyframe are coded after it)"
+        return "open GOP: frames shown before a keyframe are coded after it"
     return ""
 
 

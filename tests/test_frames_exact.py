@@ -172,3 +172,26 @@ def test_plain_decord_counts_edit_list_frames_not_shown(truths: dict[str, Truth]
     truth = truths["edit_list.mp4"]
     assert len(_import_decord().VideoReader(str(truth.path), num_threads=1)) > len(truth.frames)
     assert video_info(truth.path)[0] == len(truth.frames)
+
+
+def test_prepare_reports_containers_codecs_and_readers(corpus, truths: dict[str, Truth]) -> None:
+    """`ger prepare` (check_dataset) says per container/codec how the frames will be read."""
+    from ger.datasets import load_spec
+    from ger.records import Sample
+    from ger.validate import check_dataset
+
+    spec = load_spec("demo_video")
+    names = ["h264_closed.mp4", "start_offset.mp4", "h264_bframes.avi", "xvid_bframes.avi", "edit_list.mp4"]
+    samples = [Sample(spec.key, n, "happy", corpus[0][n]) for n in names]
+    report = check_dataset(spec, samples, media=True)
+    # the cut keeps the frames from the keyframe before it (one every 24) for decoding only
+    dropped = truths["edit_list.mp4"].shown[0] % 24
+    assert report.problems == 0
+    assert report.video_kinds == {
+        ("mov/h264", "decord (seek)"): 2,
+        ("avi/h264", "in-order decode (avi container: no reliable presentation times)"): 1,
+        ("avi/mpeg4", "in-order decode (avi container: no reliable presentation times)"): 1,
+        ("mov/h264", f"in-order decode (edit list: {dropped} coded frames not shown)"): 1,
+    }
+    summary = report.summary()
+    assert "    mov/h264: 2 files, decord (seek)" in summary.splitlines()
