@@ -255,6 +255,8 @@ def _content_hash(files: Sequence[Path], indices: Sequence[int], greyscale: bool
     for f in files:
         h.update(b"file:" + file_digest(f).encode())
     h.update(f"|frames:{','.join(map(str, indices))}|grey:{int(greyscale)}".encode())
+    if indices:  # frames read under the frame contract (ger/video.py): answers cached before it may
+        h.update(b"|frame-contract:1")  # have seen other frames of AVI / MPEG-4 / open-GOP files
     if text is not None:
         h.update(b"|text:" + text.encode("utf-8"))
     return h.hexdigest()

@@ -174,6 +174,8 @@ def _probe(path: Path) -> VideoProbe:
             raise _media_error(f"cannot read video {path}: {_short(e)}") from e
         name, codec = container.format.name, stream.codec_context.name
         why = _why_not_seekable(name, codec, pts, keys, dropped)
+        if not why and len(container.streams.video) > 1:
+            why = "several video streams (decord might pick another)"
         if not pts:
             raise _media_error(f"video has no frames: {path}")
         return VideoProbe(name, codec, len(pts), _fps(stream), DECODE if why else DECORD, why)
