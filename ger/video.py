@@ -19,9 +19,11 @@ Two readers, chosen per file from what the container says (`probe`):
 from __future__ import annotations
 
 import functools
+import math
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from itertools import accumulate
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -116,18 +118,9 @@ def _clean_cuts(pts: list[int], keys: list[bool]) -> bool:
     """Every keyframe splits the stream: all frames coded before it are displayed before it
     and all coded after it are displayed after it, so decoding from it yields exactly the
     frames from it on (false for open GOPs, whose leading frames follow their keyframe)."""
-    n = len(pts)
-    suffix_min = [0] * n
-    low = None
-    for i in range(n - 1, -1, -1):
-        suffix_min[i] = low if low is not None else pts[i] + 1
-        low = pts[i] if low is None else min(low, pts[i])
-    high = None
-    for i in range(n):
-        if keys[i] and ((high is not None and high >= pts[i]) or suffix_min[i] <= pts[i]):
-            return False
-        high = pts[i] if high is None else max(high, pts[i])
-    return True
+    before = [-math.inf, *accumulate(pts, max)][:-1]  # latest display time coded before frame i
+    after = [*accumulate(reversed(pts), min)][::-1][1:] + [math.inf]  # earliest coded after it
+    return all(before[i] < p < after[i] for i, p in enumerate(pts) if keys[i])
 
 
 def _why_not_seekable(

@@ -195,3 +195,19 @@ def test_prepare_reports_containers_codecs_and_readers(corpus, truths: dict[str,
     }
     summary = report.summary()
     assert "    mov/h264: 2 files, decord (seek)" in summary.splitlines()
+
+
+@pytest.mark.parametrize(
+    ("pts", "keys", "clean"),
+    [
+        ([0, 3, 1, 2, 4, 7, 5, 6], [0, 4], True),  # closed GOPs with B-frames (coded I P B B)
+        ([0, 3, 1, 2, 6, 4, 5, 7], [0, 4], False),  # open GOP: 4 and 5 shown before key 6, coded after
+        ([0, 5, 1, 2, 4, 3, 6], [0, 4], False),  # 5 coded before key 4 but shown after it
+        ([0, 1, 2, 3], [0, 2], True),  # no B-frames
+        ([2, 0, 1, 3], [0], False),  # first key not shown first (leading frames after it)
+    ],
+)  # fmt: skip
+def test_clean_cuts_table(pts: list[int], keys: list[int], clean: bool) -> None:
+    from ger.video import _clean_cuts
+
+    assert _clean_cuts(pts, [i in keys for i in range(len(pts))]) is clean
