@@ -2,8 +2,9 @@
 
 Turns a `Sample` (paths) into a `LoadedSample` (decoded PIL images and text) plus a
 hash of exactly what will be sent, so the response cache notices when media change.
-Videos are read with decord (the `decord2` package) by random access: only the
-sampled frames are decoded, never the whole clip as the paper's release did.
+Videos are read frame-exactly by ger/video.py: decord's random access where seeking is
+exact, an in-order PyAV decode elsewhere; never the whole clip in memory as the paper's
+release did.
 """
 
 from __future__ import annotations
@@ -11,12 +12,12 @@ from __future__ import annotations
 import hashlib
 import math
 import re
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ger.records import LoadedSample, Sample
+from ger.video import read_video, sample_video, video_frames
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -115,63 +116,6 @@ def frame_files(folder: Path | str) -> list[Path]:
     return files
 
 
-_ABSENT = object()
-
-
-def _import_decord() -> Any:
-    """Import decord without its CUDA preload.
-
-    On import, decord2 dlopens every library of the `nvidia` pip packages with
-    RTLD_GLOBAL, libnvblas among them, which then intercepts BLAS calls and crashes
-    CPU matrix products in torch (seen with the CUDA torch wheel on a GPU-less host).
-    We decode on the CPU only, so the import runs with `nvidia` hidden from it.
-    """
-    if "decord" in sys.modules:
-        return sys.modules["decord"]
-    saved = sys.modules.get("nvidia", _ABSENT)
-    sys.modules["nvidia"] = None  # type: ignore[assignment]  # find_spec("nvidia") -> None
-    try:
-        import decord
-    except ImportError as e:
-        raise ImportError("reading videos needs decord: pip install 'ger[video]' (decord2)") from e
-    finally:
-        if saved is _ABSENT:
-            del sys.modules["nvidia"]
-        else:
-            sys.modules["nvidia"] = saved
-    return decord
-
-
-def _open_video(path: Path | str) -> Any:
-    """A decord VideoReader; opening reads the index, not the frames."""
-    decord = _import_decord()
-    VideoReader, cpu = decord.VideoReader, decord.cpu
-    p = _require_file(path, "video")
-    try:
-        # one decoding thread: frame threading makes ffmpeg decode ahead, wasted on 3 sparse frames
-        reader = VideoReader(str(p), ctx=cpu(0), num_threads=1)
-    except Exception as e:  # decord raises RuntimeError or its own DECORDError
-        raise MediaError(f"cannot open video {p}: {str(e).splitlines()[0][:200]}") from e
-    if len(reader) == 0:
-        raise MediaError(f"video has no frames: {p}")
-    return reader
-
-
-def _fps(reader: Any) -> float | None:
-    """The container's average rate; None where it is missing or nonsense (0, nan)."""
-    fps = float(reader.get_avg_fps())
-    return fps if math.isfinite(fps) and fps > 0 else None
-
-
-def video_info(path: Path | str) -> tuple[int, float | None]:
-    """(frame count, frames per second) of a video file, or of a frame folder (fps None)."""
-    p = Path(path)
-    if p.is_dir():
-        return len(frame_files(p)), None
-    reader = _open_video(p)
-    return len(reader), _fps(reader)
-
-
 def _check_indices(indices: Sequence[int], n_frames: int, path: Path) -> list[int]:
     bad = [i for i in indices if not 0 <= int(i) < n_frames]
     if bad:
@@ -179,19 +123,14 @@ def _check_indices(indices: Sequence[int], n_frames: int, path: Path) -> list[in
     return [int(i) for i in indices]
 
 
-def _decode_batch(reader: Any, indices: list[int], path: Path) -> list[Image.Image]:
-    """One get_batch call: decord seeks to the keyframe before each wanted frame and decodes
-    forward from there, so only a few frames per index are decoded, never the whole clip."""
-    from PIL import Image
+def video_info(path: Path | str) -> tuple[int, float | None]:
+    """(frame count, frames per second) of a video file, or of a frame folder (fps None).
 
-    indices = _check_indices(indices, len(reader), path)
-    try:
-        batch = reader.get_batch(indices).asnumpy()
-    except Exception as e:
-        raise MediaError(f"cannot decode frames {indices} of {path}: {str(e).splitlines()[0][:200]}") from e
-    if batch.shape[0] != len(indices):
-        raise MediaError(f"decoded {batch.shape[0]} frames of {path}, asked for {len(indices)}")
-    return [Image.fromarray(frame) for frame in batch]
+    For a file: the frames a player displays (ger/video.py, the frame contract)."""
+    p = Path(path)
+    if p.is_dir():
+        return len(frame_files(p)), None
+    return video_frames(_require_file(p, "video"))
 
 
 def read_frames(path: Path | str, indices: Sequence[int]) -> list[Image.Image]:
@@ -202,7 +141,7 @@ def read_frames(path: Path | str, indices: Sequence[int]) -> list[Image.Image]:
     if p.is_dir():
         files = frame_files(p)
         return [load_image(files[i]) for i in _check_indices(indices, len(files), p)]
-    return _decode_batch(_open_video(p), list(indices), p)
+    return read_video(_require_file(p, "video"), list(indices))
 
 
 def sample_frames(
@@ -217,10 +156,8 @@ def sample_frames(
         n, fps = video_info(p)
         indices = sample_indices(n, count, sampler)
         return read_frames(p, indices), indices, n, fps
-    reader = _open_video(p)
-    n, fps = len(reader), _fps(reader)
-    indices = sample_indices(n, count, sampler)
-    return _decode_batch(reader, indices, p), indices, n, fps
+    sample_indices(1, count, sampler)  # bad arguments fail before any decoding
+    return sample_video(_require_file(p, "video"), lambda n: sample_indices(n, count, sampler))
 
 
 # ---------------------------------------------------------------- grids
@@ -318,6 +255,8 @@ def _content_hash(files: Sequence[Path], indices: Sequence[int], greyscale: bool
     for f in files:
         h.update(b"file:" + file_digest(f).encode())
     h.update(f"|frames:{','.join(map(str, indices))}|grey:{int(greyscale)}".encode())
+    if indices:  # frames read under the frame contract (ger/video.py): answers cached before it may
+        h.update(b"|frame-contract:1")  # have seen other frames of AVI / MPEG-4 / open-GOP files
     if text is not None:
         h.update(b"|text:" + text.encode("utf-8"))
     return h.hexdigest()

@@ -11,6 +11,7 @@ from ger.datasets import DatasetSpec
 from ger.media import MediaError, load_sample
 from ger.parse import LabelMatcher, normalise
 from ger.records import Sample
+from ger.video import probe
 
 SHOW = 10  # problems listed per kind
 
@@ -23,6 +24,8 @@ class DatasetReport:
     duplicates: list[str] = field(default_factory=list)
     missing: list[str] = field(default_factory=list)
     unreadable: list[str] = field(default_factory=list)
+    # (container/codec, how it is read) -> video files; see ger/video.py for the choice
+    video_kinds: Counter[tuple[str, str]] = field(default_factory=Counter)
 
     @property
     def problems(self) -> int:
@@ -46,6 +49,9 @@ class DatasetReport:
                 lines += [f"    {x}" for x in items[:SHOW]]
                 if len(items) > SHOW:
                     lines.append(f"    ... and {len(items) - SHOW} more")
+        if self.video_kinds:
+            lines.append("  videos by container/codec, and how their frames are read:")
+            lines += [f"    {kind}: {n} files, {how}" for (kind, how), n in sorted(self.video_kinds.items())]
         return "\n".join(lines)
 
 
@@ -84,6 +90,11 @@ def check_dataset(
             continue
         try:
             load_sample(s, spec.layout.media_kind, with_text=transcripts)
+            if spec.layout.media_kind == "video" and s.media is not None and s.media.is_file():
+                info = probe(s.media)  # cached: load_sample has just probed it
+                report.video_kinds[
+                    (info.kind, info.reader + (f" ({info.why})" if info.why else " (seek)"))
+                ] += 1
         except (MediaError, OSError) as exc:
             report.unreadable.append(f"{s.name}: {exc}")
     return report
