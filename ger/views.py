@@ -137,9 +137,7 @@ def rows_note(preds: list[Prediction], paper: PaperRows) -> str:
     """Where the paper's rows came from, and how they overlap this run."""
     names = paper.names or frozenset()
     found = len(select_rows(preds, names))
-    note = (
-        f"paper's rows: the {len(names)} rows of {paper.source}; {found} of this run's {len(preds)} samples"
-    )
+    note = f"paper's rows: the {len(names)} rows of {paper.source}; {found} of the run's {len(preds)} samples"
     if found < len(names):
         note += f" ({len(names) - found} of the paper's rows are not in this run)"
     return note
