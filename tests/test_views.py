@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from ger.datasets import DatasetSpec, Layout, Paper, load_spec, spec_from_dict
+from ger.datasets import DatasetSpec, Layout, Paper, all_specs, load_spec, read_label_list, spec_from_dict
 from ger.predictions import write_predictions
 from ger.records import ERROR, OK, UNKNOWN_LABEL, Prediction
 from ger.reference import read_release, release_names
@@ -30,6 +30,7 @@ from ger.views import (
     release_variant,
     score_run,
     score_views,
+    select_rows,
     views_of,
 )
 
@@ -302,3 +303,16 @@ def test_ger_report_shows_mer2023_strict_and_lenient_for_the_release(reference_d
     assert cells["GPT-4V (release) multi"] == 63.5
     assert cells["GPT-4V (release) multi [surprise=surprised]"] == metrics["views"][1]["values"]["acc"] > 63.5
     assert report.notes == []  # the release's own rows need no paper's-rows view
+
+
+@pytest.mark.parametrize("key", [s.key for s in all_specs()])
+def test_release_label_lists_find_every_paper_row(reference_dir, key):
+    """A data root holding the release's label list finds each paper row exactly once, whatever the
+    naming: AffectNet's list says `1/<hash>.JPG`, SAMM's, CASME's and RAVDESS's carry an extension,
+    while their prediction files name the bare sample."""
+    sp = load_spec(key)
+    folder = reference_dir / sp.reference.folder
+    listed = [Prediction(name, gt, [], OK) for name, gt in read_label_list(folder / sp.layout.label_file)]
+    rows = paper_rows(sp, ref_dir=reference_dir)
+    found = select_rows(listed, rows.names)
+    assert len(found) == len(rows.names) == len({p.name for p in found})
