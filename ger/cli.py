@@ -31,8 +31,13 @@ def _hydra_app(task: str, argv: list[str]) -> int:
     @hydra.main(config_path=str(conf_dir()), config_name="config", version_base="1.3")
     def app(cfg: DictConfig) -> None:
         from ger import pipeline
+        from ger.backends import FatalBackendError
 
-        getattr(pipeline, task)(cfg)
+        try:
+            getattr(pipeline, task)(cfg)
+        except FatalBackendError as err:  # a retired/unknown/unserved model: one message, no traceback
+            print(f"ger {task}: {err}", file=sys.stderr)
+            sys.exit(2)
 
     sys.argv = [f"ger {task}", *argv]
     app()

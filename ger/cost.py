@@ -8,11 +8,14 @@ estimate is an upper bound: the guard errs toward refusing.
 
 from __future__ import annotations
 
+import datetime
 import functools
 import math
+import re
 from dataclasses import dataclass
 from typing import Any
 
+from ger.backends.base import FatalBackendError
 from ger.backends.chat_format import iter_images, request_text
 from ger.records import Request
 
@@ -22,6 +25,77 @@ PER_REQUEST_TOKENS = 3  # the assistant turn's priming
 
 class OverBudgetError(RuntimeError):
     """Raised before a run whose estimated cost exceeds `max_cost`."""
+
+
+class UnknownModelError(FatalBackendError, ValueError):
+    """A model OpenAI has shut down, or one conf/pricing.yaml does not know: refused before any request."""
+
+
+_SNAPSHOT = re.compile(r"-(\d{4}-\d{2}-\d{2}|\d{4})$")  # gpt-4o-2024-08-06, gpt-4-1106-...: a dated snapshot
+
+
+def shutdown_of(model: str, pricing: dict[str, Any]) -> dict[str, Any] | None:
+    """The `shutdowns` entry for `model`: its exact name, else its name without a dated snapshot suffix."""
+    table = pricing.get("shutdowns") or {}
+    return table.get(model) or table.get(_SNAPSHOT.sub("", model))
+
+
+def _shutdown_date(entry: dict[str, Any]) -> datetime.date:
+    return datetime.date.fromisoformat(str(entry["date"]))
+
+
+def valid_models(pricing: dict[str, Any], today: datetime.date | None = None) -> list[str]:
+    """The priced models that are not shut down: what backend.model may be."""
+    today = today or datetime.date.today()
+    return sorted(
+        m for m in pricing["models"] if not ((e := shutdown_of(m, pricing)) and _shutdown_date(e) <= today)
+    )
+
+
+def check_model(
+    model: str, pricing: dict[str, Any], allow_unknown: bool = False, today: datetime.date | None = None
+) -> str | None:
+    """Refuse a shut-down or unpriced model before anything is sent; a warning for a deprecated one.
+
+    A model OpenAI has shut down answers 404 to every request, and one without a price cannot be
+    estimated; both would otherwise cost a whole run. `allow_unknown` accepts a model missing from
+    the pricing table (a newer one), priced at the highest listed rates (see with_model_price).
+    """
+    today = today or datetime.date.today()
+    choices = f"choose one of {valid_models(pricing, today)} (conf/pricing.yaml), e.g. backend.model=gpt-4o"
+    entry = shutdown_of(model, pricing)
+    if entry and _shutdown_date(entry) <= today:
+        instead = f"; OpenAI recommends {entry['replacement']}" if entry.get("replacement") else ""
+        raise UnknownModelError(
+            f"backend.model={model!r} was shut down by OpenAI on {entry['date']} (every request would answer "
+            f"404 model_not_found{instead}): {choices}"
+        )
+    if not allow_unknown:
+        try:
+            model_prices(model, pricing)
+        except KeyError:
+            raise UnknownModelError(
+                f"backend.model={model!r} is not in conf/pricing.yaml, so it is unknown and its cost cannot "
+                f"be estimated: {choices}. For a newer model, add its prices to conf/pricing.yaml (or pass "
+                "backend.pricing), or set backend.allow_unknown_model=true to price it at the highest "
+                "listed rates"
+            ) from None
+    if entry:
+        return f"warning: {model} is deprecated; OpenAI shuts it down on {entry['date']}"
+    return None
+
+
+def with_model_price(model: str, pricing: dict[str, Any]) -> dict[str, Any]:
+    """`pricing`, plus an entry for an unpriced `model` at the highest listed rates (an upper bound)."""
+    try:
+        model_prices(model, pricing)
+        return pricing
+    except KeyError:
+        rates = list(pricing["models"].values())
+        top = {k: max(float(r[k]) for r in rates) for k in ("input", "output")} if rates else {}
+        if not top:
+            raise KeyError(f"conf/pricing.yaml lists no models to price {model!r} from") from None
+        return {**pricing, "models": {**pricing["models"], model: top}}
 
 
 @dataclass(frozen=True)

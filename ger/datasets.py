@@ -75,6 +75,9 @@ class DatasetSpec:
     # Ground-truth spellings that are valid classes but not offered to the model (MER2023's
     # label list says `surprise` where the prompt says `surprised`; the paper scored them apart).
     gt_only_labels: list[str] = field(default_factory=list)
+    # Spellings scored as one class in the lenient view only (ger/views.py), e.g. MER2023's
+    # {surprise: surprised}; the strict view (the paper's, and the default) keeps them apart.
+    lenient_equivalents: dict[str, str] = field(default_factory=dict)
 
     @property
     def gt_labels(self) -> list[str]:
@@ -127,7 +130,23 @@ def spec_from_dict(data: dict[str, Any]) -> DatasetSpec:
         ),
         demo=bool(data.get("demo", False)),
         gt_only_labels=list(data.get("gt_only_labels") or []),
+        lenient_equivalents=_equivalents(data, key),
     )
+
+
+def _equivalents(data: dict[str, Any], key: str) -> dict[str, str]:
+    """`lenient_equivalents` as {spelling: class}; both sides must be valid ground-truth classes."""
+    raw = data.get("lenient_equivalents") or {}
+    if not isinstance(raw, dict):
+        raise ValueError(f"dataset {key}: lenient_equivalents must map a spelling to a class, got {raw!r}")
+    valid = list(data["labels"]) + list(data.get("gt_only_labels") or [])
+    for spelling, target in raw.items():
+        if spelling not in valid or target not in valid:
+            raise ValueError(
+                f"dataset {key}: lenient_equivalents {spelling!r}: {target!r} must name classes of "
+                f"labels or gt_only_labels {valid}"
+            )
+    return {str(k): str(v) for k, v in raw.items()}
 
 
 def load_spec(key: str) -> DatasetSpec:

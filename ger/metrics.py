@@ -47,6 +47,11 @@ class Score:
     paper: dict[str, float] = field(default_factory=dict)
     dropped: int = 0
     test_set: str = ""  # the conf/dataset key (differs from `dataset` only for Twitter I's subsets)
+    # Which view of the run this is (ger/views.py): the rows scored and how labels are compared.
+    rows: str = "all"  # all: every test sample | paper: only the rows of the paper's release file
+    labels: str = "strict"  # strict: the paper's string equality | lenient: the dataset's equivalences
+    views: list[Score] = field(default_factory=list)  # the other views of the same run
+    notes: list[str] = field(default_factory=list)  # why a view is absent, where the paper's rows came from
 
     @property
     def parse_failure_rate(self) -> float:
@@ -66,7 +71,19 @@ class Score:
             for m, v in self.values.items()
         ]
 
+    def view_dict(self) -> dict[str, Any]:
+        """One entry of metrics.json "views": which rows and label equality, and what they score."""
+        return {
+            "rows": self.rows,
+            "labels": self.labels,
+            "n": self.n,
+            "parse_failures": self.failures,
+            "dropped_zero_scores": self.dropped,
+            "values": dict(self.values),
+        }
+
     def to_dict(self) -> dict[str, Any]:
+        every = [self, *self.views]
         return {
             "dataset": self.dataset,
             "test_set": self.test_set or self.dataset,
@@ -75,7 +92,9 @@ class Score:
             "parse_failures": self.failures,
             "parse_failure_rate": self.parse_failure_rate,
             "dropped_zero_scores": self.dropped,
-            "scores": self.records(),
+            "scores": [{**r, "rows": v.rows, "labels": v.labels} for v in every for r in v.records()],
+            "views": [v.view_dict() for v in every],
+            "notes": list(self.notes),
             "per_class_recall": self.per_class_recall,
             "confusion": {"labels": self.confusion_labels, "matrix": self.confusion},
         }
@@ -175,11 +194,15 @@ def correct_vector(preds: list[Prediction], spec: DatasetSpec) -> tuple[np.ndarr
 
 def score(preds: list[Prediction], spec: DatasetSpec, variant: str = "") -> Score:
     """All of the dataset's metrics, per-class recall and the confusion matrix."""
-    from sklearn.metrics import confusion_matrix
-
     if not preds:
         raise ValueError(f"{spec.key}: nothing to score")
-    out = outcome(preds, spec)
+    return score_outcome(outcome(preds, spec), spec, variant)
+
+
+def score_outcome(out: Outcome, spec: DatasetSpec, variant: str = "") -> Score:
+    """score() on an Outcome already mapped into the metric's label space (ger/views.py folds it)."""
+    from sklearn.metrics import confusion_matrix
+
     values = {m: round(metric_value(m, out.y_true, out.y_pred), 2) for m in spec.metrics}
     cols = out.classes + ([INVALID] if INVALID in out.y_pred else [])
     matrix = confusion_matrix(out.y_true, out.y_pred, labels=cols)[: len(out.classes)]

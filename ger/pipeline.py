@@ -22,7 +22,6 @@ from ger.cache import ResponseCache
 from ger.config import plain
 from ger.datasets import DatasetSpec, load_samples, spec_from_dict
 from ger.media import MediaError, load_sample
-from ger.metrics import score
 from ger.models import resolve_model
 from ger.parse import LabelMatcher, parse_ranked
 from ger.prompts import build_request
@@ -30,6 +29,7 @@ from ger.records import ERROR, LoadedSample, Prediction, Request, Sample
 from ger.release_prompts import select_template
 from ger.run_files import write_run_files
 from ger.validate import check_dataset
+from ger.views import score_run
 
 log = logging.getLogger("ger")
 
@@ -156,7 +156,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     order = {s.name: i for i, s in enumerate(samples)}
     preds.sort(key=lambda p: order[p.name])
 
-    result = score(preds, spec)
+    result = score_run(preds, spec, cfg.modality, cfg.greyscale)  # every view: all vs paper's rows, ...
     overrides = list(HydraConfig.get().overrides.task)
     meta = write_run_files(out, cfg, spec, preds, result, overrides, asker.stats)
     print(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import re
 import shutil
 import sys
@@ -16,7 +17,7 @@ from pathlib import Path
 from ger.config import cache_dir
 from ger.datasets import TASK_TITLES, DatasetSpec, all_specs
 from ger.files import atomic_write_text
-from ger.metrics import Score, score
+from ger.metrics import Score
 from ger.parse import LabelMatcher, parse_ranked
 from ger.predictions import write_predictions
 from ger.records import Prediction
@@ -82,6 +83,37 @@ def release_cache() -> Path:
     return cache_dir() / f"gpt4v-emotion-{RELEASE_COMMIT[:12]}"
 
 
+def cached_release_dir() -> Path:
+    """Where download_release() puts the release's results/ folder."""
+    return release_cache() / "results"
+
+
+def find_reference_dir() -> tuple[Path | None, str]:
+    """The release's results/ folder for scoring views, without downloading: (path or None, why not).
+
+    $GER_REFERENCE_DIR when set, else the copy `ger reproduce` downloaded into the cache.
+    """
+    env = os.environ.get("GER_REFERENCE_DIR")
+    if env:
+        path = Path(env).expanduser()
+        if path.is_dir():
+            return path, ""
+        return None, f"GER_REFERENCE_DIR={env} is not a folder"
+    cached = cached_release_dir()
+    if cached.is_dir():
+        return cached, ""
+    return None, (
+        "the GPT-4V release was not found: set GER_REFERENCE_DIR to its results/ folder, "
+        "or run `ger reproduce` once to download it into the cache"
+    )
+
+
+def release_names(path: Path) -> list[str]:
+    """The sample names in one released prediction file: the rows the paper scored."""
+    with path.open(newline="", encoding="utf-8") as f:
+        return [row["name"].strip() for row in csv.DictReader(f)]
+
+
 def download_release(url: str = RELEASE_URL, dest: Path | None = None) -> Path:
     """Fetch the pinned release once into the cache and return its results/ folder.
 
@@ -123,7 +155,10 @@ def download_release(url: str = RELEASE_URL, dest: Path | None = None) -> Path:
 
 def score_release(ref_dir: Path, out: Path | None = None) -> list[Score]:
     """Score every released file; with `out`, also write each as a run folder under out/runs."""
+    from ger.views import PaperRows, score_views  # views reads release files through this module
+
     index = spec_index(all_specs())
+    itself = PaperRows(None, note="this run's rows are the paper's rows (the release file itself)")
     scores = []
     for rf in discover(ref_dir):
         spec = index.get((rf.folder, rf.variant))
@@ -131,7 +166,7 @@ def score_release(ref_dir: Path, out: Path | None = None) -> list[Score]:
             print(f"warning: no dataset config for {rf.path.name} in {rf.folder}; skipped", file=sys.stderr)
             continue
         preds = read_release(rf.path, spec)
-        s = score(preds, spec, rf.variant)
+        s = score_views(preds, spec, itself, rf.variant)  # + MER2023's lenient view in metrics.json
         s.dataset = rf.folder
         scores.append(s)
         if out is not None:

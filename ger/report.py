@@ -17,10 +17,13 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from ger.datasets import TASK_TITLES, DatasetSpec
-from ger.metrics import correct_vector
+from ger.metrics import Outcome, correct_vector
 from ger.runs import Run, assign_labels, find_runs
-from ger.stats import Interval, McNemar, format_p, mcnemar
+from ger.stats import Interval, McNemar, bootstrap_ci, format_p, mcnemar
+from ger.views import PaperRows, View, paper_rows, release_variant, view_outcome, views_of
 
 
 @dataclass(frozen=True)
@@ -39,6 +42,8 @@ class Row:
     ci_high: float | None
     n: int | None
     note: str  # the run folder, or the supervised method
+    rows: str = "all"  # all: every test sample | paper: the rows of the paper's release file (ger/views.py)
+    labels: str = "strict"  # strict: the paper's label equality | lenient: the dataset's equivalences
 
 
 PAPER_ROW = "GPT-4V (paper)"
@@ -76,9 +81,12 @@ class Report:
     seed: int
     comparisons: list[Comparison] = field(default_factory=list)
     ablations: list[Comparison] = field(default_factory=list)
+    # The views other than (every sample, strict), per run folder; and why any view is absent.
+    views: dict[Path, list[tuple[View, Outcome]]] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
 
     def table_rows(self) -> list[Row]:
-        """One row per (run, test set, metric), then the paper's GPT-4V and best supervised numbers."""
+        """One row per (run, view, test set, metric), then the paper's GPT-4V and best supervised numbers."""
         rows = []
         for run in self.runs:
             source = "reference" if run.is_reference else "run"
@@ -86,6 +94,12 @@ class Report:
                 iv = _interval_dict(run.interval(metric, self.n_boot, self.seed))
                 rows.append(Row(run.label, source, *_dataset_fields(run.spec), run.variant, metric, **iv,
                                 note=str(run.path)))  # fmt: skip
+            for view, out in self.views.get(run.path, []):
+                label = f"{run.label} [{view.tag(run.spec)}]"
+                for metric in run.spec.metrics:
+                    iv = _interval_dict(bootstrap_ci(out.y_true, out.y_pred, metric, self.n_boot, self.seed))
+                    rows.append(Row(label, source, *_dataset_fields(run.spec), run.variant, metric, **iv,
+                                    note=str(run.path), rows=view.rows, labels=view.labels))  # fmt: skip
         for spec in _specs_of(self.runs):
             for source, label, numbers, note in (
                 ("paper", PAPER_ROW, spec.paper.gpt4v, ""),
@@ -225,6 +239,15 @@ def comparisons_markdown(comparisons: list[Comparison]) -> list[str]:
     return _md_table(head, body)
 
 
+VIEWS_INTRO = (
+    "Rows without a tag score every sample in predictions.csv (a failed answer counts as wrong). "
+    "Rows tagged [paper's rows] score only the samples in the GPT-4V release's prediction file for "
+    "that test set, the rows the paper's numbers cover (GPT-4V's failures were left out of the release). "
+    "Rows tagged with an equivalence (e.g. [surprise=surprised], MER2023) score those spellings as one "
+    "class; untagged rows compare labels strictly, as the paper did."
+)
+
+
 def to_markdown(report: Report, rows: list[Row]) -> str:
     ci = "no intervals (--bootstrap 0)"
     if report.n_boot > 0:
@@ -233,7 +256,9 @@ def to_markdown(report: Report, rows: list[Row]) -> str:
         f"Cells: metric in % over the samples in each predictions.csv, with {ci}. "
         "Paired tests: McNemar on per-sample correctness (exact binomial below 25 discordant pairs)."
     )
-    lines = ["# Runs compared", "", intro, "", *table_markdown(rows)]
+    lines = ["# Runs compared", "", intro, "", VIEWS_INTRO, "", *table_markdown(rows)]
+    if report.notes:
+        lines += ["## Notes on the score views", "", *(f"- {n}" for n in report.notes), ""]
     if report.comparisons:
         lines += ["## Comparison", "", *comparisons_markdown(report.comparisons), ""]
     if report.ablations:
@@ -260,6 +285,7 @@ def write_outputs(report: Report, out: Path) -> tuple[str, list[Path]]:
         "table": [asdict(r) for r in rows],
         "comparisons": [c.to_dict() for c in report.comparisons],
         "ablations": [c.to_dict() for c in report.ablations],
+        "notes": report.notes,
     }
     (out / "report.json").write_text(json.dumps(data, indent=2))
     markdown = to_markdown(report, rows)
@@ -267,13 +293,46 @@ def write_outputs(report: Report, out: Path) -> tuple[str, list[Path]]:
     return markdown, [out / "report.md", out / "report.csv", out / "report.json"]
 
 
-def build_report(paths: list[Path], n_boot: int, seed: int, pair: tuple[Path, Path] | None = None) -> Report:
-    """Find and label the runs, then the release's ablation pairs and the --compare pairs."""
+def _run_paper_rows(run: Run, ref_dir: Path | None) -> PaperRows:
+    """The paper's rows for a run: the release file of its input ablation (modality, greyscale)."""
+    if run.is_reference:
+        return PaperRows(None, note="this run's rows are the paper's rows (the release file itself)")
+    setting = lambda key: yaml.safe_load(run.setting(key) or "null")  # noqa: E731
+    variant = release_variant(run.spec, setting("modality"), bool(setting("greyscale")))
+    return paper_rows(run.spec, variant, ref_dir)
+
+
+def attach_views(report: Report, ref_dir: Path | None) -> None:
+    """Every run's other score views (ger/views.py) and the notes on views that are absent."""
+    notes: dict[str, None] = {}
+    for run in report.runs:
+        paper = _run_paper_rows(run, ref_dir)
+        for view in views_of(run.spec)[1:]:
+            out, why = view_outcome(run.predictions, run.spec, view, paper)
+            if out is not None:
+                report.views.setdefault(run.path, []).append((view, out))
+            elif not run.is_reference:
+                notes[f"{run.label} on {run.spec.title}: {why}"] = None
+    report.notes = list(notes)
+
+
+def build_report(
+    paths: list[Path],
+    n_boot: int,
+    seed: int,
+    pair: tuple[Path, Path] | None = None,
+    reference_dir: Path | None = None,
+) -> Report:
+    """Find and label the runs, their score views, then the release's ablation pairs and the --compare pairs.
+
+    The paper's rows come from `reference_dir`, else $GER_REFERENCE_DIR or the cached release download.
+    """
     runs = find_runs(paths)
     by_path = {r.path.resolve(): r for r in runs}
     sides = [[by_path.setdefault(r.path.resolve(), r) for r in find_runs([p])] for p in pair or ()]
     assign_labels(list(by_path.values()))
     report = Report(runs, n_boot, seed)
+    attach_views(report, reference_dir)
     report.ablations = _compare_all(paper_ablations(runs), n_boot, seed)
     if sides:
         report.comparisons = _compare_all(pair_runs(*sides), n_boot, seed)
@@ -300,12 +359,15 @@ def cli(argv: list[str]) -> int:
     add("--bootstrap", type=int, default=2000, metavar="N", help="bootstrap resamples (0: no intervals)")
     add("--seed", type=int, default=0, help="bootstrap seed")
     add("--plots", action="store_true", help="also write PNG plots under OUT/plots/")
+    add("--reference-dir", type=Path, help="the GPT-4V release's results/ folder, for the paper's-rows "
+        "view (default: $GER_REFERENCE_DIR, else the copy `ger reproduce` downloaded)")  # fmt: skip
     args = parser.parse_args(argv)
     if not args.paths and not args.compare:
         parser.error("give at least one run or sweep folder, or --compare A B")
     paths = list(args.paths) or list(args.compare)
     try:
-        report = build_report(paths, args.bootstrap, args.seed, tuple(args.compare) if args.compare else None)
+        pair = tuple(args.compare) if args.compare else None
+        report = build_report(paths, args.bootstrap, args.seed, pair, args.reference_dir)
     except (FileNotFoundError, ValueError) as err:
         print(f"ger report: {err}", file=sys.stderr)
         return 2

@@ -53,11 +53,30 @@ def report_markdown(spec: DatasetSpec, result: Score, model: str, stats: Any) ->
         f"- requests: {stats.cached} from cache, {stats.sent} sent, {stats.failed} failed, "
         f"{stats.splits} batch splits",
         "",
+        *views_markdown(spec, result),
         "| class | recall % |",
         "|---|---|",
     ]
     lines += [f"| {c} | {r:.2f} |" for c, r in result.per_class_recall.items()]
     return "\n".join(lines) + "\n"
+
+
+def views_markdown(spec: DatasetSpec, result: Score) -> list[str]:
+    """The run's scores by rows (every test sample vs the paper's rows) and label equality, with notes."""
+    from ger.views import View
+
+    metrics = list(result.values)
+    lines = [
+        "## Scores by rows and label equality",
+        "",
+        "| rows | labels | n | failures | " + " | ".join(m.upper() for m in metrics) + " |",
+        "|---" * (4 + len(metrics)) + "|",
+    ]
+    for v in [result, *result.views]:
+        rows, labels = View(v.rows, v.labels).describe(spec)
+        cells = [rows, labels, str(v.n), str(v.failures), *(f"{v.values[m]:.2f}" for m in metrics)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return [*lines, "", *(f"- {note}" for note in result.notes), *([""] if result.notes else [])]
 
 
 def write_run_files(

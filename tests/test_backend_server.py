@@ -25,7 +25,7 @@ from PIL import Image
 
 from ger.backends.keys import find_secret
 from ger.backends.openai_api import OpenAIBackend
-from ger.backends.server import ServerBackend
+from ger.backends.server import ModelNotFoundError, ServerBackend
 from ger.records import Request
 
 pytestmark = [
@@ -191,19 +191,30 @@ def test_openai_adapter_on_local_server_leaks_no_key(server, tmp_path, monkeypat
         assert all(r.ok for r in answers), answers
         assert backend.last_estimate is not None and backend.last_estimate.images == 3
         wrong = OpenAIBackend({**OmegaConf.to_container(cfg, resolve=True), "model": "no-such-model"})
-        failed = list(wrong.generate([ask("c", img((1, 2, 3)))]))
-        assert failed[0].error and "404" in failed[0].error
+        with pytest.raises(ModelNotFoundError, match="404") as err:  # the run stops: no error rows
+            list(wrong.generate([ask("c", img((1, 2, 3)))]))
         with ResponseCache(run / "cache.sqlite") as cache:
-            for response in answers + failed:
+            for response in answers:
                 cache.put(response, backend.identity())
         (run / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
-        (run / "errors.txt").write_text("\n".join(str(r.error) for r in failed))
+        (run / "errors.txt").write_text(str(err.value))
     finally:
         root.removeHandler(handler)
         root.setLevel(old_level)
         handler.close()
     assert (run / "run.log").stat().st_size > 0
     assert find_secret(run, PLANTED) == [], "the planted key reached a file"
+
+
+def test_unknown_model_404_stops_with_the_served_models(server: VLLMServer) -> None:
+    """vLLM answers 404 for a model it does not serve: one error naming both, no Response per request."""
+    backend = ServerBackend(server_cfg(server, model="no-such-model", concurrency=2))
+    with pytest.raises(ModelNotFoundError) as err:
+        list(backend.generate([ask(f"n{i}", img((i, 9, 9))) for i in range(4)]))
+    message = str(err.value)
+    assert f"{server.base_url} answered 404 Not Found for model 'no-such-model'" in message
+    assert f"it serves: {SERVED}" in message and "Set backend.model" in message
+    assert backend.usage["requests"] == 0
 
 
 def test_killed_server_gives_errors_then_resumes(server: VLLMServer) -> None:
@@ -247,6 +258,19 @@ def test_ger_run_through_server_and_openai_adapter_scores_and_leaks_no_key(serve
     meta = json.loads((tmp_path / "openai" / "metrics.json").read_text())
     assert meta["n"] == 4 and meta["backend"] == "openai" and meta["requests"]["failed"] == 0
     assert find_secret(tmp_path, PLANTED) == [], "the planted key reached a file a run wrote"
+
+
+def test_ger_run_stops_on_a_model_the_server_does_not_serve(server, tmp_path) -> None:
+    """`ger run` asking vLLM for a model it does not serve: exit 2, one message, no run of error rows."""
+    args = ["run", *RUN, "limit=4", "backend=server", f"backend.base_url={server.base_url}"]
+    args += ["backend.model=no-such-model", f"hydra.run.dir={tmp_path / 'run'}"]
+    proc = run_ger(args, tmp_path / "cache", tmp_path, check=False)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    (line,) = [x for x in proc.stderr.splitlines() if x.startswith("ger run:")]
+    assert "404 Not Found for model 'no-such-model'" in line and f"it serves: {SERVED}" in line
+    assert not (tmp_path / "run" / "predictions.csv").exists()
+    assert not (tmp_path / "run" / "metrics.json").exists()
 
 
 def test_ger_run_resumes_after_the_server_dies(server, tmp_path) -> None:

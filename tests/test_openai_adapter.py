@@ -17,7 +17,18 @@ from PIL import Image
 
 from ger.backends.keys import KeyPool, find_secret, scrub
 from ger.backends.openai_api import OpenAIBackend
-from ger.cost import OverBudgetError, _encoder, check_budget, estimate_cost, image_tokens, load_pricing
+from ger.backends.server import ModelNotFoundError
+from ger.cost import (
+    OverBudgetError,
+    UnknownModelError,
+    _encoder,
+    check_budget,
+    check_model,
+    estimate_cost,
+    image_tokens,
+    load_pricing,
+    valid_models,
+)
 from ger.records import Request
 
 LIMITED = "sk-test-LIMITED-" + "a" * 24
@@ -97,10 +108,17 @@ def test_pricing_file_covers_the_default_model() -> None:
 # -- a local chat-completions server that rate-limits one key -------------------------------------
 
 
+GONE = "gpt-4-vision-preview"  # what the API answers for a shut-down model: 404 model_not_found
+
+
 class FakeAPI(BaseHTTPRequestHandler):
-    """POST /v1/chat/completions: 429 for LIMITED (echoing the key, as careless servers do), else 200."""
+    """POST /v1/chat/completions: 429 for LIMITED (echoing the key, as careless servers do), 404 for
+    the model GONE (OpenAI's body for a shut-down model), else 200. GET /v1/models lists gpt-4o."""
 
     seen: list[str] = []
+
+    def do_GET(self) -> None:  # noqa: N802
+        self.reply(200, {"object": "list", "data": [{"id": "gpt-4o", "object": "model", "owned_by": "x"}]})
 
     def do_POST(self) -> None:  # noqa: N802
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
@@ -108,6 +126,11 @@ class FakeAPI(BaseHTTPRequestHandler):
         type(self).seen.append(key)
         if key == LIMITED or key == GOOD + "-also-limited":
             self.reply(429, {"error": {"message": f"Rate limit reached for key {key}", "type": "requests"}})
+            return
+        if body["model"] == GONE:
+            message = f"The model `{GONE}` has been deprecated, learn more here: https://platform.openai.com/docs/deprecations"
+            self.reply(404, {"error": {"message": message, "type": "invalid_request_error", "param": None,
+                                       "code": "model_not_found"}})  # fmt: skip
             return
         text = f"Happiness ({len(body['messages'][0]['content'])} parts)"
         self.reply(
@@ -200,7 +223,7 @@ def test_needs_a_key_and_a_price(monkeypatch) -> None:
     with pytest.raises(ValueError, match="OPENAI_API_KEYS or OPENAI_API_KEY"):
         OpenAIBackend(backend_cfg("http://127.0.0.1:9/v1"))
     monkeypatch.setenv("OPENAI_API_KEY", GOOD)
-    with pytest.raises(KeyError, match="no price for model 'gpt-9'"):
+    with pytest.raises(UnknownModelError, match="'gpt-9' is not in conf/pricing.yaml.*allow_unknown_model"):
         OpenAIBackend(backend_cfg("http://127.0.0.1:9/v1", model="gpt-9"))
     with pytest.raises(ValueError, match="no video input"):
         OpenAIBackend(backend_cfg("http://127.0.0.1:9/v1", video_as="video"))
@@ -237,3 +260,83 @@ def test_key_pool_rests_a_limited_key() -> None:
     pool.rate_limited("k2")
     assert pool.current() in ("k1", "k2")  # all resting: the one that rests shortest
     assert "k1" not in repr(pool)
+
+
+# -- retired and unknown models, refused before anything is sent; a 404 stops the run ----------------
+
+
+@pytest.mark.parametrize(
+    "model",
+    ["gpt-4-vision-preview", "gpt-4-1106-vision-preview", "gpt-4-turbo", "gpt-4-turbo-2024-04-09",
+     "gpt-4o-2024-05-13", "gpt-4.1-nano-2025-04-14"],
+)  # fmt: skip
+def test_shut_down_models_are_refused_up_front_without_a_key_or_server(model, monkeypatch) -> None:
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    monkeypatch.delenv("OPENAI_API_KEYS", raising=False)
+    with pytest.raises(UnknownModelError, match=f"{model}' was shut down by OpenAI on 20") as err:
+        OpenAIBackend({"model": model, "allow_unknown_model": True})  # the override never revives one
+    valid = valid_models(load_pricing())
+    assert str(valid) in str(err.value) and model not in valid and "gpt-4o" in valid
+
+
+@pytest.mark.parametrize(
+    ("model", "today", "outcome"),
+    [
+        ("gpt-4o-2024-08-06", "2026-12-01", "warning"),  # announced for 2027-01-14
+        ("gpt-4o-2024-08-06", "2027-01-14", "refused"),  # the shutdown day itself
+        ("gpt-4o-mini-2024-07-18", "2026-12-01", "warning"),  # its own entry, not gpt-4o's
+        ("gpt-4-vision-preview", "2024-12-05", "warning"),
+        ("gpt-4-vision-preview", "2024-12-06", "refused"),
+        ("gpt-4.1-mini", "2026-12-01", "warning"),
+        ("gpt-9", "2026-12-01", "unknown"),
+        ("o1-pro", "2026-12-01", "unknown"),  # not o1's snapshot: no prefix match beyond a date suffix
+    ],
+)
+def test_check_model_by_date(model, today, outcome) -> None:
+    import datetime
+
+    pricing = load_pricing()
+    day = datetime.date.fromisoformat(today)
+    if outcome == "warning":
+        assert "deprecated" in check_model(model, pricing, today=day)
+    else:
+        with pytest.raises(UnknownModelError, match="shut down" if outcome == "refused" else "not in conf"):
+            check_model(model, pricing, today=day)
+
+
+def test_an_unknown_model_is_allowed_explicitly_at_the_highest_rates(monkeypatch) -> None:
+    monkeypatch.setenv("OPENAI_API_KEY", GOOD)
+    pricing = {"models": {"cheap": {"input": 1.0, "output": 2.0}, "dear": {"input": 3.0, "output": 1.5}},
+               "default_image": PRICING["models"]["gpt-4o"]["image"]}  # fmt: skip
+    backend = OpenAIBackend({"model": "gpt-9", "pricing": pricing, "allow_unknown_model": True})
+    assert backend.pricing["models"]["gpt-9"] == {"input": 3.0, "output": 2.0}  # the top of each rate
+    backend.usage.update(prompt_tokens=1_000_000, completion_tokens=1_000_000)
+    assert backend.spent_usd() == pytest.approx(5.0)
+
+
+def test_a_404_model_not_found_stops_with_one_message(fake_api, monkeypatch) -> None:
+    """The API answers 404 for a model it does not serve: no error rows, one message saying how to fix it."""
+    monkeypatch.setenv("OPENAI_API_KEY", GOOD)
+    monkeypatch.delenv("OPENAI_API_KEYS", raising=False)
+    pricing = {**PRICING, "models": {**PRICING["models"], GONE: PRICING["models"]["gpt-4o"]}}  # not refused
+    backend = OpenAIBackend(backend_cfg(fake_api, model=GONE, pricing=pricing, concurrency=2))
+    with pytest.raises(ModelNotFoundError) as err:
+        list(backend.generate([chat(str(i)) for i in range(6)]))
+    message = str(err.value)
+    assert f"404 Not Found for model '{GONE}'" in message and "has been deprecated" in message
+    assert "it serves: gpt-4o" in message and "Set backend.model" in message and fake_api in message
+    assert len(FakeAPI.seen) <= 2  # not retried: the in-flight requests only, then the run stopped
+    assert GOOD not in message and GOOD[:12] not in message
+
+
+def test_ger_run_with_a_shut_down_model_exits_with_one_message(ger_cache, tmp_path) -> None:
+    """`ger run backend=openai backend.model=gpt-4-vision-preview`: exit 2 before any request, no rows."""
+    from conftest import run_ger
+
+    args = ["run", "dataset=demo", "limit=2", "progress=false", "backend=openai", f"backend.model={GONE}"]
+    proc = run_ger([*args, f"hydra.run.dir={tmp_path / 'run'}"], ger_cache, tmp_path, check=False,
+                   env={"OPENAI_API_KEY": GOOD, "OPENAI_BASE_URL": "http://127.0.0.1:9/v1"})  # fmt: skip
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    (line,) = [x for x in proc.stderr.splitlines() if x.startswith("ger run:")]
+    assert f"{GONE}' was shut down by OpenAI" in line and "choose one of ['gpt-4.1'" in line
+    assert not (tmp_path / "run" / "predictions.csv").exists()

@@ -31,6 +31,14 @@ _REGISTRY: dict[str, str] = {
 }
 
 
+class FatalBackendError(RuntimeError):
+    """A problem every request would hit (a retired, unknown or unserved model): the run stops here.
+
+    Per-request failures stay Response.error; this one ends the run with its message (ger/cli.py),
+    instead of a run whose every row is an error and whose score is 0.
+    """
+
+
 class Backend(Protocol):
     """What the pipeline needs from a model backend."""
 

@@ -9,7 +9,11 @@ plus three things a paid API needs:
 - before anything is sent the run is priced (ger/cost.py, conf/pricing.yaml),
   the estimate printed, and the run refused above `max_cost` unless
   `allow_over_budget=true`; the tokens actually billed so far count too;
-- videos always go as frames (the API takes no video input).
+- videos always go as frames (the API takes no video input);
+- a model OpenAI has shut down (conf/pricing.yaml `shutdowns`) or one the pricing table does not
+  know is refused before anything is sent, listing the valid choices (`allow_unknown_model=true`
+  accepts a newer model, priced at the highest listed rates); a 404 "model not found" from the API
+  stops the run with one message (server.py) instead of a run of error rows.
 
 Failed requests come back as Response.error; the cache never stores those.
 """
@@ -22,7 +26,15 @@ from dataclasses import dataclass
 from typing import Any
 
 from ger.backends.server import ServerBackend, ServerSettings
-from ger.cost import CostEstimate, check_budget, estimate_cost, load_pricing, model_prices
+from ger.cost import (
+    CostEstimate,
+    check_budget,
+    check_model,
+    estimate_cost,
+    load_pricing,
+    model_prices,
+    with_model_price,
+)
 from ger.records import Request
 
 log = logging.getLogger(__name__)
@@ -43,6 +55,7 @@ class OpenAISettings(ServerSettings):
     max_cost: float | None = 5.0  # USD per generate() call; None: no limit
     allow_over_budget: bool = False
     pricing: dict[str, Any] | None = None  # None: conf/pricing.yaml
+    allow_unknown_model: bool = False  # true: accept a model the pricing table does not list (a newer one)
 
     def validate(self) -> None:
         super().validate()
@@ -54,6 +67,10 @@ class OpenAISettings(ServerSettings):
             )
         if not self.model:
             raise ValueError("backend `openai` needs `model` (e.g. gpt-4o)")
+        warning = check_model(self.model, self.pricing or load_pricing(), self.allow_unknown_model)
+        if warning:  # deprecated, not yet shut down: say so once, at the start
+            print(warning, file=sys.stderr, flush=True)
+            log.warning(warning)
 
 
 class OpenAIBackend(ServerBackend):
@@ -65,8 +82,9 @@ class OpenAIBackend(ServerBackend):
 
     def __init__(self, backend_cfg: Any, model_cfg: Any = None) -> None:
         super().__init__(backend_cfg, model_cfg)
-        self.pricing = self.settings.pricing or load_pricing()
-        model_prices(self.model, self.pricing)  # an unpriced model fails here, before any run
+        pricing = self.settings.pricing or load_pricing()
+        # settings.validate() refused a shut-down or unknown model; an allowed unknown one gets top rates
+        self.pricing = with_model_price(self.model, pricing) if self.settings.allow_unknown_model else pricing
         self.last_estimate: CostEstimate | None = None
 
     def _weights_identity(self, model_cfg: Any) -> None:
@@ -75,6 +93,9 @@ class OpenAIBackend(ServerBackend):
     def _model_name(self, model_cfg: Any) -> str:
         assert self.settings.model
         return self.settings.model
+
+    def _not_found_hint(self) -> str:
+        return " (conf/pricing.yaml lists the models this adapter knows and the ones OpenAI shut down)"
 
     def _read_keys(self) -> list[str]:
         keys = super()._read_keys()

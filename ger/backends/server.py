@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-from ger.backends.base import PIPELINE_KEYS, read_settings
+from ger.backends.base import PIPELINE_KEYS, FatalBackendError, read_settings
 from ger.backends.chat_format import VIDEO_AS, to_openai_messages, video_io_kwargs
 from ger.backends.keys import KeyPool, read_keys, scrub
 from ger.config import plain
@@ -85,6 +85,10 @@ class ServerSettings:
             )
         if self.concurrency < 1:
             raise ValueError(f"concurrency must be >= 1, got {self.concurrency}")
+
+
+class ModelNotFoundError(FatalBackendError):
+    """The server answered 404 for the model: it does not serve it (or it was retired)."""
 
 
 def _retryable(exc: BaseException) -> bool:
@@ -184,6 +188,7 @@ class ServerBackend:
         loop = asyncio.new_event_loop()
         clients: dict[str, Any] = {}
         pending: set[asyncio.Task] = set()
+        unread: set[asyncio.Task] = set()  # finished but not yielded when a fatal error ends the run
         try:
             semaphore = asyncio.Semaphore(self.settings.concurrency)
             pending = {loop.create_task(self._answer(r, semaphore, clients)) for r in requests}
@@ -191,10 +196,12 @@ class ServerBackend:
                 done, pending = loop.run_until_complete(
                     asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
                 )
+                unread = set(done)
                 for task in done:
-                    yield task.result()
+                    unread.discard(task)
+                    yield task.result()  # raises a FatalBackendError (404: no such model)
         finally:  # also when the caller stops iterating early
-            loop.run_until_complete(_shutdown(pending, clients))
+            loop.run_until_complete(_shutdown(pending | unread, clients))
             loop.close()
 
     def before_run(self, requests: list[Request]) -> None:
@@ -204,6 +211,8 @@ class ServerBackend:
         """Nothing to release: clients live only as long as one generate() call."""
 
     async def _answer(self, request: Request, semaphore: asyncio.Semaphore, clients: dict) -> Response:
+        import openai
+
         start = time.monotonic()
         async with semaphore:
             try:
@@ -212,9 +221,36 @@ class ServerBackend:
                 return Response(key=request.key, text=text, seconds=time.monotonic() - start)
             except asyncio.CancelledError:
                 raise
+            except openai.NotFoundError as exc:  # every request would get it: stop, do not fill error rows
+                raise ModelNotFoundError(await self._not_found_message(exc, clients)) from None
             except Exception as exc:  # every failure becomes a Response, never an exception
                 log.warning("request %s failed: %s", request.key[:12], self._describe(exc))
                 return Response(key=request.key, error=self._describe(exc), seconds=time.monotonic() - start)
+
+    async def _not_found_message(self, exc: BaseException, clients: dict) -> str:
+        """What failed, for which model, and how to fix it (with the models the server does serve)."""
+        where = self.settings.base_url or "the OpenAI API ($OPENAI_BASE_URL or api.openai.com)"
+        served = await self._served_models(clients)
+        listed = f"it serves: {', '.join(served)}" if served else "the server did not list its models"
+        return scrub(
+            f"{where} answered 404 Not Found for model {self.model!r} ({self._describe(exc)}); {listed}. "
+            f"Set backend.model to a model this server serves{self._not_found_hint()}; "
+            "the run stopped before writing error rows, and answers already received are cached.",
+            self.keys.keys,
+        )
+
+    def _not_found_hint(self) -> str:
+        return " (launch/serve.py serves each model under its conf/model name), or check backend.base_url"
+
+    async def _served_models(self, clients: dict) -> list[str]:
+        """The model ids GET /models lists; [] when the server cannot say (kept short: 20 at most)."""
+        try:
+            key = self.keys.current()
+            client = clients.get(key) or clients.setdefault(key, self._client(key))
+            page = await asyncio.wait_for(client.models.list(), timeout=10)
+            return sorted(m.id for m in page.data)[:20]
+        except Exception:  # a listing is a courtesy: the 404 message stands without it
+            return []
 
     def _describe(self, exc: BaseException) -> str:
         """A one-line error for Response.error, with anything key-shaped removed."""
