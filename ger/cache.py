@@ -76,6 +76,10 @@ def _is_busy(exc: sqlite3.Error) -> bool:
     return isinstance(exc, sqlite3.OperationalError) and ("locked" in msg or "busy" in msg)
 
 
+def _says_read_only(exc: BaseException | None) -> bool:
+    return isinstance(exc, sqlite3.Error) and "readonly" in str(exc).lower()
+
+
 def _read_only(path: Path) -> bool:
     """An existing cache we may not write: the file, or its folder (WAL needs -wal/-shm files beside it)."""
     return path.exists() and not (os.access(path, os.W_OK) and os.access(path.parent, os.W_OK))
@@ -108,18 +112,33 @@ class ResponseCache:
         self.skipped_puts = 0  # answers not stored because the cache is read-only
         self._conn: sqlite3.Connection | None = None
         try:
+            if not self.read_only:
+                try:
+                    self._open_writable(busy_timeout_s)
+                except CacheError as exc:
+                    if not (self.path.exists() and _says_read_only(exc.__cause__)):
+                        raise
+                    self.close()  # a read-only mount that os.access did not reveal
+                    self.read_only = True
             if self.read_only:
                 self._open_read_only(busy_timeout_s)
-            else:
-                self.path.parent.mkdir(parents=True, exist_ok=True)
-                # Autocommit mode: each write below opens and commits its own transaction.
-                self._conn = sqlite3.connect(
-                    self.path, timeout=busy_timeout_s, isolation_level=None, check_same_thread=False
-                )
-                self._retry(self._setup)
+        except CacheError:
+            self.close()
+            raise
         except (sqlite3.Error, OSError) as exc:
             self.close()
             raise self._error(exc) from exc
+
+    def _open_writable(self, busy_timeout_s: float) -> None:
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            # Autocommit mode: each write below opens and commits its own transaction.
+            self._conn = sqlite3.connect(
+                self.path, timeout=busy_timeout_s, isolation_level=None, check_same_thread=False
+            )
+        except (sqlite3.Error, OSError) as exc:
+            raise self._error(exc) from exc
+        self._retry(self._setup)
 
     def _open_read_only(self, busy_timeout_s: float) -> None:
         """immutable=1: SQLite takes no locks and writes no -shm file, which a read-only folder needs."""
@@ -226,6 +245,17 @@ class ResponseCache:
         if self.read_only:
             self.skipped_puts += 1  # warned once when opened
             return False
+        try:
+            return self._put(response, identity)
+        except CacheError as exc:
+            if not _says_read_only(exc.__cause__):
+                raise
+            log.warning("response cache %s became read-only: new answers are not stored", self.path)
+            self.read_only = True
+            self.skipped_puts += 1
+            return False
+
+    def _put(self, response: Response, identity: dict[str, Any] | None) -> bool:
         ident = json.dumps(identity if identity is not None else self.identity, sort_keys=True, default=str)
         now = time.time()
         if response.ok:
