@@ -142,7 +142,8 @@ class ResponseCache:
 
     def _open_read_only(self, busy_timeout_s: float) -> None:
         """immutable=1: SQLite takes no locks and writes no -shm file, which a read-only folder needs."""
-        if Path(f"{self.path}-wal").exists():
+        wal = Path(f"{self.path}-wal")
+        if wal.exists() and wal.stat().st_size > 0:  # answers not yet checkpointed into the file
             log.warning("read-only response cache %s has a -wal file: its newest answers may be missing",
                         self.path)  # fmt: skip
         uri = f"{self.path.resolve().as_uri()}?mode=ro&immutable=1"

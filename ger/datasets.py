@@ -204,15 +204,18 @@ def read_label_list(path: Path) -> list[tuple[str, str]]:
     return [(name, gt) for _, name, gt in read_label_rows(path)]
 
 
-def _locate(folder: Path, rel: str, what: str, follow_symlinks: bool) -> tuple[Path | None, str]:
-    """(path, problem) of `rel` under `folder`. A name that leaves the folder gives (None, why); a
-    symlink that leads out of it gives (the link, why) unless `follow_symlinks`."""
+def _locate(folder: Path, rel: str, what: str, follow: bool, name: str) -> tuple[Path | None, str]:
+    """(path, problem) of `rel`, the file of sample `name`, under `folder`.
+
+    A name that leaves the folder gives (None, why); a symlink that leads out of it gives
+    (the link, why) unless `follow`.
+    """
     base = folder.resolve()  # the folder itself may be a link (media -> /mnt/big/...): that is the layout
     lexical = Path(os.path.normpath(base / rel))
     if not lexical.is_relative_to(base):
-        return None, f"sample {rel!r} points outside the {what} folder {base}"
+        return None, f"sample {name!r} points outside the {what} folder {base}"
     target = lexical.resolve()
-    if target.is_relative_to(base) or follow_symlinks:
+    if target.is_relative_to(base) or follow:
         return target, ""
     return lexical, (
         f"{lexical} is a symlink to {target}, outside the {what} folder {base}; "
@@ -220,24 +223,28 @@ def _locate(folder: Path, rel: str, what: str, follow_symlinks: bool) -> tuple[P
     )
 
 
-def _media_rel(spec: DatasetSpec, name: str) -> str:
-    return name if (spec.layout.media_kind == "frames" or Path(name).suffix) else name + spec.layout.extension
+def _media(spec: DatasetSpec, root: Path, name: str, follow: bool) -> tuple[Path | None, str]:
+    rel = name if (spec.layout.media_kind == "frames" or Path(name).suffix) else name + spec.layout.extension
+    return _locate(root / spec.layout.media_dir, rel, "media", follow, name)
+
+
+def _transcript(spec: DatasetSpec, root: Path, name: str, follow: bool) -> tuple[Path | None, str]:
+    if not spec.layout.transcript_dir:
+        return None, ""
+    rel = Path(name).stem + spec.layout.transcript_ext
+    return _locate(root / spec.layout.transcript_dir, rel, "transcript", follow, name)
 
 
 def media_path(spec: DatasetSpec, root: Path, name: str, follow_symlinks: bool = False) -> Path:
     """The media file or frames folder for sample `name`, kept inside the dataset root."""
-    path, problem = _locate(root / spec.layout.media_dir, _media_rel(spec, name), "media", follow_symlinks)
-    if problem:
+    path, problem = _media(spec, root, name, follow_symlinks)
+    if problem or path is None:
         raise ValueError(problem)
-    assert path is not None
     return path
 
 
 def transcript_path(spec: DatasetSpec, root: Path, name: str, follow_symlinks: bool = False) -> Path | None:
-    if not spec.layout.transcript_dir:
-        return None
-    rel = Path(name).stem + spec.layout.transcript_ext
-    path, problem = _locate(root / spec.layout.transcript_dir, rel, "transcript", follow_symlinks)
+    path, problem = _transcript(spec, root, name, follow_symlinks)
     if problem:
         raise ValueError(problem)
     return path
@@ -246,11 +253,8 @@ def transcript_path(spec: DatasetSpec, root: Path, name: str, follow_symlinks: b
 def _sample(spec: DatasetSpec, root: Path, row: tuple[int, str, str], follow: bool) -> Sample:
     """One Sample; a path problem is kept on it (Sample.problem) so every problem can be listed."""
     line, name, gt = row
-    media, problem = _locate(root / spec.layout.media_dir, _media_rel(spec, name), "media", follow)
-    transcript, t_problem = None, ""
-    if spec.layout.transcript_dir and media is not None:
-        t_rel = Path(name).stem + spec.layout.transcript_ext
-        transcript, t_problem = _locate(root / spec.layout.transcript_dir, t_rel, "transcript", follow)
+    media, problem = _media(spec, root, name, follow)
+    transcript, t_problem = _transcript(spec, root, name, follow) if media is not None else (None, "")
     if transcript is None and t_problem:
         media = None  # the name leaves the transcript folder: a label-list problem
     problems = "; ".join(x for x in (problem, t_problem) if x)
