@@ -179,7 +179,9 @@ def read_label_rows(path: Path) -> list[tuple[int, str, str]]:
     Comma-, semicolon- or tab-separated (whichever the header uses), any line ends; blank lines skipped.
     """
     if not path.is_file():
-        raise FileNotFoundError(f"label list not found: {path}")
+        raise FileNotFoundError(
+            f"label list not found: {path}; a test set lives at <data_root>/<key>/ (check data_root)"
+        )
     text = _decode_label_file(path)
     header_line = text.split("\n", 1)[0]
     delimiter = next((d for d in (",", "\t", ";") if d in header_line), ",")
