@@ -8,6 +8,7 @@ sampled frames are decoded, never the whole clip as the paper's release did.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import logging
@@ -299,6 +300,7 @@ def make_grid(images: Sequence[Image.Image], rows: int | None = None, cols: int 
 # ---------------------------------------------------------------- transcripts
 
 
+@functools.lru_cache(maxsize=1)
 def _numpy_globals() -> dict[tuple[str, str], Any]:
     """The only callables an object-array .npy may name: numpy's own array and scalar rebuilders.
 
