@@ -11,12 +11,18 @@ on NFS (use one cache per node there), and open one ResponseCache per process
 
 Failures (an error, or an empty answer) go to a separate table with a count and
 the last error: they are kept for inspection and never served as answers.
+
+A cache file (or its folder) that is not writable, e.g. a finished run's cache shared
+read-only, is opened read-only and immutable: answers are served, new ones are not stored
+(with a warning). A file that is not a usable SQLite database raises CacheError naming it.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import os
 import random
 import sqlite3
 import threading
@@ -25,9 +31,16 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, TypeVar
 
+from ger.errors import UserError
 from ger.records import Response
 
 T = TypeVar("T")
+log = logging.getLogger("ger")
+
+
+class CacheError(UserError):
+    """The response cache file cannot be opened or read (not a database, corrupt, unwritable folder)."""
+
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS answers (
@@ -58,9 +71,18 @@ def request_key(parts: dict[str, Any]) -> str:
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
 
-def _is_busy(exc: sqlite3.OperationalError) -> bool:
+def _is_busy(exc: sqlite3.Error) -> bool:
     msg = str(exc).lower()
-    return "locked" in msg or "busy" in msg
+    return isinstance(exc, sqlite3.OperationalError) and ("locked" in msg or "busy" in msg)
+
+
+def _says_read_only(exc: BaseException | None) -> bool:
+    return isinstance(exc, sqlite3.Error) and "readonly" in str(exc).lower()
+
+
+def _read_only(path: Path) -> bool:
+    """An existing cache we may not write: the file, or its folder (WAL needs -wal/-shm files beside it)."""
+    return path.exists() and not (os.access(path, os.W_OK) and os.access(path.parent, os.W_OK))
 
 
 class ResponseCache:
@@ -80,18 +102,64 @@ class ResponseCache:
         retries: int = 50,
     ) -> None:
         self.path = Path(path).expanduser()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         self.identity = identity or {}
         self._retries = retries
         self._busy_ms = int(1000 * busy_timeout_s)
         self._lock = threading.Lock()  # one connection, possibly used from backend threads
         self._hits = 0
         self._misses = 0
-        # Autocommit mode: each write below opens and commits its own transaction.
-        self._conn: sqlite3.Connection | None = sqlite3.connect(
-            self.path, timeout=busy_timeout_s, isolation_level=None, check_same_thread=False
-        )
+        self.read_only = _read_only(self.path)
+        self.skipped_puts = 0  # answers not stored because the cache is read-only
+        self._conn: sqlite3.Connection | None = None
+        try:
+            if not self.read_only:
+                try:
+                    self._open_writable(busy_timeout_s)
+                except CacheError as exc:
+                    if not (self.path.exists() and _says_read_only(exc.__cause__)):
+                        raise
+                    self.close()  # a read-only mount that os.access did not reveal
+                    self.read_only = True
+            if self.read_only:
+                self._open_read_only(busy_timeout_s)
+        except CacheError:
+            self.close()
+            raise
+        except (sqlite3.Error, OSError) as exc:
+            self.close()
+            raise self._error(exc) from exc
+
+    def _open_writable(self, busy_timeout_s: float) -> None:
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            # Autocommit mode: each write below opens and commits its own transaction.
+            self._conn = sqlite3.connect(
+                self.path, timeout=busy_timeout_s, isolation_level=None, check_same_thread=False
+            )
+        except (sqlite3.Error, OSError) as exc:
+            raise self._error(exc) from exc
         self._retry(self._setup)
+
+    def _open_read_only(self, busy_timeout_s: float) -> None:
+        """immutable=1: SQLite takes no locks and writes no -shm file, which a read-only folder needs."""
+        wal = Path(f"{self.path}-wal")
+        if wal.exists() and wal.stat().st_size > 0:  # answers not yet checkpointed into the file
+            log.warning("read-only response cache %s has a -wal file: its newest answers may be missing",
+                        self.path)  # fmt: skip
+        uri = f"{self.path.resolve().as_uri()}?mode=ro&immutable=1"
+        self._conn = sqlite3.connect(
+            uri, uri=True, timeout=busy_timeout_s, isolation_level=None, check_same_thread=False
+        )
+        self._connection().execute("SELECT key, text, seconds FROM answers LIMIT 1").fetchall()
+        log.warning("response cache %s is read-only: cached answers are used, new ones are not stored",
+                    self.path)  # fmt: skip
+
+    def _error(self, exc: BaseException) -> CacheError:
+        """A CacheError that names the file and the fix."""
+        return CacheError(
+            f"response cache {self.path} cannot be used ({type(exc).__name__}: {exc}); "
+            "move the file away (its answers will be asked again) or set cache_dir to another folder"
+        )
 
     def _setup(self) -> None:
         conn = self._connection()
@@ -111,8 +179,10 @@ class ResponseCache:
             try:
                 with self._lock:
                     return fn()
-            except sqlite3.OperationalError as exc:
-                if not _is_busy(exc) or attempt == self._retries - 1:
+            except sqlite3.DatabaseError as exc:
+                if not _is_busy(exc):
+                    raise self._error(exc) from exc  # corrupt file, disk full, ...: name the file
+                if attempt == self._retries - 1:
                     raise
                 time.sleep(min(1.0, 0.01 * 2**attempt) * (0.5 + random.random()))
         raise AssertionError("unreachable")
@@ -173,6 +243,20 @@ class ResponseCache:
         Returns only after the transaction is committed and fsynced, so an answer
         whose put returned survives any later crash.
         """
+        if self.read_only:
+            self.skipped_puts += 1  # warned once when opened
+            return False
+        try:
+            return self._put(response, identity)
+        except CacheError as exc:
+            if not _says_read_only(exc.__cause__):
+                raise
+            log.warning("response cache %s became read-only: new answers are not stored", self.path)
+            self.read_only = True
+            self.skipped_puts += 1
+            return False
+
+    def _put(self, response: Response, identity: dict[str, Any] | None) -> bool:
         ident = json.dumps(identity if identity is not None else self.identity, sort_keys=True, default=str)
         now = time.time()
         if response.ok:

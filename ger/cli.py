@@ -1,7 +1,8 @@
 """The `ger` command.
 
 `run` and `prepare` are Hydra apps (overrides such as `dataset=rafdb frames=8`, `-m` sweeps);
-`reproduce`, `datasets` and `report` are plain argparse commands.
+`reproduce`, `datasets` and `report` are plain argparse commands. Bad input (ger.errors.USER_ERRORS)
+prints one line and exits 2; `--debug` anywhere on the line, or HYDRA_FULL_ERROR=1, keeps the traceback.
 """
 
 from __future__ import annotations
@@ -9,6 +10,8 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+
+from ger.errors import USER_ERRORS, one_line, want_traceback
 
 USAGE = """usage: ger COMMAND [ARGS]
 
@@ -18,15 +21,24 @@ commands:
   reproduce  re-score the released GPT-4V predictions and rebuild the paper's tables
   report     collect runs into comparison tables, plots and paired tests
   datasets   list the test sets with their label sets and the paper's numbers
+
+  --debug    show the traceback of an input error (as HYDRA_FULL_ERROR=1 does)
 """
 
 
 def _hydra_app(task: str, argv: list[str]) -> int:
-    """Run a Hydra app over conf/; Hydra parses sys.argv itself, so hand it the rest of the line."""
+    """Run a Hydra app over conf/; Hydra parses sys.argv itself, so hand it the rest of the line.
+
+    Hydra catches what the task raises and prints its own trace, so input errors are caught inside
+    the task: one line on stderr and exit status 2 (SystemExit passes through Hydra untouched).
+    """
     import hydra
     from omegaconf import DictConfig
 
     from ger.config import conf_dir
+
+    debug = want_traceback(argv)
+    argv = [a for a in argv if a != "--debug"]
 
     @hydra.main(config_path=str(conf_dir()), config_name="config", version_base="1.3")
     def app(cfg: DictConfig) -> None:
@@ -35,8 +47,10 @@ def _hydra_app(task: str, argv: list[str]) -> int:
 
         try:
             getattr(pipeline, task)(cfg)
-        except FatalBackendError as err:  # a retired/unknown/unserved model: one message, no traceback
-            print(f"ger {task}: {err}", file=sys.stderr)
+        except (FatalBackendError, *USER_ERRORS) as err:  # one message, no traceback
+            if debug:
+                raise
+            print(one_line(task, err), file=sys.stderr)
             sys.exit(2)
 
     sys.argv = [f"ger {task}", *argv]
@@ -107,7 +121,16 @@ def main(argv: list[str] | None = None) -> int:
     if command not in COMMANDS:
         print(f"unknown command {command!r}; expected one of {sorted(COMMANDS)}\n\n{USAGE}", file=sys.stderr)
         return 2
-    return COMMANDS[command](rest) or 0
+    if command in ("run", "prepare"):  # Hydra apps handle input errors inside the task (see _hydra_app)
+        return COMMANDS[command](rest) or 0
+    debug = want_traceback(rest)
+    try:
+        return COMMANDS[command]([a for a in rest if a != "--debug"]) or 0
+    except USER_ERRORS as err:
+        if debug:
+            raise
+        print(one_line(command, err), file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import codecs
 import csv
+import io
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ger.config import group_names, load_group_yaml
+from ger.errors import UserError
 from ger.records import Sample
 
 TASKS = ("facial", "sentiment", "micro", "dynamic", "multimodal")
@@ -159,43 +162,154 @@ def all_specs(include_demo: bool = False) -> list[DatasetSpec]:
     return [s for s in specs if include_demo or not s.demo]
 
 
-def read_label_list(path: Path) -> list[tuple[str, str]]:
-    """(name, gt) rows of a label list; extra columns (the release's empty `gpt4v`) are ignored."""
+class LabelListError(UserError):
+    """A label list that cannot be read at all (encoding, header, no rows, names leaving the folder)."""
+
+
+_ENCODING_FIX = (
+    "save it as UTF-8 (Excel: File > Save As > 'CSV UTF-8'; or `iconv -f LATIN1 -t UTF-8 label.csv`)"
+)
+
+
+def _decode_label_file(path: Path) -> str:
+    """The text of a label list: UTF-8 with or without a BOM (as spreadsheets save it), or UTF-16
+    with a BOM (Excel's "Unicode text"). Other encodings fail naming the file: a Latin-1 guess
+    would silently turn file names with accents into names that match no file."""
+    raw = path.read_bytes()
+    if raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        encoding = "utf-16"
+    elif b"\x00" in raw[:200]:
+        raise LabelListError(f"{path} looks like UTF-16 without a byte-order mark; {_ENCODING_FIX}")
+    else:
+        encoding = "utf-8-sig"  # drops a UTF-8 BOM if there is one
+    try:
+        return raw.decode(encoding)
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise LabelListError(
+            f"{path}:{line}: not {encoding.removesuffix('-sig').upper()} text (byte {raw[e.start]:#x}); "
+            + _ENCODING_FIX
+        ) from None
+
+
+def read_label_rows(path: Path) -> list[tuple[int, str, str]]:
+    """(line, name, gt) rows of a label list; extra columns (the release's empty `gpt4v`) are ignored.
+
+    Comma-, semicolon- or tab-separated (whichever the header uses), any line ends; blank lines skipped.
+    """
     if not path.is_file():
-        raise FileNotFoundError(f"label list not found: {path}")
-    with path.open(newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        if not reader.fieldnames or not {"name", "gt"} <= set(reader.fieldnames):
-            raise ValueError(f"{path}: expected a header with columns name,gt; got {reader.fieldnames}")
-        return [(row["name"].strip(), (row["gt"] or "").strip()) for row in reader]
+        raise FileNotFoundError(
+            f"label list not found: {path}; a test set lives at <data_root>/<key>/ (check data_root)"
+        )
+    text = _decode_label_file(path)
+    header_line = text.split("\n", 1)[0]
+    delimiter = next((d for d in (",", "\t", ";") if d in header_line), ",")
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
+    header = [h.strip() for h in next(reader, [])]
+    if not {"name", "gt"} <= set(header):
+        raise LabelListError(f"{path}: expected a header with columns name,gt; got {header}")
+    i_name, i_gt = header.index("name"), header.index("gt")
+    rows = []
+    for cells in reader:
+        if not any(c.strip() for c in cells):
+            continue
+        cells += [""] * (max(i_name, i_gt) + 1 - len(cells))  # a short row: its gt is reported empty
+        rows.append((reader.line_num, cells[i_name].strip(), cells[i_gt].strip()))
+    if not rows:
+        raise LabelListError(f"{path} lists no samples (only a header); add one `name,gt` row per sample")
+    return rows
 
 
-def media_path(spec: DatasetSpec, root: Path, name: str) -> Path:
-    """The media file or frames folder for sample `name`, kept inside the dataset root."""
+def read_label_list(path: Path) -> list[tuple[str, str]]:
+    """(name, gt) rows of a label list (see read_label_rows)."""
+    return [(name, gt) for _, name, gt in read_label_rows(path)]
+
+
+# Written by `ger prepare source=` into the test set's folder: the raw download its symlinks lead into.
+LAYOUT_SOURCES = ".ger-sources"
+
+
+def layout_sources(root: Path) -> tuple[Path, ...]:
+    """The raw folders a laid-out test set links into: links there are the layout, not an escape."""
+    listing = root / LAYOUT_SOURCES
+    if not listing.is_file():
+        return ()
+    return tuple(Path(line).resolve() for line in listing.read_text(encoding="utf-8").splitlines() if line)
+
+
+def _locate(
+    folder: Path, rel: str, what: str, follow: bool, name: str, sources: tuple[Path, ...] = ()
+) -> tuple[Path | None, str]:
+    """(path, problem) of `rel`, the file of sample `name`, under `folder`.
+
+    A name that leaves the folder gives (None, why); a symlink that leads out of it gives
+    (the link, why) unless `follow`, or unless it leads into one of `sources`: the raw download
+    that `ger prepare source=` linked this layout to (LAYOUT_SOURCES).
+    """
+    base = folder.resolve()  # the folder itself may be a link (media -> /mnt/big/...): that is the layout
+    lexical = Path(os.path.normpath(base / rel))
+    if not lexical.is_relative_to(base):
+        return None, f"sample {name!r} points outside the {what} folder {base}"
+    target = lexical.resolve()
+    if target.is_relative_to(base) or follow or any(target.is_relative_to(src) for src in sources):
+        return target, ""
+    return lexical, (
+        f"{lexical} is a symlink to {target}, outside the {what} folder {base}; "
+        "set follow_symlinks=true to read files through such links"
+    )
+
+
+def _media(
+    spec: DatasetSpec, root: Path, name: str, follow: bool, sources: tuple[Path, ...] = ()
+) -> tuple[Path | None, str]:
     rel = name if (spec.layout.media_kind == "frames" or Path(name).suffix) else name + spec.layout.extension
-    # normalised without following links, so media symlinked in by `ger prepare source=` stay inside
-    media_root = Path(os.path.abspath(root / spec.layout.media_dir))
-    path = Path(os.path.abspath(media_root / rel))
-    if not path.is_relative_to(media_root):
-        raise ValueError(f"sample {name!r} points outside the media folder {media_root}")
-    return path
+    return _locate(root / spec.layout.media_dir, rel, "media", follow, name, sources)
 
 
-def transcript_path(spec: DatasetSpec, root: Path, name: str) -> Path | None:
+def _transcript(
+    spec: DatasetSpec, root: Path, name: str, follow: bool, sources: tuple[Path, ...] = ()
+) -> tuple[Path | None, str]:
     if not spec.layout.transcript_dir:
-        return None
-    folder = Path(os.path.abspath(root / spec.layout.transcript_dir))
-    path = Path(os.path.abspath(folder / (Path(name).stem + spec.layout.transcript_ext)))
-    if not path.is_relative_to(folder):
-        raise ValueError(f"sample {name!r} points outside the transcript folder {folder}")
+        return None, ""
+    rel = Path(name).stem + spec.layout.transcript_ext
+    return _locate(root / spec.layout.transcript_dir, rel, "transcript", follow, name, sources)
+
+
+def media_path(spec: DatasetSpec, root: Path, name: str, follow_symlinks: bool = False) -> Path:
+    """The media file or frames folder for sample `name`, kept inside the dataset root."""
+    path, problem = _media(spec, root, name, follow_symlinks)
+    if problem or path is None:
+        raise ValueError(problem)
     return path
 
 
-def load_samples(spec: DatasetSpec, data_root: str | Path) -> list[Sample]:
-    """The test set's samples, in label-list order. Path problems raise; unreadable media are the loader's."""
+def transcript_path(spec: DatasetSpec, root: Path, name: str, follow_symlinks: bool = False) -> Path | None:
+    path, problem = _transcript(spec, root, name, follow_symlinks)
+    if problem:
+        raise ValueError(problem)
+    return path
+
+
+def _sample(
+    spec: DatasetSpec, root: Path, row: tuple[int, str, str], follow: bool, sources: tuple[Path, ...]
+) -> Sample:
+    """One Sample; a path problem is kept on it (Sample.problem) so every problem can be listed."""
+    line, name, gt = row
+    media, problem = _media(spec, root, name, follow, sources)
+    transcript, t_problem = _transcript(spec, root, name, follow, sources) if media is not None else (None, "")
+    if transcript is None and t_problem:
+        media = None  # the name leaves the transcript folder: a label-list problem
+    problems = "; ".join(x for x in (problem, t_problem) if x)
+    return Sample(spec.key, name, gt, media, transcript, line, problems)
+
+
+def load_samples(spec: DatasetSpec, data_root: str | Path, follow_symlinks: bool = False) -> list[Sample]:
+    """The test set's samples, in label-list order.
+
+    A file that cannot be read at all raises LabelListError. Path problems do not raise: they are
+    kept on the sample (Sample.problem), so the checks list every one of them with its line.
+    """
     root = spec.root(data_root)
-    rows = read_label_list(root / spec.layout.label_file)
-    return [
-        Sample(spec.key, name, gt, media_path(spec, root, name), transcript_path(spec, root, name))
-        for name, gt in rows
-    ]
+    rows = read_label_rows(root / spec.layout.label_file)
+    sources = layout_sources(root)
+    return [_sample(spec, root, row, follow_symlinks, sources) for row in rows]

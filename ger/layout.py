@@ -21,6 +21,7 @@ from omegaconf import DictConfig
 
 from ger.config import plain
 from ger.datasets import (
+    LAYOUT_SOURCES,
     DatasetSpec,
     load_samples,
     media_path,
@@ -177,6 +178,7 @@ def write_layout(
     target: Path,
     copy: bool,
     overwrite: bool,
+    source: Path,
 ) -> None:
     """Build the layout beside `target` and rename it into place: a reader never sees half of it."""
     if target.exists() and not overwrite:
@@ -188,6 +190,8 @@ def write_layout(
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the layout is an ordinary folder
     try:
         _write_label_list(tmp / spec.layout.label_file, rows)
+        if not copy:  # the links lead into the raw download: record it so the checks accept them
+            (tmp / LAYOUT_SOURCES).write_text(f"{source.resolve()}\n", encoding="utf-8")
         (tmp / spec.layout.media_dir).mkdir(parents=True, exist_ok=True)
         for name, entry in report.found.items():
             _place(entry, media_path(spec, tmp, name), copy)
@@ -262,7 +266,7 @@ def _prepare_from_raw(cfg: DictConfig) -> int:
         return 1
     data_root = Path(str(cfg.data_root)).expanduser()
     target = spec.root(data_root)
-    write_layout(spec, rows, report, target, bool(cfg.get("copy")), bool(cfg.get("overwrite")))
+    write_layout(spec, rows, report, target, bool(cfg.get("copy")), bool(cfg.get("overwrite")), index.root)
     print(
         f"laid out {len(report.found)} samples under {target} ({'copies' if cfg.get('copy') else 'symlinks'})"
     )

@@ -9,8 +9,12 @@ release did.
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import io
+import logging
 import math
+import pickle
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -26,6 +30,7 @@ SAMPLERS = ("paper", "uniform")
 MEDIA_KINDS = ("image", "video", "frames")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
 TRANSCRIPT_EXTENSIONS = (".npy", ".txt")
+log = logging.getLogger("ger")
 _HASH_VERSION = b"ger-media-v1"  # bump when the meaning of content_hash changes
 
 # (resolved path, size, mtime_ns) -> sha256 hex; file bytes are hashed once per process.
@@ -56,14 +61,44 @@ def to_greyscale(image: Image.Image) -> Image.Image:
     return image.convert("L").convert("RGB")
 
 
+def _high_depth_to_8bit(im: Image.Image, path: Path) -> Image.Image:
+    """16-bit and 32-bit grey (modes I;16*, I, F) scaled to 8 bits; convert("RGB") would clip them to white.
+
+    Pillow opens a 16-bit grey PNG or TIFF as I;16 (0-65535) and already reduces 48/64-bit colour
+    to 8 bits per channel; modes I and F carry no declared range, so theirs is inferred.
+    """
+    import numpy as np
+    from PIL import Image
+
+    arr = np.asarray(im)
+    if im.mode.startswith("I;16"):
+        scaled = (arr.astype(np.uint32) * 255 + 32767) // 65535  # rounded v / 257
+    else:
+        a = arr.astype(np.float64)
+        lo, hi = float(a.min()), float(a.max())
+        if im.mode == "F" and lo >= 0 and hi <= 1:
+            top = 1.0
+        elif lo >= 0 and hi <= 255:
+            top = 255.0
+        elif lo >= 0 and hi <= 65535:
+            top = 65535.0
+        else:
+            log.warning("image %s (mode %s) has values %s..%s; stretched to 0..255", path, im.mode, lo, hi)
+            a, top = a - lo, max(hi - lo, 1.0)
+        scaled = np.rint(a * (255.0 / top))
+    return Image.fromarray(np.clip(scaled, 0, 255).astype(np.uint8), mode="L")
+
+
 def load_image(path: Path | str, greyscale: bool = False) -> Image.Image:
-    """Decode an image fully (truncation surfaces here, not inside a backend) as RGB."""
+    """Decode an image fully (truncation surfaces here, not inside a backend) as 8-bit RGB."""
     from PIL import Image
 
     p = _require_file(path, "image")
     try:
         with Image.open(p) as im:
             im.load()  # Image.open is lazy; force the full decode so truncated files fail now
+            if im.mode.startswith("I") or im.mode == "F":
+                im = _high_depth_to_8bit(im, p)
             rgb = im.convert("RGB")
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise MediaError(f"cannot decode image {p}: {e}") from e
@@ -202,15 +237,70 @@ def make_grid(images: Sequence[Image.Image], rows: int | None = None, cols: int 
 # ---------------------------------------------------------------- transcripts
 
 
+@functools.lru_cache(maxsize=1)
+def _numpy_globals() -> dict[tuple[str, str], Any]:
+    """The only callables an object-array .npy may name: numpy's own array and scalar rebuilders.
+
+    np.save pickles an object array as `_reconstruct(ndarray, ...)` + `dtype(...)` + its items;
+    items that are numpy strings add `scalar(dtype, bytes)`. None of these can run other code.
+    """
+    import numpy as np
+
+    core = np._core if hasattr(np, "_core") else np.core  # numpy 2 moved numpy.core to numpy._core
+    allowed: dict[tuple[str, str], Any] = {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype}
+    for module in ("numpy.core.multiarray", "numpy._core.multiarray"):  # files written by numpy 1 or 2
+        allowed[(module, "_reconstruct")] = core.multiarray._reconstruct
+        allowed[(module, "scalar")] = core.multiarray.scalar
+    for module in ("numpy.core.numeric", "numpy._core.numeric"):
+        allowed[(module, "_frombuffer")] = core.numeric._frombuffer
+    return allowed
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+    """An unpickler that builds numpy arrays of plain Python values and refuses every other global,
+    so a crafted transcript cannot call os.system, eval, subprocess or anything else."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        allowed = _numpy_globals()
+        if (module, name) not in allowed:
+            raise pickle.UnpicklingError(f"refused to load {module}.{name}")
+        return allowed[(module, name)]
+
+
+def _read_npy(p: Path) -> Any:
+    """np.load without allow_pickle; an object array goes through _ArrayUnpickler instead."""
+    import numpy as np
+
+    data = p.read_bytes()
+    if not data.startswith(b"\x93NUMPY"):
+        return np.load(io.BytesIO(data), allow_pickle=False)  # a .npz archive, or numpy's own error
+    f = io.BytesIO(data)
+    version = np.lib.format.read_magic(f)
+    fmt = np.lib.format
+    read_header = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
+    shape, _, dtype = read_header(f)  # parses the header literal safely (ast.literal_eval)
+    if not dtype.hasobject:
+        return np.load(io.BytesIO(data), allow_pickle=False)
+    try:
+        arr = _ArrayUnpickler(f).load()
+    except pickle.UnpicklingError as e:
+        raise MediaError(
+            f"transcript {p} holds a pickle that is not a plain array of strings ({e}); "
+            "ger never runs code from data files: save the transcript as a string array (np.save(path, "
+            "np.array(text))) or as a .txt file"
+        ) from None
+    if not isinstance(arr, np.ndarray) or arr.shape != shape:
+        raise MediaError(f"transcript {p}: the pickled data is not the {shape} array its header announces")
+    return arr
+
+
 def _npy_text(p: Path) -> str:
     import numpy as np
 
     try:
-        try:
-            arr = np.load(p, allow_pickle=False)
-        except ValueError:
-            # the release stores some transcripts as object arrays; only then allow pickle
-            arr = np.load(p, allow_pickle=True)
+        arr = _read_npy(p)
+    except MediaError:
+        raise
     except Exception as e:
         raise MediaError(f"cannot read transcript {p}: {e}") from e
     if not isinstance(arr, np.ndarray):
@@ -223,17 +313,24 @@ def _npy_text(p: Path) -> str:
 
 
 def load_transcript(path: Path | str) -> str:
-    """The transcript text of a sample, from a `.npy` (as in the release) or `.txt` file."""
+    """The transcript text of a sample, from a `.npy` (as in the release) or `.txt` file.
+
+    A transcript with no text raises: the prompt would ask about words that are not there.
+    """
     p = Path(path)
     if p.suffix.lower() not in TRANSCRIPT_EXTENSIONS:
         raise MediaError(f"unsupported transcript file {p}; expected one of {list(TRANSCRIPT_EXTENSIONS)}")
     _require_file(p, "transcript")
     if p.suffix.lower() == ".npy":
-        return _npy_text(p)
-    try:
-        return p.read_text(encoding="utf-8").strip()
-    except (OSError, UnicodeDecodeError) as e:
-        raise MediaError(f"cannot read transcript {p}: {e}") from e
+        text = _npy_text(p)
+    else:
+        try:
+            text = p.read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as e:
+            raise MediaError(f"cannot read transcript {p}: {e}") from e
+    if not text:
+        raise MediaError(f"transcript is empty (no text, only whitespace): {p}")
+    return text
 
 
 # ---------------------------------------------------------------- hashing and the loader
@@ -275,6 +372,8 @@ def load_sample(
     """Decode what the prompt will show of one sample; raises MediaError when it cannot."""
     if media_kind not in MEDIA_KINDS:
         raise ValueError(f"unknown media kind {media_kind!r}; expected one of {list(MEDIA_KINDS)}")
+    if sample.problem:  # the manifest found the path unusable (e.g. a link out of the data root)
+        raise MediaError(sample.problem)
     loaded = LoadedSample(sample=sample)
     files: list[Path] = []
     if with_visual:

@@ -9,6 +9,7 @@ outside the label set, or that is empty or missing, is kept and scored wrong.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -146,7 +147,9 @@ def _continuous(preds: list[Prediction], spec: DatasetSpec) -> Outcome:
         try:
             value = float(p.gt)
         except ValueError:
-            raise ValueError(f"{spec.key}: ground truth {p.gt!r} of {p.name!r} is not a number") from None
+            value = math.nan
+        if not math.isfinite(value):  # nan/inf are no sentiment (and nan > 0 is False: "negative")
+            raise ValueError(f"{spec.key}: ground truth {p.gt!r} of {p.name!r} is not a finite number")
         if value == 0:
             dropped += 1
             continue

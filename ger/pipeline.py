@@ -23,6 +23,7 @@ from ger.config import plain
 from ger.datasets import DatasetSpec, load_samples, spec_from_dict
 from ger.media import MediaError, load_sample
 from ger.models import resolve_model
+from ger.options import check_option, check_options
 from ger.parse import LabelMatcher, parse_ranked
 from ger.prompts import build_request
 from ger.records import ERROR, LoadedSample, Prediction, Request, Sample
@@ -45,8 +46,23 @@ def resolve_spec(cfg: DictConfig) -> tuple[DatasetSpec, Path]:
     return spec, data_root
 
 
+def label_file(spec: DatasetSpec, data_root: Path) -> str:
+    """The label list's path as problems are reported against it."""
+    return str(spec.root(data_root) / spec.layout.label_file)
+
+
+def read_samples(cfg: DictConfig, spec: DatasetSpec, data_root: Path) -> list[Sample]:
+    """The label list's samples; links out of the data root are followed only with follow_symlinks=true."""
+    return load_samples(spec, data_root, follow_symlinks=bool(cfg.get("follow_symlinks", False)))
+
+
 def select(samples: list[Sample], limit: int | None, shard: str | None) -> list[Sample]:
-    """`shard=i/n` keeps every n-th sample from i (one engine per GPU); `limit` keeps the first N."""
+    """`shard=i/n` keeps every n-th sample from i (one engine per GPU); `limit` keeps the first N.
+
+    limit=0 or a negative limit is an error, not "everything" or "all but the last": a smoke test
+    that silently ran the whole set (or dropped samples) would be worse than no run.
+    """
+    check_option("limit", limit)
     if shard:
         try:
             i, n = (int(x) for x in str(shard).split("/"))
@@ -54,7 +70,7 @@ def select(samples: list[Sample], limit: int | None, shard: str | None) -> list[
         except (ValueError, AssertionError):
             raise ValueError(f"shard must look like i/n with 0 <= i < n, got {shard!r}") from None
         samples = samples[i::n]
-    return samples[: int(limit)] if limit else samples
+    return samples if limit is None else samples[:limit]
 
 
 def modality_plan(cfg: DictConfig, spec: DatasetSpec) -> tuple[str, str]:
@@ -122,11 +138,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     from hydra.core.hydra_config import HydraConfig
 
     out = Path(HydraConfig.get().runtime.output_dir)
+    check_options(cfg)
     spec, data_root = resolve_spec(cfg)
     modality, template_name = modality_plan(cfg, spec)
     template = select_template(template_name, spec.labels, cfg.prompt_source, cfg.release_dir)
-    samples = select(load_samples(spec, data_root), cfg.limit, cfg.shard)
-    check_dataset(spec, samples, media=False).raise_for_labels()
+    samples = select(read_samples(cfg, spec, data_root), cfg.limit, cfg.shard)
+    check_dataset(spec, samples, media=False, label_file=label_file(spec, data_root)).raise_for_labels()
     model = resolve_model(cfg.model, cfg.cache_dir)
     loaded, errors = load_media(cfg, spec, samples, modality)
 
@@ -210,14 +227,20 @@ def predict(cfg: DictConfig, spec: DatasetSpec, loaded: list[LoadedSample], requ
 
 def prepare(cfg: DictConfig) -> None:
     """Check a dataset on disk; exit non-zero listing the first problems. `source=`: lay it out first."""
+    check_options(cfg)
     if cfg.get("source"):
         from ger.layout import prepare_from_raw
 
         sys.exit(prepare_from_raw(cfg))
     spec, data_root = resolve_spec(cfg)
-    samples = load_samples(spec, data_root)
+    samples = read_samples(cfg, spec, data_root)
     report = check_dataset(
-        spec, samples, media=True, progress=cfg.progress, transcripts=spec.modality == "video+text"
+        spec,
+        samples,
+        media=True,
+        progress=cfg.progress,
+        transcripts=spec.modality == "video+text",
+        label_file=label_file(spec, data_root),
     )
     print(report.summary())
     if report.problems:

@@ -7,7 +7,7 @@ import io
 from pathlib import Path
 
 from ger.files import atomic_write_text
-from ger.records import Prediction
+from ger.records import STATUSES, Prediction
 
 COLUMNS = ["name", "gt", "prediction", "top1", "status", "response_key", "detail"]
 
@@ -29,6 +29,14 @@ def read_predictions(path: Path) -> list[Prediction]:
         missing = set(COLUMNS[:5]) - set(reader.fieldnames or [])
         if missing:
             raise ValueError(f"{path}: not a ger predictions file (missing columns {sorted(missing)})")
+        rows = []
+        for row in reader:  # a cut or edited file: too few or too many fields, or a partial status
+            if None in row.values() or None in row or row["status"] not in STATUSES:
+                raise ValueError(
+                    f"{path}:{reader.line_num}: incomplete row (status {row['status']!r}); "
+                    "truncated? rerun or restore the file"
+                )
+            rows.append(row)
         return [
             Prediction(
                 name=row["name"],
@@ -38,5 +46,5 @@ def read_predictions(path: Path) -> list[Prediction]:
                 response_key=row.get("response_key") or "",
                 detail=row.get("detail") or "",
             )
-            for row in reader
+            for row in rows
         ]

@@ -28,6 +28,10 @@ class Sample:
     gt: str  # raw label text; a continuous score stays a string ("-1.6") until scoring
     media: Path | None = None  # image file, video file or folder of frames
     transcript: Path | None = None
+    line: int = 0  # line of the label list (0: not from one), for error messages
+    # Why the manifest cannot give this sample's files; with media None the label list itself is
+    # wrong (a name leaving the dataset folder), else the file is (a link out of the data root).
+    problem: str = ""
 
 
 @dataclass

@@ -336,7 +336,24 @@ def build_report(
     report.ablations = _compare_all(paper_ablations(runs), n_boot, seed)
     if sides:
         report.comparisons = _compare_all(pair_runs(*sides), n_boot, seed)
+        _warn_unpaired(pair or (), sides)
     return report
+
+
+def _warn_unpaired(pair: tuple[Path, ...], sides: list[list[Run]]) -> None:
+    """--compare A B where a test set of one side has no run in the other: say so, never stay silent."""
+    sets = [{r.test_set for r in side} for side in sides]
+    for i, (path, own) in enumerate(zip(pair, sets, strict=True)):
+        if not sides[i]:
+            print(f"warning: --compare: no usable run under {path}; nothing compared", file=sys.stderr)
+            return
+        alone = sorted(own - sets[1 - i])
+        if alone:
+            print(
+                f"warning: --compare: {path} has runs on {', '.join(alone)} that {pair[1 - i]} lacks "
+                f"(it has {', '.join(sorted(sets[1 - i])) or 'none'}); those are not compared",
+                file=sys.stderr,
+            )
 
 
 def _compare_all(pairs: list[tuple[Run, Run]], n_boot: int, seed: int) -> list[Comparison]:

@@ -6,6 +6,7 @@ multirun job, or one of the GPT-4V release runs that `ger reproduce` writes.
 
 from __future__ import annotations
 
+import csv
 import json
 import sys
 from dataclasses import dataclass, field
@@ -107,8 +108,25 @@ def _read_config(folder: Path) -> dict[str, Any]:
 
 def load_run(folder: Path) -> Run:
     metrics = json.loads((folder / "metrics.json").read_text())
+    if not isinstance(metrics, dict):
+        raise ValueError(f"{folder / 'metrics.json'} holds no JSON object")
     preds = read_predictions(folder / "predictions.csv")
+    if not preds:
+        raise ValueError(f"{folder / 'predictions.csv'} holds no predictions (only a header)")
     return Run(folder, metrics, preds, _read_overrides(folder, metrics), _read_config(folder))
+
+
+def check_run(run: Run) -> None:
+    """Score the run once (raises on a ground truth its dataset cannot score); warn when the
+    predictions hold another n than metrics.json says, as after a truncation at a row boundary."""
+    n = len(run.outcome.y_true)
+    saved = run.metrics.get("n")
+    if isinstance(saved, int) and saved != n:
+        print(
+            f"warning: {run.path}: predictions.csv gives n={n} but metrics.json says n={saved} "
+            f"(truncated or edited?); reported with n={n}",
+            file=sys.stderr,
+        )
 
 
 def find_runs(paths: list[Path]) -> list[Run]:
@@ -122,11 +140,12 @@ def find_runs(paths: list[Path]) -> list[Run]:
                 folders.setdefault(found.parent.resolve(), found.parent)
     runs = []
     for folder in folders.values():
-        try:
+        try:  # one bad run folder is skipped with a warning; the others still make the report
             run = load_run(folder)
             run.spec  # noqa: B018  # fail here, per run, on an unknown test set
+            check_run(run)
             runs.append(run)
-        except (ValueError, KeyError, json.JSONDecodeError) as err:
+        except (ValueError, KeyError, TypeError, OSError, csv.Error, yaml.YAMLError) as err:
             print(f"warning: skipped {folder}: {err}", file=sys.stderr)
     return runs
 
