@@ -296,7 +296,9 @@ def _sample(
     """One Sample; a path problem is kept on it (Sample.problem) so every problem can be listed."""
     line, name, gt = row
     media, problem = _media(spec, root, name, follow, sources)
-    transcript, t_problem = _transcript(spec, root, name, follow, sources) if media is not None else (None, "")
+    transcript, t_problem = (
+        _transcript(spec, root, name, follow, sources) if media is not None else (None, "")
+    )
     if transcript is None and t_problem:
         media = None  # the name leaves the transcript folder: a label-list problem
     problems = "; ".join(x for x in (problem, t_problem) if x)
