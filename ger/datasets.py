@@ -251,8 +251,10 @@ def _locate(
     if not lexical.is_relative_to(base):
         return None, f"sample {name!r} points outside the {what} folder {base}"
     target = lexical.resolve()
-    if target.is_relative_to(base) or follow or any(target.is_relative_to(src) for src in sources):
+    if target.is_relative_to(base) or follow:
         return target, ""
+    if any(target.is_relative_to(src) for src in sources):
+        return lexical, ""  # the layout's own link, as `ger prepare source=` placed it
     return lexical, (
         f"{lexical} is a symlink to {target}, outside the {what} folder {base}; "
         "set follow_symlinks=true to read files through such links"
