@@ -74,6 +74,8 @@ class DatasetSpec:
     # Ground-truth spellings that are valid classes but not offered to the model (MER2023's
     # label list says `surprise` where the prompt says `surprised`; the paper scored them apart).
     gt_only_labels: list[str] = field(default_factory=list)
+    # Other words a careful reader takes for a label (`joy` for happy); read by the fair answer reader.
+    aliases: dict[str, list[str]] = field(default_factory=dict)
 
     @property
     def gt_labels(self) -> list[str]:
@@ -126,7 +128,18 @@ def spec_from_dict(data: dict[str, Any]) -> DatasetSpec:
         ),
         demo=bool(data.get("demo", False)),
         gt_only_labels=list(data.get("gt_only_labels") or []),
+        aliases=_aliases(data, key),
     )
+
+
+def _aliases(data: dict[str, Any], key: str) -> dict[str, list[str]]:
+    aliases = data.get("aliases") or {}
+    unknown = [label for label in aliases if label not in data["labels"]]
+    if unknown:
+        raise ValueError(
+            f"conf/dataset/{key}.yaml: aliases for {unknown}, which are not in labels {data['labels']}"
+        )
+    return {str(label): [str(form) for form in forms or []] for label, forms in aliases.items()}
 
 
 def load_spec(key: str) -> DatasetSpec:
