@@ -25,7 +25,8 @@ _NEGATORS = {"not", "no", "never", "without", "neither", "nor", "nothing", "none
 _NEGATOR_PHRASES = (("rather", "than"), ("instead", "of"), ("as", "opposed", "to"), ("other", "than"))
 _NOT_NEGATING = {"doubt", "question", "only", "mistaking", "wonder"}  # "no doubt she is happy"
 _CLAUSE_WORDS = {"but", "however", "yet", "although", "though", "whereas", "while", "instead", "rather"}
-_COORDINATORS = {"or", "and", "nor", "and/or", ""}
+_JOINERS = {"or", "and", "nor"}
+_COORDINATORS = {*_JOINERS, ""}
 _CONCESSIVE = {"although", "though", "whereas", "while", "despite", "except"}
 _HEDGES = {"hint", "touch", "trace", "tinge", "bit", "slight", "slightly", "possibly", "perhaps", "maybe",
            "might", "could", "may", "also", "some", "secondary", "undertone", "undertones"}  # fmt: skip
@@ -129,15 +130,19 @@ class LabelMatcher:
         tokens = _tokens_with_breaks(text)
         folded = [fold(t) if t else "" for t in tokens]
         found: list[Mention] = []
+        seen = list(
+            tokens
+        )  # tokens with the mentions found so far masked: "neither ... nor" in a phrase denies nothing
         i = end = 0
         while i < len(tokens):
             for n in range(min(self._longest, len(tokens) - i), 0, -1):
                 label = self._phrases.get(tuple(folded[i : i + n])) if all(tokens[i : i + n]) else None
-                if label is not None and self._counts_in_prose(tokens, i, n):
-                    hedged = _hedged(tokens, i)
+                if label is not None and _counts_in_prose(tokens, i, n):
+                    hedged = _hedged(seen, i)
                     if found and set(tokens[end:i]) <= _COORDINATORS and i - end <= 3:
                         hedged = found[-1].hedged  # "could be anger or disgust": both alike, a tie
-                    found.append(Mention(label, i, _negated(tokens, i), hedged))
+                    found.append(Mention(label, i, _negated(seen, i), hedged))
+                    seen[i : i + n] = ["·"] * n
                     i += n
                     end = i
                     break
@@ -145,11 +150,14 @@ class LabelMatcher:
                 i += 1
         return found
 
-    @staticmethod
-    def _counts_in_prose(tokens: list[str], i: int, n: int) -> bool:
-        if n > 1 or tokens[i] not in _COMMON_WORDS:
-            return True
-        return i > 0 and tokens[i - 1] in _COPULAS
+
+def _counts_in_prose(tokens: list[str], i: int, n: int) -> bool:
+    """A common word (`other`, `content`) names its label only after a copula or beside another label."""
+    if tokens[i] not in _COMMON_WORDS:  # "other emotions are hard to read" names no label
+        return True
+    before = tokens[i - 1] if i > 0 else ""
+    after = tokens[i + n] if i + n < len(tokens) else ""
+    return before in _COPULAS or before in _JOINERS or after in _JOINERS
 
 
 def _tokens_with_breaks(text: str) -> list[str]:

@@ -41,7 +41,9 @@ _LINE_MARKER = re.compile(
     rf"^[ \t>#*_\-•]*{_MARKER_WORDS}[ \t*_]*(?:[:：=][ \t*_]*|$)", re.IGNORECASE | re.MULTILINE
 )
 _FENCE = re.compile(r"```[\w-]*")
-_ENUM_LINE = re.compile(r"^\s*(?:\(?\d{1,2}[.):]|[-*•+]|[a-e][.)])\s+")
+_ENUM_LINE = re.compile(r"^\s*(?:\(?\d{1,2}[.):]|[-*•+]|[a-eA-E][.)])\s+")
+_INLINE_ENUM = re.compile(r"(?:^|\s)\(?\d{1,2}[.)]\s+")  # "1) Sad 2) Neutral 3) Fear" on one line
+_SCORE = re.compile(r"(\d{1,3}(?:\.\d+)?)\s*%|(?<![\d.])(0?\.\d+|1\.0+)(?![\d.])")
 _SPLIT = re.compile(r"[,;\n|>]+|\s+[-–—]\s+")
 _HEAD_CUT = re.compile(
     r"\s*[(\[:,]|\s+[-–—]\s+|\s+(?:because|as|since|due\s+to|given|based\s+on|with|indicating|suggesting"
@@ -154,13 +156,23 @@ def read_items(items: list[str], matcher: LabelMatcher, *, need_bare: bool = Fal
     None when no entry names a label, or (`need_bare`, for text split at commas) when no
     entry is a bare label, so that a sentence with a comma is not taken for a list.
     """
-    items = [i for i in items if i and i.strip()]
+    items = _by_score([i for i in items if i and i.strip()], matcher)
     reads = [read_item(i, matcher) for i in items]
     if not any(label or tied for label, tied, _ in reads) or (need_bare and not any(b for *_, b in reads)):
         return None
     ranked = list(dict.fromkeys(label for label, _, _ in reads if label))
     top, tied, _ = reads[0]
     return Reading(ranked, _strip_item(items[0]) or items[0].strip(), top, tied)
+
+
+def _by_score(items: list[str], matcher: LabelMatcher) -> list[str]:
+    """Items ordered by the probability or percentage each carries, when every label item has one."""
+    scored = [(i, _SCORE.search(_strip_item(i))) for i in items]
+    labelled = [m for i, m in scored if read_item(i, matcher)[0] is not None]
+    if len(labelled) < 2 or not all(labelled):
+        return items
+    value = {i: float(m.group(1) or m.group(2)) if m else -1.0 for i, m in scored}
+    return sorted(items, key=lambda i: -value[i])  # stable: ties keep the answer's order
 
 
 def _is_short(item: str) -> bool:
@@ -171,7 +183,9 @@ def _is_short(item: str) -> bool:
 def _clean_lines(text: str, matcher: LabelMatcher) -> list[str]:
     """Lines without fences, heading marks, intros ("Here is my ranking:") or label-free `key:` prefixes."""
     out = []
-    for raw in _FENCE.sub("\n", _INTRO.sub("", text.strip())).splitlines():
+    text = _FENCE.sub("\n", _INTRO.sub("", text.strip()))
+    split = [part for raw in text.splitlines() for part in _inline_entries(raw)]
+    for raw in split:
         line = raw.strip().lstrip("#>").strip()
         pre, colon, post = line.partition(":")
         if colon and not _ENUM_LINE.match(line) and not matcher.mentions(pre) and matcher.match(pre) is None:
@@ -181,6 +195,15 @@ def _clean_lines(text: str, matcher: LabelMatcher) -> list[str]:
         if line.strip(" *_-=:"):
             out.append(line)
     return out
+
+
+def _inline_entries(line: str) -> list[str]:
+    """A line holding two or more numbered entries, one per entry (the number kept)."""
+    starts = [m.start() for m in _INLINE_ENUM.finditer(line)]
+    if len(starts) < 2:
+        return [line]
+    ends = [*starts[1:], len(line)]
+    return [line[: starts[0]]] + [line[a:b].strip() for a, b in zip(starts, ends, strict=True)]
 
 
 def read_text(text: str, matcher: LabelMatcher) -> Reading | None:

@@ -68,3 +68,65 @@ def test_strict_reading_of_the_corpus_is_what_the_release_scoring_did():
             assert fair.status == OK and fair.ranked[0] == strict.ranked[0], case
         fair_ok += fair.status == OK
     assert strict_ok < fair_ok / 2
+
+
+# ---------------------------------------------------------------- every label, in every wrapping
+
+WRAPPINGS = [
+    "{x}",
+    "**{x}**",
+    "Answer: {x}",
+    "**Emotion:** {x}.",
+    "The emotion is {x}.",
+    "The person appears to be {x}.",
+    "### Final Answer\n{x}",
+    "<think>\nLet me look at the face and the context carefully.\n</think>\n\n{x}",
+    "1. {x}\n2. {y}",
+    "- {x}: the clearest cue\n- {y}",
+    '```json\n{{"emotion": "{x}"}}\n```',
+    "{x}\n\nThe expression and the setting both point to this.",
+]
+TIES = ["{x} or {y}", "It could be {x} or {y}.", "{x} and {y} are equally likely."]
+
+
+def forms(spec) -> list[tuple[str, str]]:
+    """(label, a way to write it): the label, upper and lower case, and each alias."""
+    out = []
+    for label in spec.labels:
+        for form in {label, label.lower(), label.upper(), *spec.aliases.get(label, [])}:
+            out.append((label, form))
+    return out
+
+
+@pytest.mark.parametrize("spec", all_specs(include_demo=True), ids=lambda s: s.key)
+def test_every_label_and_alias_is_read_in_every_wrapping(spec):
+    m = matcher(spec.key)
+    for label, form in forms(spec):
+        other = next(x for x in spec.labels if x != label)
+        for wrapping in WRAPPINGS:
+            text = wrapping.format(x=form, y=other)
+            result = parse_ranked(text, m)
+            assert (result.status, result.ranked[:1]) == (OK, [label]), (text, result)
+
+
+@pytest.mark.parametrize("spec", all_specs(include_demo=True), ids=lambda s: s.key)
+def test_two_labels_named_alike_or_a_denied_label_are_never_read(spec):
+    m = matcher(spec.key)
+    for label, form in forms(spec):
+        for other in (x for x in spec.labels if x != label):
+            for tie in TIES:
+                result = parse_ranked(tie.format(x=form, y=other), m)
+                assert result.status == UNKNOWN_LABEL, (tie.format(x=form, y=other), result)
+        for denial in (f"not {form}", f"The person is not {form}."):
+            assert parse_ranked(denial, m).status == UNKNOWN_LABEL, denial
+
+
+def test_alias_tables_name_labels_of_their_own_set_only():
+    for spec in all_specs(include_demo=True):
+        assert set(spec.aliases) <= set(spec.labels), spec.key
+        LabelMatcher(spec.labels, spec.aliases)  # raises when an alias names two labels
+
+
+def test_an_alias_for_two_labels_is_a_config_error():
+    with pytest.raises(ValueError, match="joy"):
+        LabelMatcher(["happy", "amusement"], {"happy": ["joy"], "amusement": ["joy"]})
