@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from ger.config import group_names, load_group_yaml
+from ger.matching import LabelMatcher
 from ger.records import Sample
 
 TASKS = ("facial", "sentiment", "micro", "dynamic", "multimodal")
@@ -139,7 +140,12 @@ def _aliases(data: dict[str, Any], key: str) -> dict[str, list[str]]:
         raise ValueError(
             f"conf/dataset/{key}.yaml: aliases for {unknown}, which are not in labels {data['labels']}"
         )
-    return {str(label): [str(form) for form in forms or []] for label, forms in aliases.items()}
+    table = {str(label): [str(form) for form in forms or []] for label, forms in aliases.items()}
+    try:
+        LabelMatcher(list(data["labels"]), table)  # one alias naming two labels fails here, not mid-run
+    except ValueError as exc:
+        raise ValueError(f"conf/dataset/{key}.yaml: {exc}") from None
+    return table
 
 
 def load_spec(key: str) -> DatasetSpec:

@@ -7,15 +7,20 @@ through parse_ranked with the test set's real label list and alias table from co
 
 from __future__ import annotations
 
+import csv
+import os
 from functools import cache
 from pathlib import Path
 
 import pytest
 import yaml
 
-from ger.datasets import all_specs, load_spec
+from ger.datasets import all_specs, load_spec, spec_from_dict
 from ger.parse import LabelMatcher, parse_ranked
 from ger.records import OK, UNKNOWN_LABEL
+from ger.reference import discover, spec_index
+
+REPO = Path(__file__).resolve().parents[1]
 
 CORPUS = yaml.safe_load((Path(__file__).parent / "data" / "answer_corpus.yaml").read_text(encoding="utf-8"))
 
@@ -127,6 +132,31 @@ def test_alias_tables_name_labels_of_their_own_set_only():
         LabelMatcher(spec.labels, spec.aliases)  # raises when an alias names two labels
 
 
-def test_an_alias_for_two_labels_is_a_config_error():
-    with pytest.raises(ValueError, match="joy"):
-        LabelMatcher(["happy", "amusement"], {"happy": ["joy"], "amusement": ["joy"]})
+def test_an_alias_for_two_labels_is_a_config_error_naming_the_file():
+    data = yaml.safe_load((Path(__file__).parents[1] / "conf/dataset/abstract.yaml").read_text())
+    data["aliases"]["Sad"] = ["fun"]  # already Amusement's
+    with pytest.raises(ValueError, match=r"abstract\.yaml.*'fun'"):
+        spec_from_dict(data)
+    data["aliases"] = {"Joy": ["glad"]}
+    with pytest.raises(ValueError, match=r"abstract\.yaml.*Joy"):
+        spec_from_dict(data)
+
+
+def test_the_fair_reader_reads_every_released_gpt4v_answer_as_the_strict_one():
+    """The paper's numbers come from the strict reading; the fair one agrees on all 40k released
+    answers, so the choice of reader cannot move a reproduced number."""
+    ref = Path(os.environ.get("GER_REFERENCE_DIR", REPO.parent / "shared/reference/gpt4v-emotion/results"))
+    if not ref.is_dir():
+        pytest.fail(f"the released GPT-4V results are missing at {ref}; set GER_REFERENCE_DIR")
+    index, rows = spec_index(all_specs()), 0
+    for rf in discover(ref):
+        spec = index.get((rf.folder, rf.variant))
+        if spec is None:
+            continue
+        strict, fair = LabelMatcher(spec.labels, strict=True), matcher(spec.key)
+        with rf.path.open(newline="", encoding="utf-8") as f:
+            for row in csv.DictReader(f):
+                a, b = parse_ranked(row["gpt4v"], strict), parse_ranked(row["gpt4v"], fair)
+                assert (a.status, a.ranked[:1]) == (b.status, b.ranked[:1]), (rf.path.name, row)
+                rows += 1
+    assert rows > 40_000
