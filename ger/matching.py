@@ -25,6 +25,7 @@ _NEGATORS = {"not", "no", "never", "without", "neither", "nor", "nothing", "none
 _NEGATOR_PHRASES = (("rather", "than"), ("instead", "of"), ("as", "opposed", "to"), ("other", "than"))
 _NOT_NEGATING = {"doubt", "question", "only", "mistaking", "wonder"}  # "no doubt she is happy"
 _CLAUSE_WORDS = {"but", "however", "yet", "although", "though", "whereas", "while", "instead", "rather"}
+_SCOPE = 12  # words a negation or hedge reaches back; also keeps long run-on answers linear
 _JOINERS = {"or", "and", "nor"}
 _COORDINATORS = {*_JOINERS, ""}
 _CONCESSIVE = {"although", "though", "whereas", "while", "despite", "except"}
@@ -106,7 +107,7 @@ class LabelMatcher:
         if text in self._seen:  # answers repeat a handful of spellings: memoise (bounded)
             return self._seen[text]
         label = self._match(text)
-        if len(self._seen) < 10_000:
+        if len(self._seen) < 10_000 and len(text) <= 100:  # spellings, not whole answers
             self._seen[text] = label
         return label
 
@@ -170,9 +171,9 @@ def _tokens_with_breaks(text: str) -> list[str]:
 
 
 def _scope_start(tokens: list[str], i: int) -> int:
-    """Index of the first token of the clause that holds token i."""
-    j = i
-    while j > 0 and tokens[j - 1] and tokens[j - 1] not in _CLAUSE_WORDS:
+    """Index of the first token of the clause that holds token i (at most _SCOPE tokens back)."""
+    j, stop = i, max(0, i - _SCOPE)
+    while j > stop and tokens[j - 1] and tokens[j - 1] not in _CLAUSE_WORDS:
         j -= 1
     return j
 

@@ -3,7 +3,8 @@
 Open models wrap the label the paper asked for in markdown, sentences, lists and reasoning.
 The reader takes, in order: the text after any reasoning block; the explicit final answer
 when there is one (`\\boxed{}`, `<answer>`, "Final answer:", an `Answer:`/`Emotion:` line);
-then a ranked list (numbered, bulleted, delimited) whose order is the ranking; else a
+then a ranked list (numbered, bulleted, delimited) whose order is the ranking (or the
+probabilities its entries carry); else a
 bare label in the first or last sentence; else the label of the concluding sentence; else
 the one label the prose names. Two labels named equally ("happy or sad") and labels
 that are denied ("not happy") are never read as an answer: the result is then unknown.
