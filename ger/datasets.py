@@ -12,6 +12,7 @@ from typing import Any
 
 from ger.config import group_names, load_group_yaml
 from ger.errors import UserError
+from ger.matching import LabelMatcher
 from ger.records import Sample
 
 TASKS = ("facial", "sentiment", "micro", "dynamic", "multimodal")
@@ -81,6 +82,8 @@ class DatasetSpec:
     # Spellings scored as one class in the lenient view only (ger/views.py), e.g. MER2023's
     # {surprise: surprised}; the strict view (the paper's, and the default) keeps them apart.
     lenient_equivalents: dict[str, str] = field(default_factory=dict)
+    # Other words a careful reader takes for a label (`joy` for happy); read by the fair answer reader.
+    aliases: dict[str, list[str]] = field(default_factory=dict)
 
     @property
     def gt_labels(self) -> list[str]:
@@ -134,6 +137,7 @@ def spec_from_dict(data: dict[str, Any]) -> DatasetSpec:
         demo=bool(data.get("demo", False)),
         gt_only_labels=list(data.get("gt_only_labels") or []),
         lenient_equivalents=_equivalents(data, key),
+        aliases=_aliases(data, key),
     )
 
 
@@ -150,6 +154,21 @@ def _equivalents(data: dict[str, Any], key: str) -> dict[str, str]:
                 f"labels or gt_only_labels {valid}"
             )
     return {str(k): str(v) for k, v in raw.items()}
+
+
+def _aliases(data: dict[str, Any], key: str) -> dict[str, list[str]]:
+    aliases = data.get("aliases") or {}
+    unknown = [label for label in aliases if label not in data["labels"]]
+    if unknown:
+        raise ValueError(
+            f"conf/dataset/{key}.yaml: aliases for {unknown}, which are not in labels {data['labels']}"
+        )
+    table = {str(label): [str(form) for form in forms or []] for label, forms in aliases.items()}
+    try:
+        LabelMatcher(list(data["labels"]), table)  # one alias naming two labels fails here, not mid-run
+    except ValueError as exc:
+        raise ValueError(f"conf/dataset/{key}.yaml: {exc}") from None
+    return table
 
 
 def load_spec(key: str) -> DatasetSpec:

@@ -108,7 +108,8 @@ def _usable_top1(pred: Prediction, matcher: LabelMatcher) -> str | None:
 
 
 def _plain(preds: list[Prediction], spec: DatasetSpec) -> Outcome:
-    matcher, gt_matcher = LabelMatcher(spec.labels), LabelMatcher(spec.gt_labels)
+    # ground truth and stored top-1 are already label spellings: the paper's strict matching, no folding
+    matcher, gt_matcher = LabelMatcher(spec.labels, strict=True), LabelMatcher(spec.gt_labels, strict=True)
     y_true, y_pred, failures = [], [], 0
     for p in preds:
         gt = gt_matcher.match(p.gt)
@@ -125,7 +126,7 @@ def _plain(preds: list[Prediction], spec: DatasetSpec) -> Outcome:
 
 def _polarity(preds: list[Prediction], spec: DatasetSpec) -> Outcome:
     assert spec.polarity is not None
-    matcher = LabelMatcher(spec.labels)
+    matcher = LabelMatcher(spec.labels, strict=True)
     polarity = {normalise(k): v for k, v in spec.polarity.items()}
     y_true, y_pred, failures = [], [], 0
     for p in preds:
@@ -141,7 +142,7 @@ def _polarity(preds: list[Prediction], spec: DatasetSpec) -> Outcome:
 
 
 def _continuous(preds: list[Prediction], spec: DatasetSpec) -> Outcome:
-    matcher = LabelMatcher(spec.labels)
+    matcher = LabelMatcher(spec.labels, strict=True)
     names, y_true, y_pred, failures, dropped = [], [], [], 0, 0
     for p in preds:
         try:

@@ -1,9 +1,11 @@
 """Model text -> ranked labels, with the reason when it fails.
 
 The parser never raises and never guesses: a top-1 answer that is not in the label
-set is reported as `unknown_label` (scored wrong), an answer with nothing in it as
-`empty`. Labels are matched after folding case and whitespace, and a plural `s`
-(e.g. "Sadnesses" is not matched, "angers" -> "anger") when that is unambiguous.
+set, or that names two labels equally, is reported as `unknown_label` (scored wrong),
+an answer with nothing in it as `empty`. Model answers go through the fair reader
+(ger/reading.py: markdown, sentences, lists, reasoning blocks; the label set's aliases
+and word forms, ger/matching.py); a strict LabelMatcher keeps the reading the released
+GPT-4V files were scored with (case, whitespace and a plural `s`).
 """
 
 from __future__ import annotations
@@ -14,12 +16,18 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from ger.matching import LabelMatcher, normalise
+from ger.reading import Reading, final_part, read_items, read_text, strip_reasoning
 from ger.records import EMPTY, MISSING, OK, UNKNOWN_LABEL
+
+__all__ = ["BatchParse", "LabelMatcher", "ParseResult", "normalise", "parse_batch", "parse_ranked"]
 
 _SPLIT = re.compile(r"[,;\n|>]+|\s+-\s+")
 _ENUM = re.compile(r"^\s*(?:\d+[.):]|[-*•])\s*")
 _QUOTES = "'\"`“”‘’"
 _FENCE = re.compile(r"^```\w*\s*|\s*```$")
+_FENCE_ANY = re.compile(r"```[\w-]*")
+_ANSWER_KEY = re.compile(r"emotion|label|answer|result|rank|sentiment|predict|class", re.IGNORECASE)
 
 
 @dataclass
@@ -34,38 +42,6 @@ class BatchParse:
     results: dict[str, ParseResult]  # one entry per requested name
     n_records: int  # records found in the answer; != len(names) triggers the paper's split-and-retry
     unmatched: list[str] = field(default_factory=list)  # record names that match no requested sample
-
-
-def normalise(text: str) -> str:
-    """Case- and whitespace-folded form used for every label comparison."""
-    return " ".join(str(text).strip().strip(_QUOTES).strip().split()).casefold()
-
-
-class LabelMatcher:
-    """Maps free-form label text onto a label set's own spelling."""
-
-    def __init__(self, labels: list[str]):
-        self.labels = list(labels)
-        self._exact = {normalise(label): label for label in labels}
-        self._seen: dict[str, str | None] = {}
-
-    def match(self, text: str) -> str | None:
-        if text in self._seen:  # answers repeat a handful of spellings: memoise (bounded)
-            return self._seen[text]
-        label = self._match(text)
-        if len(self._seen) < 10_000:
-            self._seen[text] = label
-        return label
-
-    def _match(self, text: str) -> str | None:
-        key = normalise(text).rstrip(".!")
-        if key in self._exact:
-            return self._exact[key]
-        if key.endswith("s") and key[:-1] in self._exact:
-            return self._exact[key[:-1]]
-        if key.endswith("es") and key[:-2] in self._exact:
-            return self._exact[key[:-2]]
-        return None
 
 
 def _literal(text: str) -> Any:
@@ -124,9 +100,15 @@ def _clean_item(item: str) -> str:
 
 
 def parse_ranked(text: str | None, labels: list[str] | LabelMatcher) -> ParseResult:
-    """One sample's answer -> ranked labels. Never raises."""
+    """One sample's answer -> ranked labels. Never raises.
+
+    A strict matcher reads the release's comma-separated lists as the paper did; any
+    other goes through the fair reader.
+    """
     matcher = labels if isinstance(labels, LabelMatcher) else LabelMatcher(labels)
     try:
+        if not matcher.strict:
+            return _parse_fair(text or "", matcher)
         items = _candidate_items(text or "")
     except Exception as exc:  # noqa: BLE001 - the parser must never end a run
         return ParseResult([], EMPTY, f"unparseable answer: {exc!r}")
@@ -143,6 +125,47 @@ def parse_ranked(text: str | None, labels: list[str] | LabelMatcher) -> ParseRes
         raw = items[0][:80]
         return ParseResult([raw, *ranked], UNKNOWN_LABEL, f"top-1 {raw!r} not in label set")
     return ParseResult(ranked, OK)
+
+
+def _structured_items(text: str) -> list[str] | None:
+    """The items of a JSON / Python literal answer (fenced or not, or one bracketed list in prose)."""
+    body = _FENCE_ANY.sub("", text).strip()
+    value = _literal(body)
+    if value is None:
+        bracket = re.search(r"\[[^\[\]]*\]", body)
+        value = _literal(bracket.group(0)) if bracket else None
+        if bracket and value is None:
+            return bracket.group(0)[1:-1].split(",")
+    if isinstance(value, dict) and _items_from_value(value) is None:  # {"top_emotion": "happy", ...}
+        keys = [k for k in value if _ANSWER_KEY.search(str(k))]
+        value = value[keys[0]] if keys else None
+    items = _items_from_value(value) if value is not None else None
+    return [str(i) for i in items] if items else None
+
+
+def _read(text: str, matcher: LabelMatcher) -> Reading | None:
+    items = _structured_items(text)
+    reading = read_items(items, matcher) if items else None
+    return reading or read_text(text, matcher)
+
+
+def _parse_fair(text: str, matcher: LabelMatcher) -> ParseResult:
+    answer = strip_reasoning(text)
+    if not answer.strip():
+        return ParseResult([], EMPTY, "empty answer" if not text.strip() else "only reasoning, no answer")
+    final = final_part(answer)
+    reading = _read(final, matcher) or (_read(answer, matcher) if final != answer else None)
+    if reading is None:
+        raw = next(line.strip() for line in final.splitlines() + [answer] if line.strip())[:80]
+        raw = raw if raw not in matcher.labels else f"{raw!r}"
+        return ParseResult([raw], UNKNOWN_LABEL, f"top-1 {raw!r} names no label of the set")
+    raw = reading.top_text[:80] if reading.top_text not in matcher.labels else f"{reading.top_text!r}"
+    if reading.tied:
+        tied = " and ".join(reading.tied)
+        return ParseResult([raw], UNKNOWN_LABEL, f"names {tied} equally; read as neither")
+    if reading.top is None:
+        return ParseResult([raw, *reading.ranked], UNKNOWN_LABEL, f"top-1 {raw!r} not in label set")
+    return ParseResult(reading.ranked, OK)
 
 
 def name_key(name: str) -> str:

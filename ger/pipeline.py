@@ -193,7 +193,7 @@ def predict(cfg: DictConfig, spec: DatasetSpec, loaded: list[LoadedSample], requ
     if cfg.mode == "single":
         requests = [request_for((n,)) for n in names]
         answers = asker.ask(requests)
-        matcher = LabelMatcher(spec.labels)
+        matcher = LabelMatcher(spec.labels, spec.aliases)
         preds = []
         for req in requests:
             resp = answers[req.key]

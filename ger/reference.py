@@ -64,7 +64,7 @@ def spec_index(specs: list[DatasetSpec]) -> dict[tuple[str, str], DatasetSpec]:
 
 def read_release(path: Path, spec: DatasetSpec) -> list[Prediction]:
     """A released file (name,gt,gpt4v) as ger predictions; the ranked list goes through ger's parser."""
-    matcher = LabelMatcher(spec.labels)
+    matcher = LabelMatcher(spec.labels, strict=True)  # the paper's exact matching: its numbers depend on it
     preds, key = [], f"release:{path.parent.name}/{path.name}"
     with path.open(newline="", encoding="utf-8") as f:
         for row in csv.DictReader(f):

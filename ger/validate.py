@@ -83,7 +83,7 @@ def check_labels(spec: DatasetSpec, samples: list[Sample], label_file: str = "")
     """Labels, repeated names and path problems of a label list, each with file and line."""
     where = label_file or spec.layout.label_file
     report = DatasetReport(spec.key, len(samples))
-    matcher = LabelMatcher(spec.gt_labels)
+    matcher = LabelMatcher(spec.gt_labels, strict=True)  # a label list spells its classes exactly
     expected = "a finite number" if spec.scoring == "continuous" else f"one of {spec.gt_labels}"
     report.bad_labels = [
         f"{_where(where, s)}: {s.name}: {s.gt!r} is not {expected}"

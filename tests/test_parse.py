@@ -21,7 +21,8 @@ LABELS = ["happy", "sad", "neutral", "weakly positive", "Anger"]
         ("angers", ["Anger"], OK),  # plural
         ("happy, happy, sad", ["happy", "sad"], OK),  # duplicates dropped
         ("surprised, happy", ["surprised", "happy"], UNKNOWN_LABEL),  # top-1 outside the set: not guessed
-        ("The person looks happy", ["The person looks happy"], UNKNOWN_LABEL),
+        ("The person looks happy", ["happy"], OK),  # a sentence is read (issue 10: a fair answer reader)
+        ("The person looks in pain", ["The person looks in pain"], UNKNOWN_LABEL),
         ("", [], EMPTY),
         (None, [], EMPTY),
         ("  \n ", [], EMPTY),

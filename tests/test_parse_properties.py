@@ -129,6 +129,9 @@ def test_parse_ranked_survives_pathological_nesting():
         "[" * 2_000 + "]" * 2_000,
         '"' * 10_000,
         "happy" * 20_000,
+        "happy " * 5_000,  # run-on prose: the fair reader's scans must stay linear
+        "<think>" + "sad or happy, " * 3_000,
+        "Final answer: " * 3_000,
     ):
         check_invariants(parse_ranked(text, labels), labels)
 
