@@ -12,7 +12,6 @@ import io
 import json
 import os
 import pickle
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -280,11 +279,11 @@ def test_48_bit_colour_png_keeps_its_colours(tmp_path: Path) -> None:
     assert grey.std() > 20  # not a flat white picture
 
 
-@pytest.mark.skipif(shutil.which("ffmpeg") is None, reason="ffmpeg not installed")
 def test_16_bit_png_written_by_ffmpeg(tmp_path: Path) -> None:
+    imageio_ffmpeg = pytest.importorskip("imageio_ffmpeg")  # a test dependency: its own ffmpeg binary
     out = tmp_path / "ff.png"
     cmd = [
-        "ffmpeg",
+        imageio_ffmpeg.get_ffmpeg_exe(),
         "-v",
         "error",
         "-f",
