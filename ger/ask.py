@@ -23,7 +23,13 @@ class AskStats:
     cached: int = 0
     sent: int = 0
     failed: int = 0
-    splits: int = 0
+    splits: int = 0  # batches split in halves and asked again, for any of the reasons below
+    split_failed: int = 0  # ... because the request failed
+    split_cut: int = 0  # ... because the answer was cut at max_tokens (finish reason `length`)
+    split_missing: int = 0  # ... because some sample had no record in the answer
+    duplicate_records: int = 0  # records repeating a sample already answered (the first one counts)
+    records_by_position: int = 0  # records without a usable id, matched by position
+    unmatched_records: int = 0  # records whose id names no sample of the batch
 
 
 class Asker:
@@ -72,7 +78,7 @@ def ask_batches(
     labels: list[str],
     rebuild: Callable[[tuple[str, ...]], Request],
 ) -> dict[str, tuple[Request, Response, BatchParse]]:
-    """The paper's batch mode: a batch whose answer count is wrong is split in two and asked again.
+    """The paper's batch mode: a batch that failed, was cut, or left a sample unanswered is split.
 
     Splitting halves each segment (20 -> 10 -> 5 -> 3/2 -> 1), as the paper's back-off
     did, so a bad batch never loses samples; a single-sample request is final.
@@ -86,13 +92,29 @@ def ask_batches(
         retry: list[Request] = []
         for req in pending:
             resp = answers[req.key]
-            parsed = parse_batch(resp.text if resp.ok else "", list(req.names), labels)
-            if len(req.names) > 1 and (not resp.ok or parsed.n_records != len(req.names)):
+            parsed = parse_batch(resp.text if resp.ok else "", list(req.names), labels, list(req.ids) or None)
+            reason = split_reason(resp, parsed)
+            if len(req.names) > 1 and reason:
                 half = (len(req.names) + 1) // 2
                 retry += [rebuild(req.names[:half]), rebuild(req.names[half:])]
                 asker.stats.splits += 1
+                setattr(asker.stats, reason, getattr(asker.stats, reason) + 1)
                 continue
+            asker.stats.duplicate_records += parsed.duplicates
+            asker.stats.records_by_position += parsed.by_position
+            asker.stats.unmatched_records += len(parsed.unmatched)
             for name in req.names:
                 out[name] = (req, resp, parsed)
         pending = retry
     return out
+
+
+def split_reason(resp: Response, parsed: BatchParse) -> str | None:
+    """Why a batch answer cannot be used as it is (the AskStats counter to raise), or None."""
+    if not resp.ok:
+        return "split_failed"
+    if resp.finish_reason == "length":  # a cut answer may hold a fragment of its last record
+        return "split_cut"
+    if parsed.missing:
+        return "split_missing"
+    return None

@@ -41,19 +41,19 @@ def test_normalise_folds_case_whitespace_and_quotes():
     assert normalise("  'Weakly \t Positive' ") == "weakly positive"
 
 
-def test_batch_matches_by_name_not_position():
-    text = "[{'name': 'b.jpg', 'result': ['sad']}, {'name': 'a', 'result': ['happy', 'sad']}]"
+def test_batch_matches_by_id_not_position():
+    text = "[{'name': 'Sample 2', 'result': ['sad']}, {'name': 'Image 1', 'result': ['happy', 'sad']}]"
     out = parse_batch(text, ["a.jpg", "b.jpg", "c.jpg"], LABELS)
-    assert out.n_records == 2
+    assert out.n_records == 2 and out.by_position == 0
     assert out.results["a.jpg"].ranked == ["happy", "sad"]
     assert out.results["b.jpg"].ranked == ["sad"]
-    assert out.results["c.jpg"].status == MISSING
+    assert out.results["c.jpg"].status == MISSING and out.missing == ["c.jpg"]
 
 
 def test_batch_tolerates_broken_json_and_reports_strangers():
     text = (
-        "{'name': 'a', 'result': ['sad', 'happy']}\n{'name': 'zz', 'result': ['happy']}\n"
-        "{'name': 'b', 'result': ['neu"
+        "{'name': 'Sample 1', 'result': ['sad', 'happy']}\n{'name': 'zz', 'result': ['happy']}\n"
+        "{'name': 'Sample 2', 'result': ['neu"
     )
     out = parse_batch(text, ["a", "b"], LABELS)
     assert out.results["a"].ranked == ["sad", "happy"]

@@ -88,7 +88,9 @@ def test_every_template_renders_single_and_batch(name):
     batch = _build(samples, name, mode="batch", modality=modality)
     text = _all_text(batch)
     assert f"{len(samples)} " in text and ", ".join(LABELS) in text
-    assert ", ".join(s.sample.name for s in samples) in text
+    assert "Sample 1, Sample 2, Sample 3" in text  # positional ids, never file names
+    assert not any(s.sample.name in text for s in samples)
+    assert batch.ids == ("Sample 1", "Sample 2", "Sample 3")
     assert '"name"' in text and '"result"' in text  # one record per sample
     assert not placeholders(text)
     assert batch.names == tuple(s.sample.name for s in samples)
@@ -112,7 +114,7 @@ def test_micro_prompt_says_subtle_and_sentiment_asks_about_the_viewer():
     assert "viewer" in _all_text(_build([_still(0)], "sentiment", mode="single"))
 
 
-def test_each_sample_media_follows_its_name():
+def test_each_sample_media_follows_its_id():
     clips = [_clip(0), _clip(1)]
     req = _build(clips, "video", frames_as="images")
     content = req.messages[0]["content"]
@@ -126,7 +128,7 @@ def test_each_sample_media_follows_its_name():
         "image",
         "image",
     ]
-    assert content[0]["text"].endswith("clip_0:") and content[4]["text"] == "clip_1:"
+    assert content[0]["text"].endswith("Sample 1:") and content[4]["text"] == "Sample 2:"
     assert [p["image"] for p in content[5:]] == clips[1].images
 
 
@@ -165,7 +167,7 @@ def test_still_images_stay_images_whatever_frames_as(frames_as):
 def test_text_modality_sends_no_media():
     req = _build([_clip(0), _clip(1)], "text", modality="text")
     assert [p["type"] for p in req.messages[0]["content"]] == ["text"]
-    assert "clip_1: I said thing number 1" in _all_text(req)
+    assert "Sample 2: I said thing number 1" in _all_text(req)
     single = _build([_clip(0)], "text", mode="single", modality="text")
     assert [p["type"] for p in single.messages[0]["content"]] == ["text"]
     assert "I said thing number 0" in _all_text(single)
@@ -276,7 +278,7 @@ def test_template_consistency_checks():
     with pytest.raises(ValueError, match="media"):
         PromptTemplate(name="t", single="as {media}", batch="x")
     with pytest.raises(ValueError, match="transcript"):
-        PromptTemplate(name="t", single="{transcript}", batch="x", item="{name}")
+        PromptTemplate(name="t", single="{transcript}", batch="x", item="{id}")
     with pytest.raises(ValueError, match="unknown key"):
         PromptTemplate.from_dict("t", {"single": "x", "batch": "y", "singel": "z"})
     with pytest.raises(ValueError, match="missing"):
@@ -293,16 +295,17 @@ def test_a_dropped_yaml_file_is_a_new_template(tmp_path, monkeypatch):
     shutil.copytree(conf_dir(), conf)
     (conf / "prompt" / "terse.yaml").write_text(
         "single: 'Rank {labels}.'\n"
-        "batch: 'Rank {labels} for {count} faces: {names}.'\n"
-        "item: '#{index} {name}'\n"
+        "batch: 'Rank {labels} for {count} faces: {ids}.'\n"
+        "item: '#{index} {id}'\n"
+        "id: 'Face {index}'\n"
     )
     (conf / "prompt" / "broken.yaml").write_text("single: 'Rank {labelz}.'\nbatch: 'x'\n")
     monkeypatch.setenv("GER_CONF_DIR", str(conf))
     assert "terse" in available_templates()
     req = _build([_still(0), _still(1)], load_template("terse"))
     assert (
-        _all_text(req) == "Rank Happiness, Sadness, Anger, Neutral for 2 faces: img_0.jpg, img_1.jpg."
-        "\n\n#1 img_0.jpg\n#2 img_1.jpg"
+        _all_text(req) == "Rank Happiness, Sadness, Anger, Neutral for 2 faces: Face 1, Face 2."
+        "\n\n#1 Face 1\n#2 Face 2"
     )
     with pytest.raises(ValueError, match="labelz"):
         load_template("broken")
