@@ -124,7 +124,7 @@ class ServerBackend:
     def _model_name(self, model_cfg: Any) -> str:
         if self.settings.model:
             return self.settings.model
-        name = plain(model_cfg).get("name")
+        name = getattr(model_cfg, "name", None) or plain(model_cfg).get("name")  # a ModelSpec or a config
         if not name:
             raise ValueError("backend `server` needs `model` (the served model name) or a model config")
         return name  # launch/serve.py serves every model under its config name
