@@ -23,8 +23,14 @@ class AskStats:
     cached: int = 0
     sent: int = 0
     failed: int = 0
-    splits: int = 0  # batches split in halves and asked again, for any of the reasons below
-    split_failed: int = 0  # ... because the request failed
+    splits: int = 0  # batches split in halves and asked again (the reasons: BatchCounts)
+
+
+@dataclass
+class BatchCounts:
+    """What batch mode met in the answers; reported in metrics.json's `batching`."""
+
+    split_failed: int = 0  # batches split because the request failed
     split_cut: int = 0  # ... because the answer was cut at max_tokens (finish reason `length`)
     split_missing: int = 0  # ... because some sample had no record in the answer
     duplicate_records: int = 0  # records repeating a sample already answered (the first one counts)
@@ -41,6 +47,7 @@ class Asker:
         self._backend: Backend | None = None
         self.progress = progress
         self.stats = AskStats()
+        self.batch = BatchCounts()
 
     @property
     def backend(self) -> Backend:
@@ -98,11 +105,11 @@ def ask_batches(
                 half = (len(req.names) + 1) // 2
                 retry += [rebuild(req.names[:half]), rebuild(req.names[half:])]
                 asker.stats.splits += 1
-                setattr(asker.stats, reason, getattr(asker.stats, reason) + 1)
+                setattr(asker.batch, reason, getattr(asker.batch, reason) + 1)
                 continue
-            asker.stats.duplicate_records += parsed.duplicates
-            asker.stats.records_by_position += parsed.by_position
-            asker.stats.unmatched_records += len(parsed.unmatched)
+            asker.batch.duplicate_records += parsed.duplicates
+            asker.batch.records_by_position += parsed.by_position
+            asker.batch.unmatched_records += len(parsed.unmatched)
             for name in req.names:
                 out[name] = (req, resp, parsed)
         pending = retry
@@ -110,7 +117,7 @@ def ask_batches(
 
 
 def split_reason(resp: Response, parsed: BatchParse) -> str | None:
-    """Why a batch answer cannot be used as it is (the AskStats counter to raise), or None."""
+    """Why a batch answer cannot be used as it is (the BatchCounts counter to raise), or None."""
     if not resp.ok:
         return "split_failed"
     if resp.finish_reason == "length":  # a cut answer may hold a fragment of its last record

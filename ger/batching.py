@@ -135,15 +135,19 @@ class BatchSummary:
     requests: dict[int, int] = field(default_factory=dict)  # final requests by size: {size: count}
     mean_size: float = 0.0  # samples per final request
     splits: int = 0
+    counts: dict[str, int] = field(default_factory=dict)  # split reasons and record defects (ger/ask.py)
     note: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["requests"] = {str(k): v for k, v in sorted(self.requests.items(), reverse=True)}
+        data.update(data.pop("counts"))
         return data
 
 
-def summarise(plan: BatchPlan, batches: int, answered: list[Request], splits: int) -> BatchSummary:
+def summarise(
+    plan: BatchPlan, batches: int, answered: list[Request], splits: int, counts: dict[str, int]
+) -> BatchSummary:
     """Effective sizes from the requests that finally answered each sample."""
     sizes = Counter(len(r.names) for r in {r.key: r for r in answered}.values())
     samples = sum(k * v for k, v in sizes.items())
@@ -162,5 +166,6 @@ def summarise(plan: BatchPlan, batches: int, answered: list[Request], splits: in
         requests=dict(sizes),
         mean_size=round(samples / max(1, sum(sizes.values())), 2),
         splits=splits,
+        counts=dict(counts),
         note=note,
     )

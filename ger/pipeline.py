@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.metadata
 import logging
 import sys
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -234,7 +235,8 @@ def predict(
         log.warning("batch mode: %s (the paper used %d)", plan.cap, plan.paper_size)
     requests = [request_for(b) for b in batches]
     answered = ask_batches(asker, requests, spec.labels, request_for)
-    summary = summarise(plan, len(batches), [answered[n][0] for n in names], asker.stats.splits)
+    counts = asdict(asker.batch)
+    summary = summarise(plan, len(batches), [answered[n][0] for n in names], asker.stats.splits, counts)
     preds = []
     for name in names:
         req, resp, parsed = answered[name]

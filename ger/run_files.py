@@ -48,7 +48,10 @@ def batching_lines(batching: dict[str, Any] | None) -> list[str]:
     lines = [
         f"- batch mode: paper batch size {batching['paper_size']}, cut at {batching['planned_size']} "
         f"({batching['batches']} batches, order: {order}); answered by requests of "
-        f"{sizes} samples (mean {batching['mean_size']:.2f}), {batching['splits']} splits",
+        f"{sizes} samples (mean {batching['mean_size']:.2f}), {batching['splits']} splits "
+        f"({batching['split_cut']} cut at max_tokens, {batching['split_missing']} with samples unanswered, "
+        f"{batching['split_failed']} failed); {batching['duplicate_records']} repeated records, "
+        f"{batching['records_by_position']} matched by position",
     ]
     if batching["note"]:
         lines.append(f"- **note:** {batching['note']}")

@@ -151,7 +151,7 @@ def test_a_perfect_model_scores_95_through_the_server_backend(kind, mode, stub_s
     if mode == "single":
         assert "batching" not in metrics
         return
-    batching, asked = metrics["batching"], metrics["requests"]
+    batching = asked = metrics["batching"]
     assert asked["splits"] == asked["split_cut"] + asked["split_missing"] + asked["split_failed"] > 0
     assert asked["split_cut"] > 0 and asked["split_missing"] > 0 and asked["duplicate_records"] > 0
     assert asked["records_by_position"] > 0
@@ -177,7 +177,7 @@ def test_a_20_record_answer_fits_the_budget_and_a_cut_one_is_split(face_set, stu
 
     old = ["mode=batch", "sampling.max_tokens_per_record=null"]
     metrics = ger_run(stub_server, "demo", face_set, tmp_path / "cache", tmp_path / "b", *old)
-    assert stub_server.cut_by_budget > 0 and metrics["requests"]["split_cut"] > 0
+    assert stub_server.cut_by_budget > 0 and metrics["batching"]["split_cut"] > 0
     assert value(metrics, "acc") == 100.0
 
 
