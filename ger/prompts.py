@@ -110,6 +110,11 @@ class PromptTemplate:
                     f"{', '.join('{' + u + '}' for u in sorted(unknown))} in {part!r}; "
                     f"allowed there: {', '.join('{' + a + '}' for a in sorted(allowed))}"
                 )
+        if "index" not in placeholders(self.id):
+            raise ValueError(
+                f"prompt template {self.name!r}: 'id' must contain {{index}} so each sample of a batch "
+                f"gets its own id (e.g. 'Sample {{index}}'), got {self.id!r}"
+            )
         unknown_kinds = set(self.media) - set(FRAMES_AS)
         if unknown_kinds:
             raise ValueError(

@@ -129,6 +129,11 @@ def test_templates_that_would_show_names_are_refused(part):
         PromptTemplate(name="t", **parts)
 
 
+def test_a_sample_id_must_hold_its_position():
+    with pytest.raises(ValueError, match=r"'id' must contain \{index\}"):
+        PromptTemplate(name="t", single="Rank {labels}", batch="Rank {labels}", id="Sample")
+
+
 @pytest.mark.parametrize(
     ("model", "frames_as", "expected"),
     [
