@@ -29,6 +29,20 @@ class ParseResult:
     detail: str = ""
 
 
+@dataclass
+class BatchParse:
+    results: dict[str, ParseResult]  # one entry per requested name
+    n_records: int  # records found in the answer
+    unmatched: list[str] = field(default_factory=list)  # record ids that match no sample of the batch
+    duplicates: int = 0  # records repeating a sample already answered (the first one counts)
+    by_position: int = 0  # records without a usable id, matched by their position
+
+    @property
+    def missing(self) -> list[str]:
+        """Samples the answer has no record for: the batch is split and asked again."""
+        return [n for n, r in self.results.items() if r.status == MISSING]
+
+
 def normalise(text: str) -> str:
     """Case- and whitespace-folded form used for every label comparison."""
     return " ".join(str(text).strip().strip(_QUOTES).strip().split()).casefold()
@@ -154,20 +168,6 @@ _LINE = re.compile(
 _ID = re.compile(r"(?:[a-z]+\s*[_#-]?\s*)?#?\s*(\d+)")
 _ID_KEYS = ("name", "id", "sample", "sample_id", "image", "clip", "video", "index")
 _RESULT_KEYS = ("result", "results", "ranking", "labels", "label", "emotion", "emotions", "answer")
-
-
-@dataclass
-class BatchParse:
-    results: dict[str, ParseResult]  # one entry per requested name
-    n_records: int  # records found in the answer
-    unmatched: list[str] = field(default_factory=list)  # record ids that match no sample of the batch
-    duplicates: int = 0  # records repeating a sample already answered (the first one counts)
-    by_position: int = 0  # records without a usable id, matched by their position
-
-    @property
-    def missing(self) -> list[str]:
-        """Samples the answer has no record for: the batch is split and asked again."""
-        return [n for n, r in self.results.items() if r.status == MISSING]
 
 
 def _result_text(value: Any) -> str:
