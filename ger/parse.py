@@ -178,7 +178,7 @@ def _structured_records(value: Any) -> list[tuple[str | None, str]] | None:
     """(id text or None, result text) from a parsed JSON/Python answer; None if it has no records."""
     if isinstance(value, dict):
         for key in ("results", "records", "samples", "answers"):
-            if isinstance(value.get(key), list):
+            if isinstance(value.get(key), (list, dict)):
                 return _structured_records(value[key])
         if any(k in value for k in _RESULT_KEYS):
             value = [value]
@@ -247,6 +247,8 @@ def parse_batch(
         records = []
     ids = ids or [f"Sample {i}" for i in range(1, len(names) + 1)]
     id_index = {normalise(x).rstrip(":.").strip(): i for i, x in enumerate(ids)}
+    if not records and len(names) == 1 and text and text.strip():
+        records = [(None, text)]  # a batch of one answered with a bare ranking: that is its record
     out = BatchParse(results={}, n_records=len(records))
     indices = [_index(rec_id, id_index, len(names)) for rec_id, _ in records]
     if len(records) == len(names):  # ids first, so a record by position never takes a sample named later
