@@ -247,8 +247,8 @@ def parse_batch(
         records = []
     ids = ids or [f"Sample {i}" for i in range(1, len(names) + 1)]
     id_index = {normalise(x).rstrip(":.").strip(): i for i, x in enumerate(ids)}
-    if not records and len(names) == 1 and text and text.strip():
-        records = [(None, text)]  # a batch of one answered with a bare ranking: that is its record
+    if not records and len(names) == 1 and parse_ranked(text, matcher).status != EMPTY:
+        records = [(None, text or "")]  # a batch of one answered with a bare ranking: that is its record
     out = BatchParse(results={}, n_records=len(records))
     indices = [_index(rec_id, id_index, len(names)) for rec_id, _ in records]
     if len(records) == len(names):  # ids first, so a record by position never takes a sample named later
