@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 from ger.backends import Backend
 from ger.cache import ResponseCache
-from ger.parse import BatchParse, parse_batch
+from ger.parse import BatchParse, LabelMatcher, parse_batch
 from ger.records import Request, Response
 
 
@@ -23,7 +23,19 @@ class AskStats:
     cached: int = 0
     sent: int = 0
     failed: int = 0
-    splits: int = 0
+    splits: int = 0  # batches split in halves and asked again (the reasons: BatchCounts)
+
+
+@dataclass
+class BatchCounts:
+    """What batch mode met in the answers; reported in metrics.json's `batching`."""
+
+    split_failed: int = 0  # batches split because the request failed
+    split_cut: int = 0  # ... because the answer was cut at max_tokens (finish reason `length`)
+    split_missing: int = 0  # ... because some sample had no record in the answer
+    duplicate_records: int = 0  # records repeating a sample already answered (the first one counts)
+    records_by_position: int = 0  # records without a usable id, matched by position
+    unmatched_records: int = 0  # records whose id names no sample of the batch
 
 
 class Asker:
@@ -35,6 +47,7 @@ class Asker:
         self._backend: Backend | None = None
         self.progress = progress
         self.stats = AskStats()
+        self.batch = BatchCounts()
 
     @property
     def backend(self) -> Backend:
@@ -69,10 +82,10 @@ class Asker:
 def ask_batches(
     asker: Asker,
     requests: list[Request],
-    labels: list[str],
+    labels: list[str] | LabelMatcher,
     rebuild: Callable[[tuple[str, ...]], Request],
 ) -> dict[str, tuple[Request, Response, BatchParse]]:
-    """The paper's batch mode: a batch whose answer count is wrong is split in two and asked again.
+    """The paper's batch mode: a batch that failed, was cut, or left a sample unanswered is split.
 
     Splitting halves each segment (20 -> 10 -> 5 -> 3/2 -> 1), as the paper's back-off
     did, so a bad batch never loses samples; a single-sample request is final.
@@ -86,13 +99,29 @@ def ask_batches(
         retry: list[Request] = []
         for req in pending:
             resp = answers[req.key]
-            parsed = parse_batch(resp.text if resp.ok else "", list(req.names), labels)
-            if len(req.names) > 1 and (not resp.ok or parsed.n_records != len(req.names)):
+            parsed = parse_batch(resp.text if resp.ok else "", list(req.names), labels, list(req.ids) or None)
+            reason = split_reason(resp, parsed)
+            if len(req.names) > 1 and reason:
                 half = (len(req.names) + 1) // 2
                 retry += [rebuild(req.names[:half]), rebuild(req.names[half:])]
                 asker.stats.splits += 1
+                setattr(asker.batch, reason, getattr(asker.batch, reason) + 1)
                 continue
+            asker.batch.duplicate_records += parsed.duplicates
+            asker.batch.records_by_position += parsed.by_position
+            asker.batch.unmatched_records += len(parsed.unmatched)
             for name in req.names:
                 out[name] = (req, resp, parsed)
         pending = retry
     return out
+
+
+def split_reason(resp: Response, parsed: BatchParse) -> str | None:
+    """Why a batch answer cannot be used as it is (the BatchCounts counter to raise), or None."""
+    if not resp.ok:
+        return "split_failed"
+    if resp.finish_reason == "length":  # a cut answer may hold a fragment of its last record
+        return "split_cut"
+    if parsed.missing:
+        return "split_missing"
+    return None

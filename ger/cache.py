@@ -48,7 +48,8 @@ CREATE TABLE IF NOT EXISTS answers (
     text TEXT NOT NULL,
     seconds REAL NOT NULL,
     identity TEXT NOT NULL,   -- model/backend identity JSON, for inspection only
-    created REAL NOT NULL
+    created REAL NOT NULL,
+    finish_reason TEXT        -- "length": the answer was cut at max_tokens (batch mode splits it)
 );
 CREATE TABLE IF NOT EXISTS failures (
     key TEXT PRIMARY KEY,
@@ -167,6 +168,9 @@ class ResponseCache:
         conn.execute("PRAGMA journal_mode=WAL")  # readers never block the writer
         conn.execute("PRAGMA synchronous=FULL")  # fsync the WAL on every commit
         conn.executescript(_SCHEMA)
+        columns = {row[1] for row in conn.execute("PRAGMA table_info(answers)")}
+        if "finish_reason" not in columns:  # a cache written before answers kept their finish reason
+            conn.execute("ALTER TABLE answers ADD COLUMN finish_reason TEXT")
 
     def _connection(self) -> sqlite3.Connection:
         if self._conn is None:
@@ -208,14 +212,16 @@ class ResponseCache:
         """The stored answer for `key` (with cached=True), or None; failures are never returned."""
         row = self._retry(
             lambda: (
-                self._connection().execute("SELECT text, seconds FROM answers WHERE key=?", (key,)).fetchone()
+                self._connection()
+                .execute("SELECT text, seconds, finish_reason FROM answers WHERE key=?", (key,))
+                .fetchone()
             )
         )
         if row is None:
             self._misses += 1
             return None
         self._hits += 1
-        return Response(key=key, text=row[0], cached=True, seconds=row[1])
+        return Response(key=key, text=row[0], cached=True, seconds=row[1], finish_reason=row[2])
 
     def get_many(self, keys: Iterable[str]) -> dict[str, Response]:
         """Stored answers for those of `keys` that have one; one query per 500 keys, not per key."""
@@ -223,10 +229,11 @@ class ResponseCache:
         found: dict[str, Response] = {}
         for start in range(0, len(wanted), 500):
             chunk = wanted[start : start + 500]
-            sql = f"SELECT key, text, seconds FROM answers WHERE key IN ({','.join('?' * len(chunk))})"
+            marks = ",".join("?" * len(chunk))
+            sql = f"SELECT key, text, seconds, finish_reason FROM answers WHERE key IN ({marks})"
             rows = self._retry(lambda sql=sql, chunk=chunk: self._connection().execute(sql, chunk).fetchall())
-            for key, text, seconds in rows:
-                found[key] = Response(key=key, text=text, cached=True, seconds=seconds)
+            for key, text, seconds, finish in rows:
+                found[key] = Response(key=key, text=text, cached=True, seconds=seconds, finish_reason=finish)
         self._hits += len(found)
         self._misses += len(wanted) - len(found)
         return found
@@ -263,10 +270,13 @@ class ResponseCache:
             self._write(
                 [
                     (
-                        "INSERT INTO answers (key, text, seconds, identity, created) VALUES (?, ?, ?, ?, ?) "
+                        "INSERT INTO answers (key, text, seconds, identity, created, finish_reason) "
+                        "VALUES (?, ?, ?, ?, ?, ?) "
                         "ON CONFLICT(key) DO UPDATE SET text=excluded.text, seconds=excluded.seconds, "
-                        "identity=excluded.identity, created=excluded.created",
-                        (response.key, response.text, float(response.seconds), ident, now),
+                        "identity=excluded.identity, created=excluded.created, "
+                        "finish_reason=excluded.finish_reason",
+                        (response.key, response.text, float(response.seconds), ident, now)
+                        + (response.finish_reason,),
                     ),
                     ("DELETE FROM failures WHERE key=?", (response.key,)),  # resolved now
                 ]

@@ -40,8 +40,15 @@ class ParseResult:
 @dataclass
 class BatchParse:
     results: dict[str, ParseResult]  # one entry per requested name
-    n_records: int  # records found in the answer; != len(names) triggers the paper's split-and-retry
-    unmatched: list[str] = field(default_factory=list)  # record names that match no requested sample
+    n_records: int  # records found in the answer
+    unmatched: list[str] = field(default_factory=list)  # record ids that match no sample of the batch
+    duplicates: int = 0  # records repeating a sample already answered (the first one counts)
+    by_position: int = 0  # records without a usable id, matched by their position
+
+    @property
+    def missing(self) -> list[str]:
+        """Samples the answer has no record for: the batch is split and asked again."""
+        return [n for n, r in self.results.items() if r.status == MISSING]
 
 
 def _literal(text: str) -> Any:
@@ -60,6 +67,8 @@ def _items_from_value(value: Any) -> list[str] | None:
     if isinstance(value, str):
         return [value]
     if isinstance(value, (list, tuple)):
+        if len(value) == 1 and isinstance(value[0], dict) and _items_from_value(value[0]) is not None:
+            return _items_from_value(value[0])  # [{'name': 1, 'result': [...]}]: the one record asked for
         items: list[str] = []
         for v in value:
             if isinstance(v, (str, int, float)):
@@ -149,11 +158,22 @@ def _read(text: str, matcher: LabelMatcher) -> Reading | None:
     return reading or read_text(text, matcher)
 
 
+def _holds_nothing(value: Any) -> bool:
+    """A parsed literal with no text in it at any depth (None: the answer was no literal)."""
+    if isinstance(value, dict):
+        return all(_holds_nothing(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return all(_holds_nothing(v) for v in value)
+    return isinstance(value, str) and not value.strip()
+
+
 def _parse_fair(text: str, matcher: LabelMatcher) -> ParseResult:
     answer = strip_reasoning(text)
     if not answer.strip():
         return ParseResult([], EMPTY, "empty answer" if not text.strip() else "only reasoning, no answer")
     final = final_part(answer)
+    if _holds_nothing(_literal(_FENCE_ANY.sub("", final).strip())):  # `[]`, `{"results": []}`
+        return ParseResult([], EMPTY, "empty answer")
     reading = _read(final, matcher) or (_read(answer, matcher) if final != answer else None)
     if reading is None:
         raw = next(line.strip() for line in final.splitlines() + [answer] if line.strip())[:80]
@@ -168,61 +188,119 @@ def _parse_fair(text: str, matcher: LabelMatcher) -> ParseResult:
     return ParseResult(reading.ranked, OK)
 
 
-def name_key(name: str) -> str:
-    """Names are compared without folder, extension, case or quotes."""
-    base = normalise(name).replace("\\", "/").rsplit("/", 1)[-1]
-    stem, dot, ext = base.rpartition(".")
-    return stem if dot and ext.isalnum() and len(ext) <= 4 else base
-
-
 _RECORD = re.compile(
-    r"""['"]?name['"]?\s*[:=]\s*['"]?(?P<name>[^'",}\]\n]+?)['"]?\s*,\s*"""
+    r"""['"]?(?:name|id|sample)['"]?\s*[:=]\s*['"]?(?P<name>[^'",}\]\n]+?)['"]?\s*,\s*"""
     r"""['"]?results?['"]?\s*[:=]\s*(?P<result>\[[^\]]*\]?|['"][^'"]*['"]|[^,}\n]+)""",
     re.IGNORECASE,
 )
+# "Sample 3: happy, sad", "**Image 3** - happy", "3. happy, sad", "- sample_3: happy",
+# "1. **Sample 1**: happy"
+_LINE = re.compile(
+    r"^\s*(?:[-*•]\s*|\d+[.)]\s+(?=[*_`]*[A-Za-z]+[ _#-]*\d))?"  # a bullet, or "1. " before "Sample 1"
+    r"[*_`]*(?P<name>(?:[A-Za-z]+[ _#-]*)?#?\d+)[*_`]*"  # the id, maybe in bold
+    r"\s*(?:[:.)=-]|\*\*)+\s*(?P<result>\S.*)$"
+)
+# A positional id as models write it back: "Sample 3", "3", "Image 3", "sample_3", "#3", "Sample 3:"
+_ID = re.compile(r"(?:[a-z]+\s*[_#-]?\s*)?#?\s*(\d+)")
+_ID_KEYS = ("name", "id", "sample", "sample_id", "image", "clip", "video", "index")
+_RESULT_KEYS = ("result", "results", "ranking", "labels", "label", "emotion", "emotions", "answer")
 
 
-def _records(text: str) -> list[tuple[str, str]]:
-    """(name, result text) pairs from a batch answer, tolerant of broken JSON."""
-    value = _literal(_FENCE.sub("", text.strip()))
+def _result_text(value: Any) -> str:
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def _structured_records(value: Any) -> list[tuple[str | None, str]] | None:
+    """(id text or None, result text) from a parsed JSON/Python answer; None if it has no records."""
     if isinstance(value, dict):
-        value = value.get("results") or value.get("records") or [value]
-    if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
-        pairs = []
-        for record in value:
-            if "name" in record:
-                result = record.get("result", record.get("results", ""))
-                text = result if isinstance(result, str) else json.dumps(result)
-                pairs.append((str(record["name"]), text))
-        if pairs:
-            return pairs
-    return [(m.group("name"), m.group("result")) for m in _RECORD.finditer(text)]
+        for key in ("results", "records", "samples", "answers"):
+            if isinstance(value.get(key), (list, dict)):
+                return _structured_records(value[key])
+        if any(k in value for k in _RESULT_KEYS):
+            value = [value]
+        else:  # {"Sample 1": [...], "Sample 2": [...]}
+            return [(str(k), _result_text(v)) for k, v in value.items()] or None
+    if not isinstance(value, list) or not value:
+        return None
+    pairs: list[tuple[str | None, str]] = []
+    for record in value:
+        if isinstance(record, dict):
+            rid = next((record[k] for k in _ID_KEYS if k in record), None)
+            result = next((record[k] for k in _RESULT_KEYS if k in record), None)
+            if result is None and rid is None and len(record) == 1:  # [{"Sample 1": [...]}, ...]
+                rid, result = next(iter(record.items()))
+            if result is not None:
+                pairs.append((None if rid is None else str(rid), _result_text(result)))
+        elif isinstance(record, (list, tuple)):  # [["happy", "sad"], [...]]: positional
+            pairs.append((None, _result_text(list(record))))
+        else:
+            return None  # a flat list is one ranking, not records
+    return pairs or None
 
 
-def parse_batch(text: str | None, names: list[str], labels: list[str]) -> BatchParse:
-    """A batch answer -> one ParseResult per requested name, matched by name, never by position.
+def _records(text: str) -> list[tuple[str | None, str]]:
+    """(id text or None, result text) pairs from a batch answer, tolerant of broken JSON and prose."""
+    stripped = text.strip()
+    body = _FENCE.sub("", stripped) if "`" in stripped else stripped
+    pairs = _structured_records(_literal(body))
+    if pairs:
+        return pairs
+    found = [(m.group("name"), m.group("result")) for m in _RECORD.finditer(text)]
+    if found:
+        return found
+    return [(m.group("name"), m.group("result")) for line in text.splitlines() if (m := _LINE.match(line))]
 
-    Matching by name is what keeps answers from shifting onto the wrong sample when the
-    model skips or repeats a record; a name with no record is MISSING.
+
+def _index(record_id: str | None, ids: dict[str, int], size: int) -> int | None:
+    """The 0-based position a record's id refers to, or None when it names no sample of the batch."""
+    if record_id is None:
+        return None
+    key = normalise(record_id).strip("*_`[]()").rstrip(":.").strip()
+    if key in ids:
+        return ids[key]
+    m = _ID.fullmatch(key)
+    if m and 1 <= int(m.group(1)) <= size:
+        return int(m.group(1)) - 1
+    return None
+
+
+def parse_batch(
+    text: str | None, names: list[str], labels: list[str] | LabelMatcher, ids: list[str] | None = None
+) -> BatchParse:
+    """A batch answer -> one ParseResult per requested name, matched by positional id.
+
+    `ids` are the ids the prompt gave the samples, in order (default "Sample 1", ...).
+    A record is matched by its id in any usual spelling ("Sample 3", "3", "Image 3",
+    "sample_3", "Sample 3:"); records without a usable id are matched by position only
+    when there are exactly as many records as samples, so an answer that skips or
+    repeats a record never shifts onto the wrong sample. A second record for a sample
+    is a defect (counted; the first one counts); a sample with no record is MISSING.
     """
-    matcher = LabelMatcher(labels)
+    matcher = labels if isinstance(labels, LabelMatcher) else LabelMatcher(labels)
     try:
         records = _records(text or "")
     except Exception:  # noqa: BLE001 - never raise on model output
         records = []
-    exact = {n.strip(): n for n in names}
-    keys = [name_key(n) for n in names]
-    # the folded key (no case, folder or extension) only where it fits one requested name:
-    # "a.jpg" and "a.png" in one batch must not take each other's answers
-    wanted = {k: n for k, n in zip(keys, names, strict=True) if keys.count(k) == 1}
-    results: dict[str, ParseResult] = {}
-    unmatched: list[str] = []
-    for rec_name, rec_result in records:
-        name = exact.get(rec_name.strip().strip(_QUOTES).strip()) or wanted.get(name_key(rec_name))
-        if name is None:
-            unmatched.append(rec_name)
-        elif name not in results:  # first record for a name wins; duplicates are ignored
-            results[name] = parse_ranked(rec_result, matcher)
+    ids = ids or [f"Sample {i}" for i in range(1, len(names) + 1)]
+    id_index = {normalise(x).rstrip(":.").strip(): i for i, x in enumerate(ids)}
+    if not records and len(names) == 1 and parse_ranked(text, matcher).status != EMPTY:
+        records = [(None, text or "")]  # a batch of one answered with a bare ranking: that is its record
+    out = BatchParse(results={}, n_records=len(records))
+    indices = [_index(rec_id, id_index, len(names)) for rec_id, _ in records]
+    if len(records) == len(names):  # ids first, so a record by position never takes a sample named later
+        taken = set(indices)
+        for position, index in enumerate(indices):
+            if index is None and position not in taken:
+                indices[position] = position
+                out.by_position += 1
+    for (rec_id, rec_result), index in zip(records, indices, strict=True):
+        if index is None:
+            out.unmatched.append(str(rec_id))
+        elif names[index] in out.results:
+            out.duplicates += 1
+        else:
+            out.results[names[index]] = parse_ranked(rec_result, matcher)
     for name in names:
-        results.setdefault(name, ParseResult([], MISSING, "no record for this sample in the batch answer"))
-    return BatchParse(results=results, n_records=len(records), unmatched=unmatched)
+        out.results.setdefault(name, ParseResult([], MISSING, "no record for this sample in the answer"))
+    out.results = {n: out.results[n] for n in names}
+    return out

@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.metadata
 import logging
 import sys
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -18,11 +19,12 @@ from tqdm import tqdm
 
 from ger.ask import Asker, ask_batches
 from ger.backends import create_backend
+from ger.batching import batch_order, plan_batches, summarise, write_order
 from ger.cache import ResponseCache
 from ger.config import plain
 from ger.datasets import DatasetSpec, load_samples, spec_from_dict
 from ger.media import MediaError, load_sample
-from ger.models import resolve_model
+from ger.models import ModelSpec, resolve_model
 from ger.options import check_option, check_options
 from ger.parse import LabelMatcher, parse_ranked
 from ger.prompts import build_request
@@ -128,7 +130,8 @@ def key_parts(cfg: DictConfig, model_identity: dict[str, Any]) -> dict[str, Any]
         "engine": engine_versions(list(cfg.backend.get("key_packages", []))),
         "model": model_identity,
         "backend": backend,
-        "sampling": plain(cfg.sampling),
+        # the batch budget reaches the key as the request's max_tokens; single-mode keys stay as they were
+        "sampling": {k: v for k, v in plain(cfg.sampling).items() if k != "max_tokens_per_record"},
         "structured_output": bool(cfg.structured_output and cfg.mode == "single"),
     }
 
@@ -142,8 +145,13 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     spec, data_root = resolve_spec(cfg)
     modality, template_name = modality_plan(cfg, spec)
     template = select_template(template_name, spec.labels, cfg.prompt_source, cfg.release_dir)
-    samples = select(read_samples(cfg, spec, data_root), cfg.limit, cfg.shard)
+    samples = read_samples(cfg, spec, data_root)
     check_dataset(spec, samples, media=False, label_file=label_file(spec, data_root)).raise_for_labels()
+    label_rank = {s.name: i for i, s in enumerate(samples)}  # predictions.csv keeps the label file's order
+    if cfg.mode == "batch":  # one fixed shuffle, so batches (and `limit` runs) are class-mixed
+        by_name = {s.name: s for s in samples}
+        samples = [by_name[n] for n in batch_order(list(by_name), cfg.batch_seed, cfg.get("batch_order"))]
+    samples = select(samples, cfg.limit, cfg.shard)
     model = resolve_model(cfg.model, cfg.cache_dir)
     loaded, errors = load_media(cfg, spec, samples, modality)
 
@@ -158,24 +166,23 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             mode=cfg.mode,
             frames_as=cfg.frames_as,
             key_parts=parts,
-            max_tokens=cfg.sampling.max_tokens,
+            max_tokens=answer_budget(cfg, len(names)),
             modality=modality,
         )
 
     cache = ResponseCache(Path(str(cfg.cache_dir)).expanduser() / "responses.sqlite")
     asker = Asker(cache, lambda: create_backend(cfg.backend.name, cfg.backend, model), cfg.progress)
     try:
-        preds = predict(cfg, spec, loaded, request_for, asker)
+        preds, batching = predict(cfg, spec, loaded, request_for, asker, model, modality, out)
     finally:
         asker.close()
         cache.close()
     preds += [Prediction(s.name, s.gt, [], ERROR, "", errors[s.name]) for s in samples if s.name in errors]
-    order = {s.name: i for i, s in enumerate(samples)}
-    preds.sort(key=lambda p: order[p.name])
+    preds.sort(key=lambda p: label_rank[p.name])
 
     result = score_run(preds, spec, cfg.modality, cfg.greyscale)  # every view: all vs paper's rows, ...
     overrides = list(HydraConfig.get().overrides.task)
-    meta = write_run_files(out, cfg, spec, preds, result, overrides, asker.stats)
+    meta = write_run_files(out, cfg, spec, preds, result, overrides, asker.stats, batching=batching)
     print(
         f"{spec.key}: "
         + ", ".join(f"{m} {v:.2f}" for m, v in result.values.items())
@@ -186,8 +193,33 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     return meta
 
 
-def predict(cfg: DictConfig, spec: DatasetSpec, loaded: list[LoadedSample], request_for, asker: Asker):
-    """Prompt, ask and parse, in single or batch mode."""
+def answer_budget(cfg: DictConfig, n_samples: int) -> int:
+    """max_tokens of one request: single mode's budget, or per record x records (never less) in batch mode."""
+    base = int(cfg.sampling.max_tokens)
+    if cfg.mode != "batch":
+        return base
+    per_record = cfg.sampling.get("max_tokens_per_record")
+    return max(base, int(per_record) * n_samples) if per_record else base
+
+
+def paper_batch_size(cfg: DictConfig, spec: DatasetSpec, modality: str) -> int:
+    """The paper's batch size; the multimodal sets' text and video ablations used other sizes."""
+    sizes = cfg.get("modality_batch_sizes") or {}
+    ablation = {"text": "text", "visual": "video"}.get(modality) if spec.modality == "video+text" else None
+    return int(sizes.get(ablation) or spec.batch_size) if ablation else spec.batch_size
+
+
+def predict(
+    cfg: DictConfig,
+    spec: DatasetSpec,
+    loaded: list[LoadedSample],
+    request_for,
+    asker: Asker,
+    model: ModelSpec,
+    modality: str = "visual",
+    out: Path | None = None,
+) -> tuple[list[Prediction], dict[str, Any] | None]:
+    """Prompt, ask and parse, in single or batch mode; also what batch mode did (None in single mode)."""
     names = [ls.sample.name for ls in loaded]
     gts = {ls.sample.name: ls.sample.gt for ls in loaded}
     if cfg.mode == "single":
@@ -208,12 +240,21 @@ def predict(cfg: DictConfig, spec: DatasetSpec, loaded: list[LoadedSample], requ
                     req.names[0], gts[req.names[0]], parsed.ranked, parsed.status, req.key, parsed.detail
                 )
             )
-        return preds
+        return preds, None
     if cfg.mode != "batch":
         raise ValueError(f"unknown mode {cfg.mode!r}; expected one of ['single', 'batch']")
-    size = int(cfg.batch_size or spec.batch_size)
-    requests = [request_for(tuple(names[i : i + size])) for i in range(0, len(names), size)]
-    answered = ask_batches(asker, requests, spec.labels, request_for)
+    size = paper_batch_size(cfg, spec, modality)
+    order = (int(cfg.batch_seed), cfg.get("batch_order"))
+    plan = plan_batches(size, cfg.batch_size, model, loaded, cfg.frames_as, order)
+    batches = plan.cut(names)
+    if out is not None:
+        write_order(out / "order.csv", batches)
+    if plan.cap:
+        log.warning("batch mode: %s (the paper used %d)", plan.cap, plan.paper_size)
+    requests = [request_for(b) for b in batches]
+    answered = ask_batches(asker, requests, LabelMatcher(spec.labels, spec.aliases), request_for)
+    counts = asdict(asker.batch)
+    summary = summarise(plan, len(batches), [answered[n][0] for n in names], asker.stats.splits, counts)
     preds = []
     for name in names:
         req, resp, parsed = answered[name]
@@ -222,7 +263,7 @@ def predict(cfg: DictConfig, spec: DatasetSpec, loaded: list[LoadedSample], requ
         else:
             r = parsed.results[name]
             preds.append(Prediction(name, gts[name], r.ranked, r.status, req.key, r.detail))
-    return preds
+    return preds, summary.to_dict()
 
 
 def prepare(cfg: DictConfig) -> None:

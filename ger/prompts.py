@@ -11,6 +11,12 @@ Placeholders are `{identifier}`; any other brace text (such as a JSON example
 `{"name": ..., "result": [...]}`) is left as written. An unknown placeholder is
 an error when the template is loaded, not a silent literal in the prompt.
 
+Samples are never named in a prompt: file names can carry the label (RAVDESS names
+hold the emotion code), and the paper's prompts sent none. In batch mode each sample
+is introduced by a neutral positional id (`{id}`, "Sample 3"; `{index}`, "3"), the
+batch text can list them (`{ids}`), and the answer is read back by those ids
+(ger/parse.py). `{name}` and `{names}` are refused with an error naming the fix.
+
 The request key hashes everything that reaches the model (text, a digest of the
 pixels of every image actually sent, frame indices, fps) plus the caller's
 `key_parts` (model, backend, sampling), and nothing else.
@@ -37,13 +43,16 @@ _MODALITY_ALIASES = {"image": "visual", "video": "visual", "video+text": "multi"
 
 # Which placeholders each part of a template may use.
 _ALLOWED: dict[str, frozenset[str]] = {
-    "single": frozenset({"labels", "count", "name", "transcript", "media", "frames"}),
-    "constrained": frozenset({"labels", "count", "name", "transcript", "media", "frames"}),
-    "batch": frozenset({"labels", "count", "names", "media", "frames"}),
-    "item": frozenset({"name", "index", "transcript", "frames"}),
+    "single": frozenset({"labels", "count", "transcript", "media", "frames"}),
+    "constrained": frozenset({"labels", "count", "transcript", "media", "frames"}),
+    "batch": frozenset({"labels", "count", "ids", "media", "frames"}),
+    "item": frozenset({"id", "index", "transcript", "frames"}),
     "media": frozenset({"frames"}),
+    "id": frozenset({"index"}),
 }
-_KEYS = ("description", "single", "constrained", "batch", "item", "media")
+# Placeholders that would put file names into the prompt (see the module docstring).
+_NAME_PLACEHOLDERS = frozenset({"name", "names"})
+_KEYS = ("description", "single", "constrained", "batch", "item", "id", "media")
 _RESERVED_KEY_PARTS = ("messages", "choices", "max_tokens")
 
 
@@ -72,12 +81,13 @@ class PromptTemplate:
     single: str
     batch: str
     constrained: str | None = None
-    item: str = "{name}:"
+    item: str = "{id}:"
+    id: str = "Sample {index}"  # how the prompt and the answer refer to the index-th sample of a batch
     media: dict[str, str] = field(default_factory=dict)
     description: str = ""
 
     def __post_init__(self) -> None:
-        parts = {"single": self.single, "batch": self.batch, "item": self.item}
+        parts = {"single": self.single, "batch": self.batch, "item": self.item, "id": self.id}
         if self.constrained is not None:
             parts["constrained"] = self.constrained
         parts.update({f"media.{k}": v for k, v in self.media.items()})
@@ -87,6 +97,14 @@ class PromptTemplate:
             if not isinstance(text, str) or not text.strip():
                 raise ValueError(f"prompt template {self.name!r}: {part!r} must be a non-empty string")
             allowed = _ALLOWED[part.split(".")[0]]
+            named = placeholders(text) & _NAME_PLACEHOLDERS
+            if named:
+                raise ValueError(
+                    f"prompt template {self.name!r}: {part!r} uses "
+                    f"{', '.join('{' + n + '}' for n in sorted(named))}, which would put sample file names "
+                    f"(that can encode the label) into the prompt; refer to samples by position instead: "
+                    f"{{id}} or {{index}} in 'item', {{ids}} in 'batch'"
+                )
             unknown = placeholders(text) - allowed
             if unknown:
                 raise ValueError(
@@ -94,6 +112,11 @@ class PromptTemplate:
                     f"{', '.join('{' + u + '}' for u in sorted(unknown))} in {part!r}; "
                     f"allowed there: {', '.join('{' + a + '}' for a in sorted(allowed))}"
                 )
+        if "index" not in placeholders(self.id):
+            raise ValueError(
+                f"prompt template {self.name!r}: 'id' must contain {{index}} so each sample of a batch "
+                f"gets its own id (e.g. 'Sample {{index}}'), got {self.id!r}"
+            )
         unknown_kinds = set(self.media) - set(FRAMES_AS)
         if unknown_kinds:
             raise ValueError(
@@ -149,6 +172,11 @@ def available_templates() -> list[str]:
 def load_template(name: str) -> PromptTemplate:
     """Read and validate conf/prompt/<name>.yaml (an unknown name lists the available ones)."""
     return PromptTemplate.from_dict(name, load_group_yaml("prompt", name))
+
+
+def sample_ids(template: PromptTemplate, count: int) -> list[str]:
+    """The positional ids ("Sample 1", "Sample 2", ...) a batch prompt uses for its samples, in order."""
+    return [render(template.id, {"index": str(i)}) for i in range(1, count + 1)]
 
 
 def _image_digest(image: Any) -> str:
@@ -287,12 +315,12 @@ def build_request(
     frames = max(len(s.images) for s in samples) if modality != "text" else 0
     still = all(not s.frame_indices for s in samples)
     media_kind = "images" if still else frames_as
+    ids = sample_ids(template, len(samples))
     values = {
         "labels": ", ".join(labels),
         "count": str(len(samples)),
-        "names": ", ".join(names),
+        "ids": ", ".join(ids),
         "frames": str(frames),
-        "name": names[0],
         "transcript": (samples[0].text or "").strip(),
     }
     if template.media:
@@ -308,7 +336,7 @@ def build_request(
         pairs.append(_text(render(template.batch, values)))
         for index, loaded in enumerate(samples, start=1):
             item_values = {
-                "name": loaded.sample.name,
+                "id": ids[index - 1],
                 "index": str(index),
                 "frames": str(len(loaded.images)),
                 "transcript": (loaded.text or "").strip(),
@@ -329,4 +357,11 @@ def build_request(
         }
     )
     messages = [{"role": "user", "content": [part for part, _ in pairs]}]
-    return Request(key=key, names=tuple(names), messages=messages, choices=choices, max_tokens=max_tokens)
+    return Request(
+        key=key,
+        names=tuple(names),
+        messages=messages,
+        choices=choices,
+        max_tokens=max_tokens,
+        ids=tuple(ids) if mode == "batch" else (),
+    )

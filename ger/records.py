@@ -61,6 +61,7 @@ class Request:
     messages: list[dict[str, Any]]
     choices: list[str] | None = None  # constrained output (single mode), or None
     max_tokens: int = 512
+    ids: tuple[str, ...] = ()  # batch mode: the positional ids the prompt gives `names` ("Sample 1", ...)
 
 
 @dataclass
@@ -72,6 +73,7 @@ class Response:
     error: str | None = None
     cached: bool = False
     seconds: float = 0.0
+    finish_reason: str | None = None  # "stop" | "length" (cut at max_tokens) | None when unknown
 
     @property
     def ok(self) -> bool:

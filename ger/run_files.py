@@ -39,7 +39,28 @@ def resolved_config(cfg: DictConfig) -> str:
     return OmegaConf.to_yaml(OmegaConf.create(scrub(data)))
 
 
-def report_markdown(spec: DatasetSpec, result: Score, model: str, stats: Any) -> str:
+def batching_lines(batching: dict[str, Any] | None) -> list[str]:
+    """report.md lines on batch mode: effective sizes, splits, a note when sizes fell below the paper's."""
+    if not batching:
+        return []
+    sizes = ", ".join(f"{n} x {size}" for size, n in batching["requests"].items()) or "none"
+    order = f"seed {batching['seed']}" if batching["order_file"] is None else batching["order_file"]
+    lines = [
+        f"- batch mode: paper batch size {batching['paper_size']}, cut at {batching['planned_size']} "
+        f"({batching['batches']} batches, order: {order}); answered by requests of "
+        f"{sizes} samples (mean {batching['mean_size']:.2f}), {batching['splits']} splits "
+        f"({batching['split_cut']} cut at max_tokens, {batching['split_missing']} with samples unanswered, "
+        f"{batching['split_failed']} failed); {batching['duplicate_records']} repeated records, "
+        f"{batching['records_by_position']} matched by position",
+    ]
+    if batching["note"]:
+        lines.append(f"- **note:** {batching['note']}")
+    return lines
+
+
+def report_markdown(
+    spec: DatasetSpec, result: Score, model: str, stats: Any, batching: dict[str, Any] | None = None
+) -> str:
     metrics = ", ".join(f"{m.upper()} {v:.2f}" for m, v in result.values.items())
     paper = ", ".join(f"{m.upper()} {v:.2f}" for m, v in spec.paper.gpt4v.items()) or "–"
     supervised = ", ".join(f"{m.upper()} {v:.2f}" for m, v in spec.paper.supervised.items()) or "–"
@@ -52,6 +73,7 @@ def report_markdown(spec: DatasetSpec, result: Score, model: str, stats: Any) ->
         f"- GPT-4V (paper): {paper}; best supervised: {supervised}",
         f"- requests: {stats.cached} from cache, {stats.sent} sent, {stats.failed} failed, "
         f"{stats.splits} batch splits",
+        *batching_lines(batching),
         "",
         *views_markdown(spec, result),
         "| class | recall % |",
@@ -87,6 +109,7 @@ def write_run_files(
     result: Score,
     overrides: list[str],
     stats: Any,
+    batching: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """config.yaml, predictions.csv, metrics.json and report.md; each written atomically."""
     out.mkdir(parents=True, exist_ok=True)
@@ -99,6 +122,8 @@ def write_run_files(
         "overrides": overrides,
         "requests": asdict(stats),
     }
+    if batching is not None:
+        meta["batching"] = batching  # effective batch sizes, splits, and why they differ from the paper's
     atomic_write_text(out / "metrics.json", json.dumps(meta, indent=2))
-    atomic_write_text(out / "report.md", report_markdown(spec, result, cfg.model.name, stats))
+    atomic_write_text(out / "report.md", report_markdown(spec, result, cfg.model.name, stats, batching))
     return meta

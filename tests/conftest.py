@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from stub_server import stub_server  # noqa: F401 - the scripted OpenAI-compatible server, for every test
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -42,21 +42,43 @@ def test_normalise_folds_case_whitespace_and_quotes():
     assert normalise("  'Weakly \t Positive' ") == "weakly positive"
 
 
-def test_batch_matches_by_name_not_position():
-    text = "[{'name': 'b.jpg', 'result': ['sad']}, {'name': 'a', 'result': ['happy', 'sad']}]"
+def test_batch_matches_by_id_not_position():
+    text = "[{'name': 'Sample 2', 'result': ['sad']}, {'name': 'Image 1', 'result': ['happy', 'sad']}]"
     out = parse_batch(text, ["a.jpg", "b.jpg", "c.jpg"], LABELS)
-    assert out.n_records == 2
+    assert out.n_records == 2 and out.by_position == 0
     assert out.results["a.jpg"].ranked == ["happy", "sad"]
     assert out.results["b.jpg"].ranked == ["sad"]
-    assert out.results["c.jpg"].status == MISSING
+    assert out.results["c.jpg"].status == MISSING and out.missing == ["c.jpg"]
 
 
 def test_batch_tolerates_broken_json_and_reports_strangers():
     text = (
-        "{'name': 'a', 'result': ['sad', 'happy']}\n{'name': 'zz', 'result': ['happy']}\n"
-        "{'name': 'b', 'result': ['neu"
+        "{'name': 'Sample 1', 'result': ['sad', 'happy']}\n{'name': 'zz', 'result': ['happy']}\n"
+        "{'name': 'Sample 2', 'result': ['neu"
     )
     out = parse_batch(text, ["a", "b"], LABELS)
     assert out.results["a"].ranked == ["sad", "happy"]
     assert out.results["b"].status == UNKNOWN_LABEL
     assert out.unmatched == ["zz"]
+
+
+def test_batch_answers_in_the_styles_models_use():
+    two = ["a", "b"]
+    cases = [
+        ('[{"name": "Image 2", "result": ["sad"]}, {"name": 1, "result": ["happy"]}]', two),
+        ('{"results": {"Sample 1:": ["happy"], "sample_2": "sad"}}', two),
+        ("Here you go:\n\n1. **Sample 1**: happy, sad\n2. **Sample 2**: sad", two),
+        ("Sample 2 - sad\n#1: happy", two),
+        ('```json\n[["happy"], ["sad", "happy"]]\n```', two),  # no ids: by position
+        ('["happy", "sad"]', ["a"]),  # a batch of one answered with a bare ranking
+    ]
+    for text, names in cases:
+        out = parse_batch(text, names, LABELS)
+        assert [out.results[n].ranked[0] for n in names] == ["happy", "sad"][: len(names)], text
+        assert not out.missing and not out.unmatched, text
+
+
+def test_a_repeated_record_counts_once_and_is_reported():
+    text = "Sample 1: happy\nSample 2: sad\nSample 1: sad"
+    out = parse_batch(text, ["a", "b"], LABELS)
+    assert out.results["a"].ranked == ["happy"] and out.duplicates == 1 and out.by_position == 0

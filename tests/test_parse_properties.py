@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ger.datasets import all_specs
-from ger.parse import LabelMatcher, name_key, parse_batch, parse_ranked
+from ger.parse import LabelMatcher, parse_batch, parse_ranked
 from ger.records import EMPTY, MISSING, OK, STATUSES, UNKNOWN_LABEL
 
 SETTINGS = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -156,79 +156,80 @@ names_strategy = st.builds(str.__add__, stems | shared_stems, extensions)
 junk = st.text(st.characters(blacklist_characters=":=", blacklist_categories=("Cs",)), max_size=30)
 
 
-@st.composite
-def name_variant(draw, name: str, names: list[str]) -> tuple[str, bool]:
-    """How a model may echo a requested name; True when it is the name exactly as asked.
-
-    A form that is literally another requested name is that sample's record, so it is not offered.
-    """
-    stem = name.rsplit(".", 1)[0] if "." in name else name
-    forms = [name, name.upper(), stem, "images/" + name, " " + name + " "]
-    forms = [f for f in forms if f.strip() == name or f.strip() not in names]
-    shown = draw(st.sampled_from(forms))
-    return shown, shown.strip() == name
+ID_FORMS = ["Sample {i}", "{i}", "Image {i}", "sample_{i}", "Sample {i}:", "#{i}", "Clip {i}", "SAMPLE {i}"]
 
 
-def record_text(fmt: str, name: str, words: list[str]) -> str:
+def record_text(fmt: str, rid: str | int, words: list[str]) -> str:
     if fmt == "python":
-        return repr({"name": name, "result": words})
+        return repr({"name": rid, "result": words})
     if fmt == "single" and len(words) == 1:
-        return json.dumps({"name": name, "result": words[0]})
-    return json.dumps({"name": name, "result": words})
+        return json.dumps({"name": rid, "result": words[0]})
+    if fmt == "lines":
+        return f"{rid}: {', '.join(words)}"
+    return json.dumps({"name": rid, "result": words})
 
 
 @st.composite
 def batch_answer(draw):
-    """Names with known rankings; an answer with records for a shuffled subset, some dropped,
-    some repeated, strangers and junk in between."""
+    """A batch of samples known as "Sample 1".."Sample n" in the prompt, and an answer with records
+    for a shuffled subset under the id spellings models use, some repeated with another ranking,
+    some strangers whose ids name no sample, junk in between. Also returns what each sample must
+    get: the first record naming it, else (only when there are exactly n records) the record at
+    its position when that record names no sample, else MISSING."""
     labels = list(draw(st.sampled_from(LABEL_SETS)))
-    names = draw(st.lists(names_strategy, min_size=1, max_size=20, unique=True))
-    truth = {n: dedupe(draw(st.lists(st.sampled_from(labels), min_size=1, max_size=3))) for n in names}
-    answered = draw(st.lists(st.sampled_from(names), unique=True, max_size=len(names)))
-    keys = {name_key(n) for n in names}
-    strangers = draw(st.lists(stems.filter(lambda s: name_key(s) not in keys), max_size=3))
-    entries = [(n, False) for n in answered] + [(s, True) for s in strangers]
-    entries += [(n, False) for n in draw(st.lists(st.sampled_from(answered), max_size=3))] if answered else []
+    n = draw(st.integers(1, 20))
+    names = [f"file_{k}" for k in draw(st.permutations(range(n)))]  # names never reach the answer
+    fmt = draw(st.sampled_from(["json_list", "wrapped", "python", "json", "single", "lines"]))
+    answered = draw(st.lists(st.integers(1, n), unique=True, max_size=n))
+    entries = [(i, draw(st.lists(st.sampled_from(labels), min_size=1, max_size=3))) for i in answered]
+    if answered:  # repeats, with a ranking of their own: the first record for a sample counts
+        entries += [(i, [labels[-1]]) for i in draw(st.lists(st.sampled_from(answered), max_size=3))]
+    stranger_ids = st.sampled_from(["zz", "Sample 0", f"Sample {n + 1}", "note"])
+    if fmt == "lines":  # a line record needs a number to be one
+        stranger_ids = st.sampled_from(["Sample 0", f"Sample {n + 1}", f"{n + 7}"])
+    entries += [(draw(stranger_ids), [labels[0]]) for _ in range(draw(st.integers(0, 3)))]
     entries = draw(st.permutations(entries))
-    fmt = draw(st.sampled_from(["json_list", "wrapped", "python", "json", "single"]))
-    records, echoed = [], {}
-    for name, stranger in entries:
-        shown, exact = (name, True) if stranger else draw(name_variant(name, names))
-        if not stranger:
-            echoed.setdefault(name, []).append((shown, exact))
-        meant = [labels[0]] if stranger else truth[name]
-        records.append((shown, [draw(spelling(w)).strip() for w in meant]))
+    records, lines = [], []
+    for target, meant in entries:
+        rid = draw(st.sampled_from(ID_FORMS)).format(i=target) if isinstance(target, int) else target
+        if isinstance(target, int) and fmt in ("json", "python") and draw(st.booleans()):
+            rid = target  # a bare number
+        words = [draw(spelling(w)).strip() for w in meant]
+        records.append((target if isinstance(target, int) else None, dedupe(meant)))
+        if fmt == "python" and draw(st.booleans()):
+            lines.append(draw(junk))
+        lines.append(record_text(fmt, rid, words))
     if fmt in ("json_list", "wrapped"):
-        body = [{"name": n, "result": w} for n, w in records]
+        body = [json.loads(line) for line in lines]
         text = json.dumps(body if fmt == "json_list" else {"results": body})
     else:
-        lines = []
-        for n, w in records:
-            lines += [draw(junk)] if draw(st.booleans()) else []
-            lines.append(record_text(fmt, n, w))
         text = "\n".join(lines)
-    return labels, names, truth, echoed, len(records), text
+    expected: dict[str, list[str] | None] = {}
+    for target, meant in records:
+        if target is not None:
+            expected.setdefault(names[target - 1], meant)
+    if len(records) == n:
+        for position, (target, meant) in enumerate(records):
+            named = {t for t, _ in records if t is not None}
+            if target is None and position + 1 not in named:
+                expected.setdefault(names[position], meant)
+    return labels, names, expected, len(records), text
 
 
 @SETTINGS
 @given(batch_answer())
 def test_batch_answers_never_shift_onto_another_sample(case):
-    labels, names, truth, echoed, n_records, text = case
+    labels, names, expected, n_records, text = case
     out = parse_batch(text, names, labels)
-    assert set(out.results) == set(names)
+    assert list(out.results) == names
     assert out.n_records == n_records, text
-    keys = [name_key(n) for n in names]
     for name in names:
         got = out.results[name]
-        if name not in echoed:
+        if expected.get(name) is None:
             assert got.status == MISSING, (name, text)
-            continue
-        # a name echoed exactly, or in a form that fits no other requested name, must get its own answer
-        unambiguous = any(exact or keys.count(name_key(name)) == 1 for _, exact in echoed[name])
-        if unambiguous:
-            assert (got.status, got.ranked) == (OK, truth[name]), (name, text)
         else:
-            assert got.status == MISSING or got.ranked == truth[name], (name, text)
+            assert (got.status, got.ranked) == (OK, expected[name]), (name, text)
+    assert out.missing == [n for n in names if expected.get(n) is None]
 
 
 @SETTINGS

@@ -90,6 +90,8 @@ def test_every_template_renders_single_and_batch(name):
     assert f"{len(samples)} " in text and ", ".join(LABELS) in text
     assert not any(s.sample.name in text for s in samples)  # samples are named by position only
     assert "{'name': " in text and "'result': [" in text  # one record per sample
+    kind = {"facial": "Image", "sentiment": "Image", "micro": "Image", "text": "Text"}.get(name, "Video")
+    assert batch.ids == tuple(f"{kind} {i}" for i in (1, 2, 3))  # the ids the answer's records are matched by
     assert not placeholders(text)
     assert batch.names == tuple(s.sample.name for s in samples)
     identity = "disregard who" in text.lower()
@@ -276,7 +278,7 @@ def test_template_consistency_checks():
     with pytest.raises(ValueError, match="media"):
         PromptTemplate(name="t", single="as {media}", batch="x")
     with pytest.raises(ValueError, match="transcript"):
-        PromptTemplate(name="t", single="{transcript}", batch="x", item="{name}")
+        PromptTemplate(name="t", single="{transcript}", batch="x", item="{id}")
     with pytest.raises(ValueError, match="unknown key"):
         PromptTemplate.from_dict("t", {"single": "x", "batch": "y", "singel": "z"})
     with pytest.raises(ValueError, match="missing"):
@@ -293,16 +295,17 @@ def test_a_dropped_yaml_file_is_a_new_template(tmp_path, monkeypatch):
     shutil.copytree(conf_dir(), conf)
     (conf / "prompt" / "terse.yaml").write_text(
         "single: 'Rank {labels}.'\n"
-        "batch: 'Rank {labels} for {count} faces: {names}.'\n"
-        "item: '#{index} {name}'\n"
+        "batch: 'Rank {labels} for {count} faces: {ids}.'\n"
+        "item: '#{index} {id}'\n"
+        "id: 'Face {index}'\n"
     )
     (conf / "prompt" / "broken.yaml").write_text("single: 'Rank {labelz}.'\nbatch: 'x'\n")
     monkeypatch.setenv("GER_CONF_DIR", str(conf))
     assert "terse" in available_templates()
     req = _build([_still(0), _still(1)], load_template("terse"))
     assert (
-        _all_text(req) == "Rank Happiness, Sadness, Anger, Neutral for 2 faces: img_0.jpg, img_1.jpg."
-        "\n\n#1 img_0.jpg\n#2 img_1.jpg"
+        _all_text(req) == "Rank Happiness, Sadness, Anger, Neutral for 2 faces: Face 1, Face 2."
+        "\n\n#1 Face 1\n#2 Face 2"
     )
     with pytest.raises(ValueError, match="labelz"):
         load_template("broken")

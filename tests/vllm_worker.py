@@ -157,7 +157,7 @@ def main(model_name: str, out_path: Path, load_format: str = "auto") -> int:
     requests = [r for reqs in by_case.values() for r in reqs]
     t1 = time.perf_counter()
     answers = [
-        {"key": r.key, "text": r.text, "error": r.error, "seconds": r.seconds}
+        dict(key=r.key, text=r.text, error=r.error, seconds=r.seconds, finish_reason=r.finish_reason)
         for r in backend.generate(requests)
     ]
     result["generate_seconds"] = round(time.perf_counter() - t1, 2)

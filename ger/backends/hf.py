@@ -276,7 +276,9 @@ class HFBackend:
         for row, p in enumerate(batch):
             ids = out[row, prompt_len:][: p.request.max_tokens]
             text = self.tokenizer.decode(ids, skip_special_tokens=True)
-            responses.append(Response(key=p.request.key, text=text, seconds=seconds))
+            stopped = any(int(t) in self.eos_ids for t in ids)  # else it ran into max_tokens
+            finish = "stop" if stopped or len(ids) < p.request.max_tokens else "length"
+            responses.append(Response(key=p.request.key, text=text, seconds=seconds, finish_reason=finish))
         return responses
 
     def _generation_kwargs(self, batch: list[Prepared], prompt_len: int) -> dict[str, Any]:

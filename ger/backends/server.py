@@ -128,7 +128,7 @@ class ServerBackend:
     def _model_name(self, model_cfg: Any) -> str:
         if self.settings.model:
             return self.settings.model
-        name = plain(model_cfg).get("name")
+        name = getattr(model_cfg, "name", None) or plain(model_cfg).get("name")  # a ModelSpec or a config
         if not name:
             raise ValueError("backend `server` needs `model` (the served model name) or a model config")
         return name  # launch/serve.py serves every model under its config name
@@ -217,8 +217,10 @@ class ServerBackend:
         async with semaphore:
             try:
                 body = await asyncio.to_thread(self._body, request)  # JPEG encoding off the loop
-                text = await self._send_with_retries(body, request.choices, clients)
-                return Response(key=request.key, text=text, seconds=time.monotonic() - start)
+                text, finish = await self._send_with_retries(body, request.choices, clients)
+                return Response(
+                    key=request.key, text=text, seconds=time.monotonic() - start, finish_reason=finish
+                )
             except asyncio.CancelledError:
                 raise
             except openai.NotFoundError as exc:  # every request would get it: stop, do not fill error rows
@@ -298,11 +300,14 @@ class ServerBackend:
                 "json_schema": {"name": "label", "strict": True, "schema": schema},
             }
 
-    async def _send_with_retries(self, body: dict[str, Any], choices: Any, clients: dict) -> str:
+    async def _send_with_retries(
+        self, body: dict[str, Any], choices: Any, clients: dict
+    ) -> tuple[str, str | None]:
+        """(answer text, finish reason) after retries; "length" means the answer was cut."""
         from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt
 
         s = self.settings
-        text = ""
+        text, finish = "", None
         async for attempt in AsyncRetrying(
             stop=stop_after_attempt(s.max_retries + 1),
             wait=self._wait,
@@ -310,8 +315,8 @@ class ServerBackend:
             reraise=True,
         ):
             with attempt:
-                text = await self._send_once(body, clients)
-        return self._text(text, choices)
+                text, finish = await self._send_once(body, clients)
+        return self._text(text, choices), finish
 
     def _wait(self, retry_state: Any) -> float:
         """Exponential backoff with jitter, at least the server's Retry-After when it sends one."""
@@ -330,7 +335,7 @@ class ServerBackend:
             after = 0.0
         return min(max(delay, after), s.retry_max)
 
-    async def _send_once(self, body: dict[str, Any], clients: dict) -> str:
+    async def _send_once(self, body: dict[str, Any], clients: dict) -> tuple[str, str | None]:
         import openai
 
         key = self.keys.current()
@@ -346,7 +351,8 @@ class ServerBackend:
         self.usage["requests"] += 1
         if not completion.choices:
             raise RuntimeError("the server answered with no choices")
-        return completion.choices[0].message.content or ""
+        choice = completion.choices[0]
+        return choice.message.content or "", choice.finish_reason
 
     def _client(self, key: str) -> Any:
         from openai import AsyncOpenAI

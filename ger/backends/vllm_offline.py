@@ -234,7 +234,10 @@ class VLLMBackend:
             return
         per_request = (time.perf_counter() - start) / len(batch)
         for (req, _, _), out in zip(batch, outputs, strict=True):
-            yield Response(key=req.key, text=out.outputs[0].text, seconds=per_request)
+            first = out.outputs[0]
+            yield Response(
+                key=req.key, text=first.text, seconds=per_request, finish_reason=first.finish_reason
+            )
 
     def engine_prompt(self, req: Request) -> dict[str, Any]:
         """The request as vLLM's prompt dict: chat-templated text plus `multi_modal_data`."""
