@@ -71,3 +71,43 @@ def cached_answers(cache: Path) -> int:
             return conn.execute("SELECT COUNT(*) FROM answers").fetchone()[0]
     except sqlite3.OperationalError:
         return 0
+
+
+@pytest.fixture(scope="session")
+def reference_dir() -> Path:
+    """The released GPT-4V results/: ../shared/reference beside the repository, or $GER_REFERENCE_DIR."""
+    path = Path(os.environ.get("GER_REFERENCE_DIR", REPO.parent / "shared/reference/gpt4v-emotion/results"))
+    if not path.is_dir():
+        pytest.fail(f"the released GPT-4V results are missing at {path}; set GER_REFERENCE_DIR")
+    return path
+
+
+@pytest.fixture
+def cache(ger_cache: Path, tmp_path: Path) -> Path:
+    """A response cache of this test's own; the session's tiny models are shared (built once)."""
+    path = tmp_path / "cache"
+    path.mkdir()
+    (ger_cache / "tiny-models").mkdir(parents=True, exist_ok=True)
+    (path / "tiny-models").symlink_to(ger_cache / "tiny-models")
+    return path
+
+
+def make_spec(**kw):
+    """A small image test set spec (labels a, b, c; plain accuracy) with `kw` overriding fields."""
+    from ger.datasets import DatasetSpec, Layout, Paper
+
+    base = dict(
+        key="t",
+        title="t",
+        task="facial",
+        modality="image",
+        labels=["a", "b", "c"],
+        scoring="plain",
+        metrics=["acc"],
+        prompt="facial",
+        batch_size=20,
+        layout=Layout(),
+        paper=Paper(),
+    )
+    base.update(kw)
+    return DatasetSpec(**base)

@@ -33,16 +33,6 @@ from ger.validate import check_labels
 QUIET = ["model=tiny-random-qwen2vl", "backend=hf", "sampling.max_tokens=8", "progress=false"]
 
 
-@pytest.fixture
-def cache(ger_cache: Path, tmp_path: Path) -> Path:
-    """A response cache of this test's own; the session's tiny models are shared (built once)."""
-    path = tmp_path / "cache"
-    path.mkdir()
-    (ger_cache / "tiny-models").mkdir(parents=True, exist_ok=True)
-    (path / "tiny-models").symlink_to(ger_cache / "tiny-models")
-    return path
-
-
 def write_labels(root: Path, label_rows: list[tuple[str, str]]) -> None:
     root.mkdir(parents=True, exist_ok=True)
     text = "".join(f"{n},{g}\n" for n, g in [("name", "gt"), *label_rows])

@@ -6,7 +6,6 @@ and the finish reason kept in the response cache."""
 from __future__ import annotations
 
 import csv
-import os
 import sqlite3
 from pathlib import Path
 
@@ -25,14 +24,6 @@ from ger.prompts import PromptTemplate, build_request, load_template
 from ger.records import LoadedSample, Response, Sample
 
 KEY_PARTS = {"model": "m", "sampling": {"temperature": 0.0}}
-
-
-@pytest.fixture(scope="module")
-def results() -> Path:
-    path = Path(os.environ.get("GER_REFERENCE_DIR", REPO.parent / "shared/reference/gpt4v-emotion/results"))
-    if not path.is_dir():
-        pytest.fail(f"the released GPT-4V results are missing at {path}; set GER_REFERENCE_DIR")
-    return path
 
 
 def release_rows(folder: Path) -> list[tuple[str, str]]:
@@ -55,8 +46,8 @@ def chance_single_class(gts: list[str], size: int) -> float:
 
 
 @pytest.mark.parametrize("key", ["ravdess", "artphoto", "ferv39k", "sfew2"])
-def test_shuffled_batches_are_class_mixed_on_the_release_label_lists(results, key):
-    rows = release_rows(results / key)
+def test_shuffled_batches_are_class_mixed_on_the_release_label_lists(reference_dir, key):
+    rows = release_rows(reference_dir / key)
     size = load_spec(key).batch_size
     gt = dict(rows)
     in_file_order = single_class_share([g for _, g in rows], size)
@@ -92,9 +83,9 @@ def _text(request) -> str:
 
 
 @pytest.mark.parametrize("spec", all_specs(), ids=lambda s: s.key)
-def test_no_request_carries_a_sample_name(results, spec):
+def test_no_request_carries_a_sample_name(reference_dir, spec):
     """Every dataset's template, in single and batch mode, with the release's own names."""
-    rows = release_rows(results / (spec.reference.folder if spec.reference else spec.key))
+    rows = release_rows(reference_dir / (spec.reference.folder if spec.reference else spec.key))
     names = [n for n, _ in rows[:: max(1, len(rows) // spec.batch_size)]][: spec.batch_size]
     stems = {n.rsplit(".", 1)[0] for n in names}
     visual = spec.modality != "image"

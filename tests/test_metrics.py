@@ -1,28 +1,12 @@
 """The paper's scoring rules on small hand-computed cases."""
 
 import pytest
+from conftest import make_spec
 
-from ger.datasets import DatasetSpec, Layout, Paper
 from ger.metrics import INVALID, metric_value, score
 from ger.records import EMPTY, OK, UNKNOWN_LABEL, Prediction
 
-
-def spec(**kw):
-    base = dict(
-        key="t",
-        title="t",
-        task="facial",
-        modality="image",
-        labels=["a", "b", "c"],
-        scoring="plain",
-        metrics=["acc"],
-        prompt="facial",
-        batch_size=20,
-        layout=Layout(),
-        paper=Paper(),
-    )
-    base.update(kw)
-    return DatasetSpec(**base)
+spec = make_spec
 
 
 def P(gt, ranked, status=OK, name=None):

@@ -8,6 +8,7 @@ release's label lists in ../shared/reference; media are tiny valid files, hard-l
 from __future__ import annotations
 
 import csv
+import json
 import os
 import subprocess
 from pathlib import Path
@@ -22,14 +23,6 @@ from ger.validate import check_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 SUBSET = 8  # names per set for the per-set test (rafdb runs in full below)
-
-
-@pytest.fixture(scope="module")
-def reference_dir() -> Path:
-    path = Path(os.environ.get("GER_REFERENCE_DIR", REPO.parent / "shared/reference/gpt4v-emotion/results"))
-    if not path.is_dir():
-        pytest.fail(f"the released GPT-4V results are missing at {path}; set GER_REFERENCE_DIR")
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -204,7 +197,9 @@ def assert_layout(
 
 
 @pytest.mark.parametrize("key", sorted(SHAPES))
-def test_a_raw_download_becomes_a_layout_ger_prepare_accepts(key, reference_dir, media, ger_cache, tmp_path):
+def test_a_raw_download_becomes_a_layout_ger_prepare_and_run_accept(
+    key, reference_dir, media, ger_cache, tmp_path, stub_server
+):
     ref, raw, data = tmp_path / "ref", tmp_path / "raw", tmp_path / "data"
     rows_ = trimmed_reference(reference_dir, key, ref, SUBSET)
     placed = make_raw(key, rows_, raw, media)
@@ -214,6 +209,26 @@ def test_a_raw_download_becomes_a_layout_ger_prepare_accepts(key, reference_dir,
     assert_layout(key, rows_, placed, raw, data)
     # and the plain check of the finished layout, as a user runs it before `ger run`
     run_ger(["prepare", f"dataset={key}", f"data_root={data}", "progress=false"], ger_cache, tmp_path)
+    # then `ger run` takes it: media decoded, requests sent (a loopback stub answering with the label
+    # list in order), answers read and scored
+    labels = load_spec(key).labels
+    stub_server.model = lambda body: (json.dumps(labels), "stop")
+    run_ger(
+        [
+            "run",
+            f"dataset={key}",
+            f"data_root={data}",
+            "model=qwen2_5_vl_7b",  # a real model config: the stub serves it, nothing is loaded
+            "backend=server",
+            f"backend.base_url={stub_server.url}",
+            "limit=2",
+            "progress=false",
+            f"hydra.run.dir={tmp_path / 'run'}",
+        ],
+        ger_cache,
+        tmp_path,
+    )
+    assert [(r["status"], r["top1"]) for r in rows(tmp_path / "run")] == [("ok", labels[0])] * 2
 
 
 def test_a_name_in_train_and_test_folders_is_ambiguous_until_narrowed(

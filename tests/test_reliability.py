@@ -33,16 +33,6 @@ LABELS = ["anger", "disgust", "fear", "happy", "neutral", "sad", "surprise"]
 # ---------------------------------------------------------------- helpers
 
 
-@pytest.fixture
-def cache(ger_cache: Path, tmp_path: Path) -> Path:
-    """A response cache of this test's own; the session's tiny models are shared (built once)."""
-    path = tmp_path / "cache"
-    path.mkdir()
-    (ger_cache / "tiny-models").mkdir(parents=True, exist_ok=True)
-    (path / "tiny-models").symlink_to(ger_cache / "tiny-models")
-    return path
-
-
 def write_labels(root: Path, rows: list[tuple[str, str]]) -> None:
     root.mkdir(parents=True, exist_ok=True)
     with (root / "label.csv").open("w", newline="") as f:

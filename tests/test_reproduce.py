@@ -2,7 +2,6 @@
 
 import io
 import json
-import os
 import tarfile
 from pathlib import Path
 
@@ -34,14 +33,6 @@ EXACT = [
     ("sims", "multi", "wf1", 81.24),
     ("mer2023", "multi", "acc", 63.50),
 ]
-
-
-@pytest.fixture(scope="module")
-def reference_dir() -> Path:
-    path = Path(os.environ.get("GER_REFERENCE_DIR", REPO.parent / "shared/reference/gpt4v-emotion/results"))
-    if not path.is_dir():
-        pytest.fail(f"the released GPT-4V results are missing at {path}; set GER_REFERENCE_DIR")
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -13,8 +13,9 @@ import os
 from pathlib import Path
 
 import pytest
+from conftest import make_spec
 
-from ger.datasets import DatasetSpec, Layout, Paper, all_specs, load_spec, read_label_list, spec_from_dict
+from ger.datasets import all_specs, load_spec, read_label_list, spec_from_dict
 from ger.predictions import write_predictions
 from ger.records import ERROR, OK, UNKNOWN_LABEL, Prediction
 from ger.reference import read_release, release_names
@@ -40,22 +41,7 @@ REFERENCE_DIR = Path(
 )
 
 
-def spec(**kw) -> DatasetSpec:
-    base = dict(
-        key="t",
-        title="T",
-        task="facial",
-        modality="image",
-        labels=["a", "b", "c"],
-        scoring="plain",
-        metrics=["acc"],
-        prompt="facial",
-        batch_size=20,
-        layout=Layout(),
-        paper=Paper(),
-    )
-    base.update(kw)
-    return DatasetSpec(**base)
+spec = make_spec
 
 
 def P(name: str, gt: str, top: str | None, status: str = OK) -> Prediction:
