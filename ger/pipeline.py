@@ -18,7 +18,7 @@ from omegaconf import DictConfig
 from tqdm import tqdm
 
 from ger.ask import Asker, ask_batches
-from ger.backends import create_backend
+from ger.backends import check_backend, create_backend
 from ger.batching import batch_order, plan_batches, summarise, write_order
 from ger.cache import ResponseCache
 from ger.config import plain
@@ -152,6 +152,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         by_name = {s.name: s for s in samples}
         samples = [by_name[n] for n in batch_order(list(by_name), cfg.batch_seed, cfg.get("batch_order"))]
     samples = select(samples, cfg.limit, cfg.shard)
+    check_backend(cfg.backend.name, cfg.backend)  # a refused model stops the run before any decoding
     model = resolve_model(cfg.model, cfg.cache_dir)
     loaded, errors = load_media(cfg, spec, samples, modality)
 

@@ -333,10 +333,11 @@ def test_ger_run_with_a_shut_down_model_exits_with_one_message(ger_cache, tmp_pa
     """`ger run backend=openai backend.model=gpt-4-vision-preview`: exit 2 before any request, no rows."""
     from conftest import run_ger
 
-    args = ["run", "dataset=demo", "limit=2", "progress=false", "backend=openai", f"backend.model={GONE}"]
+    args = ["run", "dataset=demo", "limit=2", "progress=true", "backend=openai", f"backend.model={GONE}"]
     proc = run_ger([*args, f"hydra.run.dir={tmp_path / 'run'}"], ger_cache, tmp_path, check=False,
                    env={"OPENAI_API_KEY": GOOD, "OPENAI_BASE_URL": "http://127.0.0.1:9/v1"})  # fmt: skip
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     (line,) = [x for x in proc.stderr.splitlines() if x.startswith("ger run:")]
     assert f"{GONE}' was shut down by OpenAI" in line and "choose one of ['gpt-4.1'" in line
     assert not (tmp_path / "run" / "predictions.csv").exists()
+    assert "loading media" not in proc.stderr  # refused before a single sample was decoded

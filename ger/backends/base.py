@@ -76,10 +76,24 @@ def backend_names() -> Iterable[str]:
     return sorted(_REGISTRY)
 
 
-def create_backend(name: str, backend_cfg: Any, model_cfg: Any) -> Backend:
-    """Instantiate the backend registered as `name`."""
+def _backend_class(name: str) -> type:
     if name not in _REGISTRY:
         raise ValueError(f"unknown backend {name!r}; expected one of {sorted(_REGISTRY)}")
     module_name, cls_name = _REGISTRY[name].split(":")
-    cls = getattr(importlib.import_module(module_name), cls_name)
-    return cls(backend_cfg, model_cfg)
+    return getattr(importlib.import_module(module_name), cls_name)
+
+
+def check_backend(name: str, backend_cfg: Any) -> None:
+    """Refuse bad settings (a retired model, an unknown key) before any media is decoded.
+
+    Backends whose settings can be checked without starting anything say so with a
+    `check_settings(backend_cfg)` classmethod; the others are checked when they start.
+    """
+    check = getattr(_backend_class(name), "check_settings", None)
+    if check is not None:
+        check(backend_cfg)
+
+
+def create_backend(name: str, backend_cfg: Any, model_cfg: Any) -> Backend:
+    """Instantiate the backend registered as `name`."""
+    return _backend_class(name)(backend_cfg, model_cfg)

@@ -116,6 +116,11 @@ class ServerBackend:
     backend_name = "server"
     settings_class: type[ServerSettings] = ServerSettings
 
+    @classmethod
+    def check_settings(cls, backend_cfg: Any) -> None:
+        """The settings' checks (an OpenAI model that was shut down, say), without a client."""
+        cls.settings_class.from_cfg(backend_cfg)
+
     def __init__(self, backend_cfg: Any, model_cfg: Any = None) -> None:
         self.settings = self.settings_class.from_cfg(backend_cfg)
         self.weights = self._weights_identity(model_cfg)
