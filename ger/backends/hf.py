@@ -247,6 +247,7 @@ class HFBackend:
         if videos:
             kwargs["videos"] = videos
             kwargs["video_metadata"] = [m for p in batch for m in p.video_metadata]
+            kwargs["do_sample_frames"] = False  # the frames are already sampled (Qwen3-VL would re-sample)
         inputs = self.processor(text=[p.text for p in batch], **kwargs)
         return inputs.to(device=self.model.device, dtype=self.model.dtype)
 
