@@ -187,7 +187,8 @@ def _qwen3_vl_parts() -> tuple[Any, Any, Any]:
     common = {"patch_size": 16, "merge_size": 2, "temporal_patch_size": 2}
     size = {"shortest_edge": 32 * 32 * 4, "longest_edge": 32 * 32 * 16}  # 4..16 tokens per image
     image = Qwen2VLImageProcessor(size=size, **common)
-    video = Qwen3VLVideoProcessor(size=size, **common)
+    # Qwen3-VL's video budget is for all frames together (T * H * W pixels): room for 16 small frames
+    video = Qwen3VLVideoProcessor(size={"shortest_edge": 32 * 32 * 4, "longest_edge": 32 * 32 * 64}, **common)
     processor = Qwen3VLProcessor(
         image_processor=image, tokenizer=tok, video_processor=video, chat_template=QWEN_TEMPLATE
     )
@@ -196,13 +197,17 @@ def _qwen3_vl_parts() -> tuple[Any, Any, Any]:
 
 def _gemma3_parts() -> tuple[Any, Any, Any]:
     """Gemma 3: SigLIP (32 px, 8 px patches) pooled to 4 soft tokens per image, Gemma 3 text model."""
+    from tokenizers import AddedToken
     from transformers import Gemma3Config, Gemma3ImageProcessor, Gemma3Processor
 
     special = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"]
     named = {"boi_token": "<start_of_image>", "image_token": "<image_soft_token>"}
     named["eoi_token"] = "<end_of_image>"
+    raw = _train_tokenizer(special + list(named.values()))
+    # Gemma's vocabulary has runs of newlines as single tokens, which vLLM's Gemma 3 processor looks up
+    raw.add_tokens([AddedToken("\n" * n, normalized=False) for n in range(1, 5)])
     tok = _wrap_tokenizer(
-        _train_tokenizer(special + list(named.values())),
+        raw,
         GEMMA_TEMPLATE,
         bos_token="<bos>",
         eos_token="<end_of_turn>",
@@ -257,4 +262,4 @@ BUILDERS: dict[str, Callable[[], tuple[Any, Any, Any]]] = {
     "gemma3": _gemma3_parts,
 }
 # What shapes these folders beyond the shared sizes (goes into tiny_version).
-SPEC = {"chatml": CHATML, "gemma": GEMMA_TEMPLATE, "vision": VISION, "version": 1}
+SPEC = {"chatml": CHATML, "gemma": GEMMA_TEMPLATE, "vision": VISION, "version": 3}  # bump on builder changes

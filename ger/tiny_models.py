@@ -334,7 +334,7 @@ def build_tiny_model(kind: str, out_dir: Path) -> Path:
         do_sample=False,
     )
     model.save_pretrained(out_dir)
-    if kind == "llava":
+    if kind in ("llava", "llava_onevision", "gemma3"):
         _llava_hf_layout(out_dir)
     processor.save_pretrained(out_dir)
     for part in ("image_processor", "video_processor"):  # also the per-part files older releases read
