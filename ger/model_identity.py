@@ -32,6 +32,7 @@ WEIGHT_BYTES_HASHED = 64 * 1024 * 1024  # hash weight bytes whole below this tot
 CHUNK = 1 << 20
 
 _memo: dict[tuple, str] = {}  # (folder, file stats) -> digest
+_warned: set[tuple[str, str | None]] = set()  # hub models already reported as not on disk
 
 
 @dataclass(frozen=True)
@@ -101,12 +102,14 @@ def snapshot_identity(path: str, revision: str | None) -> dict[str, str | None]:
     """`{"snapshot": digest}` for a model on disk; `{"snapshot": None, ...}` with a warning if not."""
     folder = find_snapshot(path, revision)
     if folder is None:
-        log.warning(
-            "model %s (revision %s) is not on disk yet; its cache key holds the revision pin only, "
-            "so answers of a changed checkpoint may be reused until it is downloaded "
-            "(pin `revision:` in the model config, or download the model first)",
-            path,
-            revision,
-        )
+        if (path, revision) not in _warned:  # once per process: identity() is asked several times a run
+            _warned.add((path, revision))
+            log.warning(
+                "model %s (revision %s) is not on disk yet; its cache key holds the revision pin only, "
+                "so answers of a changed checkpoint may be reused until it is downloaded "
+                "(pin `revision:` in the model config, or download the model first)",
+                path,
+                revision,
+            )
         return {"snapshot": None, "snapshot_note": "not on disk when keyed"}
     return {"snapshot": folder_digest(folder)}
