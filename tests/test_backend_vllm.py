@@ -31,6 +31,7 @@ FAMILIES = {
     "internvl3": "tiny-random-internvl3",
     "llava_onevision": "tiny-random-llava-onevision",
     "qwen3_vl": "tiny-random-qwen3vl",
+    "qwen2_5_vl": "tiny-random-qwen2_5vl",
     "gemma3": "tiny-random-gemma3",
 }
 MODELS |= {kind: (model, "auto") for kind, model in FAMILIES.items()}
@@ -182,7 +183,7 @@ def test_family_video(family: dict[str, Any]) -> None:
     assert answer["seconds"] > 0
     (choice,) = assert_answered(family, "video_choice")
     assert choice["text"] in family["labels"]
-    if family["model"] == FAMILIES["qwen3_vl"]:  # Qwen: count its <|video_pad|> tokens per frame count
+    if family["model"] in (FAMILIES["qwen3_vl"], FAMILIES["qwen2_5_vl"]):  # count Qwen's <|video_pad|>
         tokens = {int(n): count for n, count in family["video_tokens"].items()}
         assert tokens[2] > 0  # 2 frames per temporal patch; vLLM must not re-sample by the clip's fps
         assert tokens[4] == 2 * tokens[2] and tokens[8] == 4 * tokens[2], tokens

@@ -1,4 +1,4 @@
-"""Tiny twins of InternVL3, LLaVA-OneVision, Qwen3-VL and Gemma 3 through the transformers backend.
+"""Tiny twins of InternVL3, LLaVA-OneVision, Qwen3-VL, Qwen2.5-VL and Gemma 3 on the transformers backend.
 
 Each twin is its family's real architecture and processor class with random weights; a single
 image, a multi-image prompt and a video (native, or as frames for Gemma 3, which has no video
@@ -29,6 +29,7 @@ FAMILIES = {
         "<image>",
     ),
     "tiny-random-qwen3vl": ("qwen3_vl", "Qwen3VLForConditionalGeneration", "<|image_pad|>"),
+    "tiny-random-qwen2_5vl": ("qwen2_5_vl", "Qwen2_5_VLForConditionalGeneration", "<|image_pad|>"),
     "tiny-random-gemma3": ("gemma3", "Gemma3ForConditionalGeneration", "<start_of_image>"),
 }
 
