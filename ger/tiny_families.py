@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from ger.tiny_models import TEXT, _padded_vocab, _text_sizes, _train_tokenizer, _wrap_tokenizer
+from ger.tiny_models import INIT_RANGE, TEXT, _padded_vocab, _text_sizes, _train_tokenizer, _wrap_tokenizer
 
 # ChatML (Qwen2 / Qwen3 / InternVL3 / LLaVA-OneVision-Qwen2 language models); `{image}` and
 # `{video}` are the family's placeholder strings, filled in by `_chatml`.
@@ -44,6 +44,7 @@ GEMMA_TEMPLATE = (
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}{{ '<start_of_turn>model\\n' }}{%- endif -%}"
 )
+OMNI_AUDIO = "{%- elif part['type'] == 'audio' -%}{{ '<|audio_bos|><|AUDIO|><|audio_eos|>' }}"
 CHATML_SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 VISION = {"hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2, "num_attention_heads": 2}
 
@@ -246,6 +247,80 @@ def _gemma3_parts() -> tuple[Any, Any, Any]:
     return config, processor, tok
 
 
+def _omni_parts() -> tuple[Any, Any, Any]:
+    """Qwen2.5-Omni's thinker (the text-answering half): Qwen2.5-VL vision, Whisper-style audio, Qwen2."""
+    from transformers import (
+        Qwen2_5OmniConfig,
+        Qwen2_5OmniProcessor,
+        Qwen2_5OmniThinkerConfig,
+        Qwen2VLImageProcessor,
+        Qwen2VLVideoProcessor,
+        WhisperFeatureExtractor,
+    )
+
+    named = {
+        "image_token": "<|IMAGE|>",
+        "video_token": "<|VIDEO|>",
+        "audio_token": "<|AUDIO|>",
+        "vision_bos_token": "<|vision_bos|>",
+        "vision_eos_token": "<|vision_eos|>",
+        "audio_bos_token": "<|audio_bos|>",
+        "audio_eos_token": "<|audio_eos|>",
+    }
+    template = _chatml(
+        "<|vision_bos|><|IMAGE|><|vision_eos|>", "<|vision_bos|><|VIDEO|><|vision_eos|>"
+    ).replace("{%- elif part['type'] == 'text' -%}", OMNI_AUDIO + "{%- elif part['type'] == 'text' -%}")
+    tok = _chatml_tokenizer(template, list(named.values()), named)
+    ids = {f"{k.removesuffix('_token')}_token_index": tok.convert_tokens_to_ids(v) for k, v in named.items()}
+    text = _qwen2_text(tok) | {
+        "model_type": "qwen2_5_omni_text",
+        "rope_parameters": {"rope_type": "default", "rope_theta": 1e6, "mrope_section": [8, 12, 12]},
+    }
+    vision = VISION | {
+        "depth": 2,
+        "num_heads": 2,
+        "out_hidden_size": TEXT["hidden_size"],
+        "window_size": 56,
+        "fullatt_block_indexes": [1],
+    }
+    audio = {
+        "num_mel_bins": 128,
+        "encoder_layers": 2,
+        "encoder_attention_heads": 2,
+        "encoder_ffn_dim": 256,
+        "d_model": 128,
+        "output_dim": TEXT["hidden_size"],
+        "n_window": 100,
+    }
+    thinker = Qwen2_5OmniThinkerConfig(
+        text_config=text,
+        vision_config=vision,
+        audio_config=audio,
+        image_token_index=ids["image_token_index"],
+        video_token_index=ids["video_token_index"],
+        audio_token_index=ids["audio_token_index"],
+        audio_start_token_id=ids["audio_bos_token_index"],
+        audio_end_token_id=ids["audio_eos_token_index"],
+        vision_start_token_id=ids["vision_bos_token_index"],
+        vision_end_token_id=ids["vision_eos_token_index"],
+        initializer_range=INIT_RANGE,
+    )
+    for sub in (thinker.text_config, thinker.vision_config, thinker.audio_config):
+        sub.initializer_range = INIT_RANGE
+    # The released layout: a Qwen2_5OmniModel folder holding the thinker; no talker (speech output).
+    config = Qwen2_5OmniConfig(thinker_config=thinker.to_dict(), enable_audio_output=False)
+    common = {"patch_size": 14, "merge_size": 2, "temporal_patch_size": 2}
+    size = {"shortest_edge": 28 * 28 * 4, "longest_edge": 28 * 28 * 16}
+    processor = Qwen2_5OmniProcessor(
+        image_processor=Qwen2VLImageProcessor(size=size, **common),
+        video_processor=Qwen2VLVideoProcessor(size=size, **common),
+        feature_extractor=WhisperFeatureExtractor(feature_size=128),
+        tokenizer=tok,
+        chat_template=template,
+    )
+    return config, processor, tok
+
+
 def finish_weights(kind: str, model: Any, init_range: float) -> None:
     """Randomise weights the family's init leaves at zero (Gemma 3's projector), so images reach the text."""
     import torch
@@ -260,6 +335,7 @@ BUILDERS: dict[str, Callable[[], tuple[Any, Any, Any]]] = {
     "llava_onevision": _onevision_parts,
     "qwen3_vl": _qwen3_vl_parts,
     "gemma3": _gemma3_parts,
+    "qwen2_5_omni": _omni_parts,
 }
 # What shapes these folders beyond the shared sizes (goes into tiny_version).
-SPEC = {"chatml": CHATML, "gemma": GEMMA_TEMPLATE, "vision": VISION, "version": 3}  # bump on builder changes
+SPEC = {"chatml": CHATML, "gemma": GEMMA_TEMPLATE, "vision": VISION, "version": 4}  # bump on builder changes

@@ -314,15 +314,15 @@ def build_tiny_model(kind: str, out_dir: Path) -> Path:
     if kind not in builders:
         raise ValueError(f"unknown tiny model kind {kind!r}; expected one of {tiny_kinds()}")
     import torch
-    from transformers import AutoModelForImageTextToText, GenerationConfig
+    from transformers import AutoModelForMultimodalLM, GenerationConfig
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     config, processor, tok = builders[kind]()
-    for sub in (config, config.get_text_config(), config.vision_config):
+    for sub in (config, *(getattr(config, k) for k in config.sub_configs)):
         sub.initializer_range = INIT_RANGE
     torch.manual_seed(SEED)  # same weights on every machine and run
-    model = AutoModelForImageTextToText.from_config(config, dtype=torch.float32)
+    model = AutoModelForMultimodalLM.from_config(config, dtype=torch.float32)  # image-text models and omni
     if kind not in _BUILDERS:
         from ger.tiny_families import finish_weights
 
@@ -336,6 +336,8 @@ def build_tiny_model(kind: str, out_dir: Path) -> Path:
     model.save_pretrained(out_dir)
     if kind in ("llava", "llava_onevision", "gemma3"):
         _llava_hf_layout(out_dir)
+    if kind == "qwen2_5_omni":  # Qwen2.5-Omni loads its voices file; the twin has no voices
+        torch.save({}, out_dir / "spk_dict.pt")
     processor.save_pretrained(out_dir)
     for part in ("image_processor", "video_processor"):  # also the per-part files older releases read
         if getattr(processor, part, None) is not None:

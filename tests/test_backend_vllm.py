@@ -32,6 +32,7 @@ FAMILIES = {
     "llava_onevision": "tiny-random-llava-onevision",
     "qwen3_vl": "tiny-random-qwen3vl",
     "qwen2_5_vl": "tiny-random-qwen2_5vl",
+    "qwen2_5_omni": "tiny-random-qwen2_5omni",
     "gemma3": "tiny-random-gemma3",
 }
 MODELS |= {kind: (model, "auto") for kind, model in FAMILIES.items()}

@@ -1,4 +1,4 @@
-"""The transformers backend: AutoModelForImageTextToText + AutoProcessor, batched generate().
+"""The transformers backend: AutoModelForMultimodalLM + AutoProcessor, batched generate().
 
 Slower than vLLM but needs nothing beyond torch and transformers, so it runs where
 vLLM does not (CPU tests, a laptop, a model vLLM lacks). Requests are converted to
@@ -146,7 +146,7 @@ class HFBackend:
 
     def _load(self) -> None:
         import torch
-        from transformers import AutoModelForImageTextToText, AutoProcessor
+        from transformers import AutoModelForMultimodalLM, AutoProcessor
 
         device = str(self.cfg["device"])
         if device == "auto" and not torch.cuda.is_available():
@@ -156,13 +156,15 @@ class HFBackend:
         self.tokenizer = self.processor.tokenizer
         self.tokenizer.padding_side = "left"  # decoder-only batches must end where generation starts
         dtype = self.dtype_name if self.dtype_name == "auto" else getattr(torch, self.dtype_name)
-        self.model = AutoModelForImageTextToText.from_pretrained(
+        # image-text models, and omni models (Qwen2.5-Omni) whose text-answering half is `thinker`
+        self.model = AutoModelForMultimodalLM.from_pretrained(
             self.spec.path,
             dtype=dtype,
             device_map=None if device == "cpu" else device,
             attn_implementation=self.cfg["attn_implementation"],
             **common,
         )
+        self.model = getattr(self.model, "thinker", self.model)
         self.model.eval()
         if device == "cpu":
             self.model.to("cpu")
