@@ -27,6 +27,8 @@ class ModelSpec:
     max_images: int = 1  # images per prompt (vLLM limit_mm_per_prompt)
     max_videos: int = 0
     max_frames: int = 0  # frames per video
+    supports_audio: bool = False  # takes a sound track ({"type": "audio"} parts; Qwen2.5-Omni)
+    max_audios: int = 0
     max_model_len: int = 4096
     dtype: str = "auto"
     trust_remote_code: bool = False

@@ -175,6 +175,18 @@ def test_family_single_image_multi_image_and_choice(family: dict[str, Any]) -> N
     assert "maximum context length" in answers(family, "too_long")[0]["error"]
 
 
+def test_family_audio(family: dict[str, Any]) -> None:
+    """Omni: sound alone and with video, a wrong sampling rate refused. Others refuse audio clearly."""
+    if "audio_unsupported" in family["cases"]:
+        (bad,) = answers(family, "audio_unsupported")
+        assert "takes no audio" in bad["error"]
+        return
+    found = {a["key"]: a for a in assert_answered(family, "audio")}
+    assert found["audio-low"]["text"] != found["audio-high"]["text"]  # the sound reaches the text model
+    (bad,) = answers(family, "audio_wrong_rate")
+    assert "8000 Hz" in bad["error"] and "16000 Hz" in bad["error"]
+
+
 def test_family_video(family: dict[str, Any]) -> None:
     if "video_unsupported" in family["cases"]:  # Gemma 3 takes images only; ger sends a clip's frames
         (bad,) = answers(family, "video_unsupported")

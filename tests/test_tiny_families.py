@@ -101,3 +101,49 @@ def test_choices_constrain_the_answer(family):
     labels = ["Happiness", "Sadness", "Neutral", "Anger"]
     answers = _answers(backend, [_request("c", _img(1), choices=labels)])
     assert answers["c"].text in labels
+
+
+def _tone(freq: float, rate: int = 16000, seconds: float = 1.5) -> dict:
+    """A sound track as ger's audio parts carry it: mono float samples and their rate."""
+    import numpy as np
+
+    t = np.arange(int(rate * seconds)) / rate
+    samples = (0.3 * np.sin(2 * np.pi * freq * t)).astype(np.float32)
+    return {"type": "audio", "audio": samples, "sampling_rate": rate}
+
+
+@pytest.fixture(scope="module")
+def omni(ger_cache):
+    backend = _backend("tiny-random-qwen2_5omni", ger_cache)
+    yield backend
+    backend.close()
+
+
+def test_omni_twin_hears_audio_alone_and_with_video(omni):
+    answers = _answers(
+        omni,
+        [
+            _request("low", _tone(220.0), max_tokens=8),
+            _request("high", _tone(1760.0), max_tokens=8),
+            _request("with-video", _video(4), _tone(440.0), max_tokens=8),
+            _request("choice", _tone(440.0), choices=["Happiness", "Sadness"]),
+            _request("8k", _tone(440.0, rate=8000)),
+            _request("two", _tone(220.0), _tone(440.0)),
+        ],
+    )
+    for key in ("low", "high", "with-video"):  # random weights may stop at once (empty text): no error
+        assert answers[key].error is None, (key, answers[key].error)
+    assert answers["low"].ok and answers["high"].ok
+    assert answers["low"].text != answers["high"].text  # the sound reaches the text model
+    assert answers["choice"].text in ("Happiness", "Sadness")
+    assert "8000 Hz; this model takes 16000 Hz" in answers["8k"].error
+    assert "max_audios=1" in answers["two"].error
+
+
+def test_model_without_audio_refuses_it(ger_cache):
+    backend = _backend("tiny-random-qwen3vl", ger_cache)
+    try:
+        (answer,) = _answers(backend, [_request("a", _tone(440.0))]).values()
+    finally:
+        backend.close()
+    assert "takes no audio" in answer.error and "supports_audio" in answer.error
