@@ -147,3 +147,17 @@ def test_model_without_audio_refuses_it(ger_cache):
     finally:
         backend.close()
     assert "takes no audio" in answer.error and "supports_audio" in answer.error
+
+
+def test_omni_twin_hears_a_clips_own_sound_track_with_its_frames(omni, tmp_path):
+    """A video file's speech track read by ger.audio, its frames by ger.video, both into one request."""
+    from test_audio import _clip
+
+    from ger.audio import read_audio
+    from ger.media import read_frames
+
+    clip = _clip(tmp_path / "clip.mp4", "sine=frequency=440")
+    frames = read_frames(clip, [0, 12, 25, 37])
+    video = {"type": "video", "frames": frames, "fps": 25.0, "total_frames": 50, "indices": [0, 12, 25, 37]}
+    (answer,) = _answers(omni, [_request("clip", video, read_audio(clip).part(), max_tokens=6)]).values()
+    assert answer.error is None, answer.error
