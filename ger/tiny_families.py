@@ -1,4 +1,4 @@
-"""Tiny twins of the newer model families (InternVL3, LLaVA-OneVision, Qwen3-VL, Gemma 3).
+"""Tiny twins of the newer families (InternVL3, LLaVA-OneVision, Qwen3-VL, Gemma 3, Qwen2.5-Omni).
 
 Same recipe as ger/tiny_models.py (tiny sizes, random weights, a small trained BPE
 tokenizer), but each with its family's real architecture class, processor class,
@@ -55,14 +55,13 @@ def _chatml(image: str, video: str) -> str:
 
 def _chatml_tokenizer(template: str, extra: list[str], named: dict[str, str]) -> Any:
     """A ChatML tokenizer with the family's media tokens as single ids, named as its processor expects."""
-    tok = _wrap_tokenizer(
+    return _wrap_tokenizer(
         _train_tokenizer(CHATML_SPECIAL + extra),
         template,
         eos_token="<|im_end|>",
         pad_token="<|endoftext|>",
         extra_special_tokens=named,
     )
-    return tok
 
 
 def _qwen2_text(tok: Any) -> dict[str, Any]:
