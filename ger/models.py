@@ -27,6 +27,8 @@ class ModelSpec:
     max_images: int = 1  # images per prompt (vLLM limit_mm_per_prompt)
     max_videos: int = 0
     max_frames: int = 0  # frames per video
+    supports_audio: bool = False  # takes a sound track ({"type": "audio"} parts; Qwen2.5-Omni)
+    max_audios: int = 0
     max_model_len: int = 4096
     dtype: str = "auto"
     trust_remote_code: bool = False
@@ -36,11 +38,15 @@ class ModelSpec:
     def identity(self) -> dict[str, Any]:
         """What about the model changes an answer (for cache keys).
 
-        A tiny model is named by kind and version, not by its folder, so keys do not
-        depend on where the cache lives.
+        `snapshot` is a digest of the weights folder as found on disk (ger/model_identity.py),
+        so a changed checkpoint never reuses old answers. A tiny model is named by kind and
+        version, not by its folder, so keys do not depend on where the cache lives.
         """
+        from ger.model_identity import snapshot_identity
+
         where = f"tiny:{self.tiny}-{self.tiny_version}" if self.tiny else self.path
         ident = {"model": self.name, "path": where, "revision": self.revision, "dtype": self.dtype}
+        ident |= snapshot_identity(self.path, self.revision)
         if self.mm_processor_kwargs:
             ident["mm_processor_kwargs"] = dict(sorted(self.mm_processor_kwargs.items()))
         return ident

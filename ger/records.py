@@ -52,8 +52,9 @@ class Request:
     """One chat request: one or more samples, in OpenAI-style messages.
 
     Content parts are {"type": "text", "text": str}, {"type": "image", "image": PIL.Image}
-    or {"type": "video", "frames": [PIL.Image], "fps": float, "total_frames": int}. Each
-    backend converts these to its own input format.
+    or {"type": "video", "frames": [PIL.Image], "fps": float, "total_frames": int}, and for
+    models with `supports_audio` {"type": "audio", "audio": 1-D float32 numpy array (mono),
+    "sampling_rate": int, the model's own rate}. Each backend converts these to its own input format.
     """
 
     key: str  # cache key: hash of everything that changes the answer

@@ -277,8 +277,14 @@ _BUILDERS: dict[str, Callable[[], tuple[Any, Any, Any]]] = {
 }
 
 
+def _all_builders() -> dict[str, Callable[[], tuple[Any, Any, Any]]]:
+    from ger.tiny_families import BUILDERS  # imported late: that module reuses the helpers above
+
+    return _BUILDERS | BUILDERS
+
+
 def tiny_kinds() -> list[str]:
-    return sorted(_BUILDERS)
+    return sorted(_all_builders())
 
 
 def _llava_hf_layout(out_dir: Path) -> None:
@@ -304,18 +310,23 @@ def _llava_hf_layout(out_dir: Path) -> None:
 
 def build_tiny_model(kind: str, out_dir: Path) -> Path:
     """Write a complete, offline-loadable HF model folder of the given kind into `out_dir`."""
-    if kind not in _BUILDERS:
+    builders = _all_builders()
+    if kind not in builders:
         raise ValueError(f"unknown tiny model kind {kind!r}; expected one of {tiny_kinds()}")
     import torch
-    from transformers import AutoModelForImageTextToText, GenerationConfig
+    from transformers import AutoModelForMultimodalLM, GenerationConfig
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    config, processor, tok = _BUILDERS[kind]()
-    for sub in (config, config.get_text_config(), config.vision_config):
+    config, processor, tok = builders[kind]()
+    for sub in (config, *(getattr(config, k) for k in config.sub_configs)):
         sub.initializer_range = INIT_RANGE
     torch.manual_seed(SEED)  # same weights on every machine and run
-    model = AutoModelForImageTextToText.from_config(config, dtype=torch.float32)
+    model = AutoModelForMultimodalLM.from_config(config, dtype=torch.float32)  # image-text models and omni
+    if kind not in _BUILDERS:
+        from ger.tiny_families import finish_weights
+
+        finish_weights(kind, model, INIT_RANGE)
     model.generation_config = GenerationConfig(
         bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id,
@@ -323,8 +334,10 @@ def build_tiny_model(kind: str, out_dir: Path) -> Path:
         do_sample=False,
     )
     model.save_pretrained(out_dir)
-    if kind == "llava":
+    if kind in ("llava", "llava_onevision", "gemma3"):
         _llava_hf_layout(out_dir)
+    if kind == "qwen2_5_omni":  # Qwen2.5-Omni loads its voices file; the twin has no voices
+        torch.save({}, out_dir / "spk_dict.pt")
     processor.save_pretrained(out_dir)
     for part in ("image_processor", "video_processor"):  # also the per-part files older releases read
         if getattr(processor, part, None) is not None:
@@ -347,6 +360,8 @@ def tiny_version(kind: str) -> str:
     """A short hash of what shapes the built folder, so a changed builder rebuilds, not reuses."""
     import importlib.metadata
 
+    from ger.tiny_families import SPEC
+
     spec = {
         "build": BUILD_VERSION,
         "kind": kind,
@@ -356,6 +371,7 @@ def tiny_version(kind: str) -> str:
         "llava": LLAVA_IMAGE,
         "corpus": CORPUS,
         "templates": [QWEN_TEMPLATE, LLAVA_TEMPLATE],
+        **({"families": SPEC} if kind not in _BUILDERS else {}),
         # saved formats differ across releases; read without importing (a cached rerun never loads it)
         "transformers": importlib.metadata.version("transformers"),
     }

@@ -119,7 +119,7 @@ def test_broken_request_fails_alone(qwen):
     answers = _answers(qwen, requests)
     assert answers["good-1"].ok and answers["good-2"].ok
     assert "not a PIL image" in answers["not-an-image"].error
-    assert "unknown content type 'audio'" in answers["odd-part"].error
+    assert "takes no audio" in answers["odd-part"].error  # its config has supports_audio: false
     assert "no frames" in answers["empty-video"].error
 
 

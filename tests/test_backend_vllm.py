@@ -26,6 +26,16 @@ WORKER = ROOT / "tests" / "vllm_worker.py"
 TIMEOUT_S = 600
 # conf/model option -> load_format (the tiny models' own saved weights).
 MODELS = {"qwen2_vl": ("tiny-random-qwen2vl", "auto"), "llava": ("tiny-random-llava", "auto")}
+# The newer families' tiny twins (ger/tiny_families.py); each runs in its own engine.
+FAMILIES = {
+    "internvl3": "tiny-random-internvl3",
+    "llava_onevision": "tiny-random-llava-onevision",
+    "qwen3_vl": "tiny-random-qwen3vl",
+    "qwen2_5_vl": "tiny-random-qwen2_5vl",
+    "qwen2_5_omni": "tiny-random-qwen2_5omni",
+    "gemma3": "tiny-random-gemma3",
+}
+MODELS |= {kind: (model, "auto") for kind, model in FAMILIES.items()}
 
 
 def run_worker(kind: str, tmp: Path, cache: Path) -> dict[str, Any]:
@@ -148,3 +158,46 @@ def test_identity_names_what_changes_answers(qwen: dict[str, Any]) -> None:
     assert ident["vllm"] == qwen["vllm"]
     assert ident["path"].startswith("tiny:qwen2_vl-")
     assert (ident["dtype"], ident["load_format"], ident["max_model_len"]) == ("float32", "auto", 4096)
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILIES))
+def family(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, ger_cache: Path):
+    """One engine per family twin, started once for all the family tests below."""
+    return run_worker(request.param, tmp_path_factory.mktemp(f"vllm-{request.param}"), ger_cache)
+
+
+def test_family_single_image_multi_image_and_choice(family: dict[str, Any]) -> None:
+    assert sorted(family["answer_order"]) == sorted(family["request_order"])
+    assert any(a["text"].strip() for a in assert_answered(family, "single_image"))
+    assert_answered(family, "multi_image")
+    for a in assert_answered(family, "choice"):
+        assert a["text"] in family["labels"]
+    assert "21 images in one prompt" in answers(family, "too_many_images")[0]["error"]
+    assert "maximum context length" in answers(family, "too_long")[0]["error"]
+
+
+def test_family_audio(family: dict[str, Any]) -> None:
+    """Omni: sound alone and with video, a wrong sampling rate refused. Others refuse audio clearly."""
+    if "audio_unsupported" in family["cases"]:
+        (bad,) = answers(family, "audio_unsupported")
+        assert "takes no audio" in bad["error"]
+        return
+    found = {a["key"]: a for a in assert_answered(family, "audio")}
+    assert found["audio-low"]["text"] != found["audio-high"]["text"]  # the sound reaches the text model
+    (bad,) = answers(family, "audio_wrong_rate")
+    assert "8000 Hz" in bad["error"] and "16000 Hz" in bad["error"]
+
+
+def test_family_video(family: dict[str, Any]) -> None:
+    if "video_unsupported" in family["cases"]:  # Gemma 3 takes images only; ger sends a clip's frames
+        (bad,) = answers(family, "video_unsupported")
+        assert "takes no video input" in bad["error"]
+        return
+    (answer,) = assert_answered(family, "video")
+    assert answer["seconds"] > 0
+    (choice,) = assert_answered(family, "video_choice")
+    assert choice["text"] in family["labels"]
+    if family["model"] in (FAMILIES["qwen3_vl"], FAMILIES["qwen2_5_vl"]):  # count Qwen's <|video_pad|>
+        tokens = {int(n): count for n, count in family["video_tokens"].items()}
+        assert tokens[2] > 0  # 2 frames per temporal patch; vLLM must not re-sample by the clip's fps
+        assert tokens[4] == 2 * tokens[2] and tokens[8] == 4 * tokens[2], tokens

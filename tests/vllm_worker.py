@@ -68,6 +68,15 @@ def video(n: int, fps: float = 25.0, total: int = 100) -> dict[str, Any]:
     }
 
 
+def tone(freq: float, rate: int = 16000, seconds: float = 1.5) -> dict[str, Any]:
+    """A mono sound track as ger's audio parts carry it (samples and their rate)."""
+    import numpy as np
+
+    t = np.arange(int(rate * seconds)) / rate
+    samples = (0.3 * np.sin(2 * np.pi * freq * t)).astype(np.float32)
+    return {"type": "audio", "audio": samples, "sampling_rate": rate}
+
+
 def cases(model: dict[str, Any]) -> dict[str, list[Request]]:
     """case name -> its requests; keys are unique across cases."""
     ask = text("Which emotion does the face show? Answer with one label.")
@@ -97,6 +106,16 @@ def cases(model: dict[str, Any]) -> dict[str, list[Request]]:
         ]
     else:
         out["video_unsupported"] = [Request("video-x", ("x",), user(video(2), ask), max_tokens=MAX_TOKENS)]
+    if model.get("supports_audio"):
+        out["audio"] = [
+            Request("audio-low", ("al",), user(tone(220.0), ask), max_tokens=MAX_TOKENS),
+            Request("audio-high", ("ah",), user(tone(1760.0), ask), max_tokens=MAX_TOKENS),
+            Request("audio-video", ("av",), user(video(4), tone(440.0), ask), max_tokens=MAX_TOKENS),
+        ]
+        out["audio_wrong_rate"] = [Request("audio-8k", ("a8",), user(tone(440.0, rate=8000), ask))]
+    else:
+        refused = Request("audio-x", ("ax",), user(tone(440.0), ask), max_tokens=MAX_TOKENS)
+        out["audio_unsupported"] = [refused]
     return out
 
 

@@ -1,4 +1,4 @@
-"""The transformers backend: AutoModelForImageTextToText + AutoProcessor, batched generate().
+"""The transformers backend: AutoModelForMultimodalLM + AutoProcessor, batched generate().
 
 Slower than vLLM but needs nothing beyond torch and transformers, so it runs where
 vLLM does not (CPU tests, a laptop, a model vLLM lacks). Requests are converted to
@@ -49,6 +49,7 @@ class Prepared:
     images: list[Any] = field(default_factory=list)
     videos: list[list[Any]] = field(default_factory=list)
     video_metadata: list[dict[str, Any]] = field(default_factory=list)
+    audios: list[Any] = field(default_factory=list)  # 1-D float arrays at the model's sampling rate
 
 
 def _video_metadata(part: dict[str, Any], n_frames: int) -> dict[str, Any]:
@@ -65,7 +66,21 @@ def _check_image(obj: Any, where: str) -> Any:
     return obj.convert("RGB") if obj.mode != "RGB" else obj
 
 
-def to_chat(request: Request, supports_video: bool) -> Prepared:
+def _check_audio(part: dict[str, Any], where: str, rate: int | None) -> Any:
+    """A mono sound track at the rate the model's feature extractor expects (ger resamples when reading)."""
+    import numpy as np
+
+    audio, sr = part.get("audio"), part.get("sampling_rate")
+    if not isinstance(audio, np.ndarray) or audio.ndim != 1 or audio.size == 0:
+        raise TypeError(f"{where}: an audio part needs a non-empty 1-D numpy array (mono samples)")
+    if rate is not None and sr != rate:
+        raise ValueError(f"{where}: audio at {sr} Hz; this model takes {rate} Hz (resample when reading)")
+    return audio.astype(np.float32, copy=False)
+
+
+def to_chat(
+    request: Request, supports_video: bool, supports_audio: bool = False, audio_rate: int | None = None
+) -> Prepared:
     """Split Request.messages into media-free chat messages (for the template) and media lists."""
     prepared = Prepared(request=request, chat=[])
     for m, message in enumerate(request.messages):
@@ -90,6 +105,11 @@ def to_chat(request: Request, supports_video: bool) -> Prepared:
                 prepared.videos.append(frames)
                 prepared.video_metadata.append(_video_metadata(part, len(frames)))
                 out.append({"type": "video"})
+            elif kind == "audio" and supports_audio:
+                prepared.audios.append(_check_audio(part, where, audio_rate))
+                out.append({"type": "audio"})
+            elif kind == "audio":
+                raise ValueError(f"{where}: this model takes no audio (its config has supports_audio: false)")
             else:
                 raise ValueError(f"{where}: unknown content type {kind!r}; expected text, image or video")
         prepared.chat.append({"role": message.get("role", "user"), "content": out})
@@ -146,7 +166,7 @@ class HFBackend:
 
     def _load(self) -> None:
         import torch
-        from transformers import AutoModelForImageTextToText, AutoProcessor
+        from transformers import AutoModelForMultimodalLM, AutoProcessor
 
         device = str(self.cfg["device"])
         if device == "auto" and not torch.cuda.is_available():
@@ -156,13 +176,15 @@ class HFBackend:
         self.tokenizer = self.processor.tokenizer
         self.tokenizer.padding_side = "left"  # decoder-only batches must end where generation starts
         dtype = self.dtype_name if self.dtype_name == "auto" else getattr(torch, self.dtype_name)
-        self.model = AutoModelForImageTextToText.from_pretrained(
+        # image-text models, and omni models (Qwen2.5-Omni) whose text-answering half is `thinker`
+        self.model = AutoModelForMultimodalLM.from_pretrained(
             self.spec.path,
             dtype=dtype,
             device_map=None if device == "cpu" else device,
             attn_implementation=self.cfg["attn_implementation"],
             **common,
         )
+        self.model = getattr(self.model, "thinker", self.model)
         self.model.eval()
         if device == "cpu":
             self.model.to("cpu")
@@ -202,12 +224,16 @@ class HFBackend:
             torch.cuda.empty_cache()
 
     def _prepare(self, request: Request) -> Prepared:
-        prepared = to_chat(request, self.spec.supports_video)
+        extractor = getattr(self.processor, "feature_extractor", None)
+        rate = getattr(extractor, "sampling_rate", None)
+        prepared = to_chat(request, self.spec.supports_video, self.spec.supports_audio, rate)
         prepared.text = self.processor.apply_chat_template(
             prepared.chat, tokenize=False, add_generation_prompt=True
         )
         if len(prepared.images) > self.spec.max_images:
             raise ValueError(f"{len(prepared.images)} images exceed max_images={self.spec.max_images}")
+        if len(prepared.audios) > self.spec.max_audios:
+            raise ValueError(f"{len(prepared.audios)} audio parts exceed max_audios={self.spec.max_audios}")
         if len(prepared.videos) > self.spec.max_videos:
             raise ValueError(f"{len(prepared.videos)} videos exceed max_videos={self.spec.max_videos}")
         return prepared
@@ -216,7 +242,8 @@ class HFBackend:
         """Same-kind requests together (choice or free text), similar sizes together, less padding."""
 
         def kind(p: Prepared) -> tuple:
-            return (p.request.choices is not None, len(p.images), len(p.videos), p.request.max_tokens)
+            media = (len(p.images), len(p.videos), len(p.audios))
+            return (p.request.choices is not None, *media, p.request.max_tokens)
 
         ordered = sorted(ready, key=kind)
         batch: list[Prepared] = []
@@ -244,9 +271,13 @@ class HFBackend:
         videos = [v for p in batch for v in p.videos]
         if images:
             kwargs["images"] = images
+        audios = [a for p in batch for a in p.audios]
+        if audios:
+            kwargs["audio"] = audios
         if videos:
             kwargs["videos"] = videos
             kwargs["video_metadata"] = [m for p in batch for m in p.video_metadata]
+            kwargs["do_sample_frames"] = False  # the frames are already sampled (Qwen3-VL would re-sample)
         inputs = self.processor(text=[p.text for p in batch], **kwargs)
         return inputs.to(device=self.model.device, dtype=self.model.dtype)
 

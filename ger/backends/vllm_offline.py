@@ -97,6 +97,8 @@ def mm_limits(spec: ModelSpec) -> dict[str, Any]:
         if spec.max_frames > 0:
             video["num_frames"] = spec.max_frames
         limits["video"] = video
+    if spec.supports_audio and spec.max_audios > 0:
+        limits["audio"] = spec.max_audios
     return limits
 
 
@@ -241,15 +243,18 @@ class VLLMBackend:
 
     def engine_prompt(self, req: Request) -> dict[str, Any]:
         """The request as vLLM's prompt dict: chat-templated text plus `multi_modal_data`."""
-        images, videos = [], []
+        images, videos, audios = [], [], []
         for part in iter_parts(req.messages):
             if part["type"] == "image":
                 images.append(part["image"].convert("RGB"))
             elif part["type"] == "video":
                 videos.append(video_item(part))
+            elif part["type"] == "audio":
+                audios.append((part["audio"], self._audio_rate(part)))
             elif part["type"] != "text":
                 raise ValueError(f"unknown content part type {part['type']!r}; expected text, image, video")
         self._check_limits(len(images), videos)
+        self._check_audio(len(audios))
         text = self._apply_chat_template(req.messages)
         prompt: dict[str, Any] = {"prompt": text}
         mm: dict[str, Any] = {}
@@ -257,6 +262,8 @@ class VLLMBackend:
             mm["image"] = images
         if videos:
             mm["video"] = videos
+        if audios:
+            mm["audio"] = audios
         if mm:
             prompt["multi_modal_data"] = mm
         return prompt
@@ -271,6 +278,26 @@ class VLLMBackend:
         if len(videos) > spec.max_videos:
             raise ValueError(
                 f"{len(videos)} videos in one prompt; model {spec.name} allows {spec.max_videos}"
+            )
+
+    def _audio_rate(self, part: dict[str, Any]) -> int:
+        """The part's rate, which must be the model's: vLLM's own resampling needs torchaudio and,
+        without it, stops the whole engine; ger resamples when it reads the sound track."""
+        rate = getattr(getattr(self._processor, "feature_extractor", None), "sampling_rate", None)
+        if rate is not None and part.get("sampling_rate") != rate:
+            raise ValueError(
+                f"audio at {part.get('sampling_rate')} Hz; model {self.spec.name} takes {rate} Hz "
+                "(resample when reading)"
+            )
+        return int(part["sampling_rate"])
+
+    def _check_audio(self, n_audios: int) -> None:
+        spec = self.spec
+        if n_audios and not spec.supports_audio:
+            raise ValueError(f"model {spec.name} takes no audio (its config has supports_audio: false)")
+        if n_audios > spec.max_audios:
+            raise ValueError(
+                f"{n_audios} audio parts in one prompt; model {spec.name} allows {spec.max_audios}"
             )
 
     def _apply_chat_template(self, messages: list[dict[str, Any]]) -> str:

@@ -1,0 +1,60 @@
+"""A clip's sound track, decoded and resampled to what an audio model expects.
+
+The speech sets (RAVDESS, eNTERFACE05, CMU-MOSI, CH-SIMS, MER2023) ship video files with
+their speech inside; omni models (Qwen2.5-Omni) take it as mono samples at their feature
+extractor's rate (16 kHz for Whisper-style encoders). PyAV decodes the first audio stream
+and its resampler converts it (any layout, rate and sample format -> mono float32 at `rate`),
+so no second tool is needed. The result goes into a Request as
+`{"type": "audio", "audio": samples, "sampling_rate": rate}` (see ger/records.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+DEFAULT_RATE = 16000  # Whisper-style audio encoders (Qwen2.5-Omni's feature extractor)
+
+
+class NoAudioError(ValueError):
+    """The file has no audio stream (e.g. a silent clip, or a frames-only set)."""
+
+
+@dataclass(frozen=True)
+class AudioTrack:
+    """Mono float32 samples in [-1, 1] at `sampling_rate` Hz."""
+
+    samples: Any  # 1-D numpy float32
+    sampling_rate: int
+
+    @property
+    def seconds(self) -> float:
+        return len(self.samples) / self.sampling_rate
+
+    def part(self) -> dict[str, Any]:
+        """The Request content part backends read."""
+        return {"type": "audio", "audio": self.samples, "sampling_rate": self.sampling_rate}
+
+
+def read_audio(path: str | Path, rate: int = DEFAULT_RATE) -> AudioTrack:
+    """Decode the first audio stream of `path`, downmixed to mono and resampled to `rate` Hz."""
+    import av
+    import numpy as np
+
+    path = Path(path)
+    if rate <= 0:
+        raise ValueError(f"sampling rate must be positive, got {rate}")
+    with av.open(str(path)) as container:
+        if not container.streams.audio:
+            raise NoAudioError(f"{path}: no audio stream; choose a modality without audio for this set")
+        stream = container.streams.audio[0]
+        resampler = av.AudioResampler(format="flt", layout="mono", rate=rate)
+        chunks = []
+        for frame in container.decode(stream):
+            chunks += [out.to_ndarray().reshape(-1) for out in resampler.resample(frame)]
+        chunks += [out.to_ndarray().reshape(-1) for out in resampler.resample(None)]  # flush its buffer
+    samples = np.concatenate(chunks).astype(np.float32) if chunks else np.zeros(0, np.float32)
+    if samples.size == 0:
+        raise NoAudioError(f"{path}: the audio stream decodes to no samples")
+    return AudioTrack(samples=samples, sampling_rate=rate)
