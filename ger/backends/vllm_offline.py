@@ -1,8 +1,10 @@
 """The offline vLLM engine (`vllm.LLM`) as a Backend: the fast path for open models.
 
-Requests go to the engine in large chunks (`chunk_size`), so vLLM's scheduler sees
-many prompts at once and batches them continuously; one call per sample would
-leave it idle. Prompts are rendered here with the model's own chat template and
+Up to `chunk_size` requests are in the engine at once, so vLLM's scheduler sees many
+prompts and batches them continuously; the engine is topped up after every step
+(`LLM.enqueue` + `LLMEngine.step`), so it never drains at a chunk boundary, and each
+answer is yielded (and cached) the step it finishes. A vLLM without `LLM.enqueue` gets
+whole chunks through `LLM.generate` instead. Prompts are rendered here with the model's own chat template and
 handed over with `multi_modal_data`, because that is the one input path that takes
 PIL images and pre-decoded video frames alike: the chat API only takes videos as
 URLs, which vLLM would then re-sample by fps and so change the frame count.
@@ -179,9 +181,56 @@ class VLLMBackend:
         }
 
     def generate(self, requests: list[Request]) -> Iterator[Response]:
+        if callable(getattr(self.llm, "enqueue", None)):
+            yield from self._feed(requests)
+            return
         size = self.settings.chunk_size
         for start in range(0, len(requests), size):
             yield from self._generate_chunk(requests[start : start + size])
+
+    def _feed(self, requests: list[Request]) -> Iterator[Response]:
+        """Keep up to chunk_size requests in the engine, adding the next ones as others finish."""
+        from vllm.exceptions import VLLMClientError
+
+        engine, todo = self.llm.llm_engine, iter(requests)
+        running: dict[str, tuple[Request, float]] = {}
+        more = True
+        try:
+            while True:
+                while more and len(running) < self.settings.chunk_size:
+                    req = next(todo, None)
+                    if req is None:
+                        more = False
+                        break
+                    try:
+                        prompt, params = self.engine_prompt(req), self.sampling_params(req)
+                    except Exception as exc:  # bad media or too many items: this request only
+                        yield Response(key=req.key, error=f"{type(exc).__name__}: {exc}")
+                        continue
+                    try:  # vLLM validates here (prompt too long, bad input): this request only
+                        (request_id,) = self.llm.enqueue([prompt], [params], use_tqdm=False)
+                    except (VLLMClientError, ValueError, TypeError) as exc:
+                        yield Response(key=req.key, error=f"{type(exc).__name__}: {exc}")
+                        continue
+                    running[request_id] = (req, time.perf_counter())
+                if not running:
+                    return
+                for out in engine.step():
+                    if out.finished and out.request_id in running:
+                        req, start = running.pop(out.request_id)
+                        first = out.outputs[0]
+                        yield Response(
+                            key=req.key,
+                            text=first.text,
+                            seconds=time.perf_counter() - start,
+                            finish_reason=first.finish_reason,
+                        )
+        finally:  # the caller stopped early, or the engine failed: nothing of ours stays queued
+            if running:
+                try:
+                    engine.abort_request(list(running))
+                except Exception as exc:
+                    log.warning("could not abort %d vLLM requests: %s", len(running), exc)
 
     def close(self) -> None:
         """Stop the engine's worker processes (vLLM has no public shutdown; dropping it does it)."""
