@@ -142,6 +142,17 @@ def video_item(part: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
     return array, metadata
 
 
+def _pop_running(running: dict[str, Any], request_id: str) -> Any:
+    """The entry of a finished output: enqueue returns the engine's id ("0-9d48f654"), outputs carry
+    the id it was made from ("0")."""
+    if request_id in running:
+        return running.pop(request_id)
+    for rid in running:
+        if rid.startswith(request_id + "-"):
+            return running.pop(rid)
+    return None
+
+
 class VLLMBackend:
     """Backend over `vllm.LLM`; see the module docstring."""
 
@@ -215,9 +226,15 @@ class VLLMBackend:
                     running[request_id] = (req, time.perf_counter())
                 if not running:
                     return
+                if not engine.has_unfinished_requests():  # never spin on requests the engine lost
+                    for req, _ in running.values():
+                        yield Response(key=req.key, error="the vLLM engine dropped the request")
+                    running.clear()
+                    continue
                 for out in engine.step():
-                    if out.finished and out.request_id in running:
-                        req, start = running.pop(out.request_id)
+                    found = _pop_running(running, out.request_id) if out.finished else None
+                    if found is not None:
+                        req, start = found
                         first = out.outputs[0]
                         yield Response(
                             key=req.key,
