@@ -11,7 +11,7 @@ import importlib.metadata
 import logging
 import sys
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -302,6 +302,7 @@ def predict(
     for part, loaded, failed in decoded_chunks(todo, shells, decoder, decoder.stats.window):
         errors.update(failed)
         answered.update(answer_groups(asker, part, loaded, request_for, matcher, batch, key_only=False))
+        del loaded  # this chunk's pixels go before the next chunk is decoded
 
     preds = []
     for name in names:
@@ -335,13 +336,15 @@ def answer_groups(
     """Per sample name: the request that answered it, its response and its parse."""
     requests = [request_for(by_name, g, key_only) for g in groups]
     if batch:
-        return ask_batches(asker, requests, matcher, lambda names: request_for(by_name, names, key_only))
-    answers = asker.ask(requests)
-    out = {}
-    for req in requests:
-        resp = answers[req.key]
-        out[req.names[0]] = (req, resp, parse_ranked(resp.text, matcher) if resp.ok else None)
-    return out
+        out = ask_batches(asker, requests, matcher, lambda names: request_for(by_name, names, key_only))
+    else:
+        answers = asker.ask(requests)
+        out = {}
+        for req in requests:
+            resp = answers[req.key]
+            out[req.names[0]] = (req, resp, parse_ranked(resp.text, matcher) if resp.ok else None)
+    light: dict[int, Request] = {}  # the requests without their images, which must not outlive the chunk
+    return {n: (light.setdefault(id(r), replace(r, messages=[])), a, p) for n, (r, a, p) in out.items()}
 
 
 def prepare(cfg: DictConfig) -> None:

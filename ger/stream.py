@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
+import weakref
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
@@ -39,7 +41,7 @@ class StreamStats:
     workers: int
     from_cache: int = 0  # samples answered from cached answers without decoding
     decoded: int = 0  # samples whose media were decoded
-    peak_decoded: int = 0  # most decoded samples alive at once (submitted for decoding, not yet released)
+    peak_decoded: int = 0  # most decoded samples alive at once (from submission until their pixels are freed)
     _alive: int = field(default=0, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
@@ -87,19 +89,30 @@ def worker_count(stream_cfg: Any) -> int:
 
 
 class Decoder:
-    """Decodes shells in worker processes (started on first use), counting decoded samples alive."""
+    """Decodes shells in worker processes (started on first use), counting decoded samples alive.
+
+    A sample counts from the moment it is submitted until the garbage collector frees its first
+    image (a weakref finalizer), so anything that keeps pixels past their chunk (a request held
+    for the report, a backend's buffer) shows in peak_decoded, not only the loop's own bound.
+    """
 
     def __init__(self, spec: DecodeSpec, stats: StreamStats, progress: bool = True) -> None:
         self.spec, self.stats, self.progress = spec, stats, progress
         self._pool: ProcessPoolExecutor | None = None
+        self._lock = threading.Lock()
         self.bar: tqdm | None = None
 
+    def _freed(self) -> None:
+        with self._lock:
+            self.stats._alive -= 1
+
     def start(self, shells: list[LoadedSample], total: int) -> list[Future | LoadedSample | str]:
-        """Begin decoding `shells` (in order); counted as alive from now until release()."""
+        """Begin decoding `shells` (in order); counted as alive from now until their pixels are freed."""
         if self.bar is None:
             self.bar = tqdm(total=total, desc="loading media", unit="sample", disable=not self.progress)
-        self.stats._alive += len(shells)
-        self.stats.peak_decoded = max(self.stats.peak_decoded, self.stats._alive)
+        with self._lock:
+            self.stats._alive += len(shells)
+            self.stats.peak_decoded = max(self.stats.peak_decoded, self.stats._alive)
         if not self.stats.workers:
             return list(shells)  # decoded in collect(), in this process
         if self._pool is None:
@@ -111,15 +124,16 @@ class Decoder:
         """The decoded samples (or error messages) of start(), in its order."""
         out = []
         for h in handles:
-            out.append(h.result() if isinstance(h, Future) else _decode(h, self.spec))  # type: ignore[arg-type]
+            result = h.result() if isinstance(h, Future) else _decode(h, self.spec)  # type: ignore[arg-type]
+            if isinstance(result, LoadedSample) and result.images:
+                weakref.finalize(result.images[0], self._freed)
+            else:
+                self._freed()  # nothing decoded to keep
+            out.append(result)
             self.stats.decoded += 1
             if self.bar is not None:
                 self.bar.update()
         return out
-
-    def release(self, count: int) -> None:
-        """`count` decoded samples were answered and dropped."""
-        self.stats._alive -= count
 
     def close(self) -> None:
         if self.bar is not None:
@@ -169,7 +183,7 @@ def decoded_chunks(
     groups: list[Group], shells: dict[str, LoadedSample], decoder: Decoder, window: int
 ) -> Iterator[tuple[list[Group], dict[str, LoadedSample], dict[str, str]]]:
     """Each chunk's groups (decode failures dropped from them), decoded samples and errors, while
-    the next chunk decodes; a chunk's samples are released when the caller asks for the next one."""
+    the next chunk decodes; the caller must drop a chunk's samples before it asks for the next one."""
     parts = chunks(groups, max(1, window // 2))
     total = sum(len(g) for g in groups)
     handles = decoder.start([shells[n] for g in parts[0] for n in g], total) if parts else []
@@ -182,6 +196,6 @@ def decoded_chunks(
         loaded = {n: r for n, r in zip(names, results, strict=True) if isinstance(r, LoadedSample)}
         errors = {n: r for n, r in zip(names, results, strict=True) if isinstance(r, str)}
         kept = [tuple(n for n in g if n in loaded) for g in part]
+        del results
         yield [g for g in kept if g], loaded, errors
-        del loaded, results
-        decoder.release(len(names))
+        del loaded
