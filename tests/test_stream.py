@@ -151,3 +151,38 @@ def test_file_digests_persist_across_processes_and_follow_changes(tmp_path):
     third = digests.DigestTable(db)
     after = keys(third)
     assert third.hashed == 1 and after[2] != before[2] and after[:2] + after[3:] == before[:2] + before[3:]
+
+
+def test_batch_mode_drops_an_undecodable_sample_from_its_batch(stub_server, tmp_path):
+    """A file that only fails when decoded (truncated) is found after batches were cut: it becomes
+    an error row, the rest of its batch is still asked, and order.csv keeps the batches as cut."""
+    root = tmp_path / "faces"
+    (root / "images").mkdir(parents=True)
+    pairs = [(f"face_{i:02d}", LABELS[i % len(LABELS)]) for i in range(12)]
+    for i, (name, label) in enumerate(pairs):
+        draw(root / "images" / f"{name}.png", label, i)
+    stub_server.model = PerfectModel(LABELS, truth_of(root, pairs))
+    broken = root / "images" / "face_05.png"
+    broken.write_bytes(broken.read_bytes()[:200])  # truncated: found only by decoding
+    with (root / "label.csv").open("w", newline="") as f:
+        csv.writer(f).writerows([("name", "gt"), *pairs])
+    metrics = ger_run(
+        stub_server.url, root, tmp_path / "cache", tmp_path / "run", "mode=batch", "batch_size=4"
+    )
+
+    by_name = {r["name"]: r for r in rows(tmp_path / "run")}
+    assert by_name["face_05"]["status"] == "error" and "face_05.png" in by_name["face_05"]["detail"]
+    assert all(r["status"] == "ok" for n, r in by_name.items() if n != "face_05")
+    assert metrics["stream"]["decoded"] == 12 and metrics["batching"]["batches"] == 3
+    with (tmp_path / "run" / "order.csv").open() as f:
+        assert "face_05" in {r["name"] for r in csv.DictReader(f)}
+
+
+def truth_of(root: Path, pairs: list[tuple[str, str]]) -> dict[str, str]:
+    table = {}
+    for name, label in pairs:
+        image = load_sample(
+            Sample("demo", name, label, media=root / "images" / f"{name}.png"), "image"
+        ).images[0]
+        table[hashlib.sha256(jpeg_base64(image, 90).encode("ascii")).hexdigest()] = label
+    return table
