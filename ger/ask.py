@@ -1,12 +1,16 @@
 """Requests -> answers: serve from the response cache, send the rest, split failed batches.
 
 The backend is created only when something is not cached, so a finished run reruns
-without starting an engine. Every response is stored as it arrives, so a crash loses
-at most the requests in flight.
+without starting an engine. Responses are stored as they arrive by a writer thread that
+commits what has queued up (at most `CacheWriter.most` answers, and never older than a few
+milliseconds) in one transaction, so the fsync is off the backend's path and a crash loses
+at most the requests in flight and the answers queued for that one commit.
 """
 
 from __future__ import annotations
 
+import queue
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -38,6 +42,54 @@ class BatchCounts:
     unmatched_records: int = 0  # records whose id names no sample of the batch
 
 
+class CacheWriter:
+    """Stores responses from a background thread, committing what queued up in one transaction."""
+
+    most = 64  # answers per commit at most
+
+    def __init__(self, cache: ResponseCache) -> None:
+        self.cache = cache
+        self._queue: queue.Queue[Response | None] = queue.Queue()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="ger-cache-writer", daemon=True)
+        self._thread.start()
+
+    def put(self, response: Response) -> None:
+        if self._error is not None:
+            raise self._error
+        self._queue.put(response)
+
+    def flush(self) -> None:
+        """Return once everything put so far is committed (or raise what the writer met)."""
+        self._queue.join()
+        if self._error is not None:
+            raise self._error
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join()
+
+    def _run(self) -> None:
+        while True:
+            first = self._queue.get()
+            batch = [first]
+            while first is not None and len(batch) < self.most:
+                try:
+                    batch.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            answers = [r for r in batch if r is not None]
+            try:
+                if self._error is None:
+                    self.cache.put_many(answers)
+            except BaseException as exc:  # raised in the asking thread at its next put or flush
+                self._error = exc
+            for _ in batch:
+                self._queue.task_done()
+            if None in batch:
+                return
+
+
 class Asker:
     """Answers requests through the cache and a lazily created backend."""
 
@@ -48,6 +100,7 @@ class Asker:
         self.progress = progress
         self.stats = AskStats()
         self.batch = BatchCounts()
+        self._writer: CacheWriter | None = None
 
     @property
     def backend(self) -> Backend:
@@ -63,18 +116,26 @@ class Asker:
         todo = [r for r in unique if r.key not in answers]
         if todo:
             bar = tqdm(total=len(todo), desc=desc, unit="req", disable=not self.progress)
-            for response in self.backend.generate(todo):
-                self.cache.put(response)  # committed before we move on: nothing finished is lost
-                answers[response.key] = response
-                self.stats.sent += 1
-                self.stats.failed += not response.ok
-                bar.update()
+            if self._writer is None:
+                self._writer = CacheWriter(self.cache)
+            try:
+                for response in self.backend.generate(todo):
+                    self._writer.put(response)  # committed within milliseconds, off this thread
+                    answers[response.key] = response
+                    self.stats.sent += 1
+                    self.stats.failed += not response.ok
+                    bar.update()
+            finally:
+                self._writer.flush()
             bar.close()
         for r in todo:  # a backend that drops a request must not lose the sample
             answers.setdefault(r.key, Response(r.key, error="the backend returned no response"))
         return answers
 
     def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
         if self._backend is not None:
             self._backend.close()
 

@@ -70,10 +70,10 @@ class BatchPlan:
 
 def media_cap(model: ModelSpec, loaded: list[LoadedSample], frames_as: str) -> tuple[int | None, str]:
     """Most samples the model's media limits allow in one prompt (None: no limit), and why."""
-    per_sample = max((len(ls.images) for ls in loaded), default=0)
+    per_sample = max((ls.image_count for ls in loaded), default=0)
     if per_sample == 0:
         return None, ""  # text only
-    moving = any(ls.frame_indices and len(ls.images) > 1 for ls in loaded)
+    moving = any(ls.is_clip and ls.image_count > 1 for ls in loaded)
     if moving and frames_as == "video" and model.supports_video:
         return model.max_videos, f"model {model.name} takes max_videos={model.max_videos} per prompt"
     images = 1 if moving and frames_as == "grid" else per_sample

@@ -263,38 +263,56 @@ class ResponseCache:
             self.skipped_puts += 1
             return False
 
+    def put_many(self, responses: list[Response], identity: dict[str, Any] | None = None) -> int:
+        """Store several responses in one committed, fsynced transaction; how many answers were stored."""
+        if not responses:
+            return 0
+        if self.read_only:
+            self.skipped_puts += len(responses)
+            return 0
+        statements = [st for r in responses for st in self._statements(r, identity)]
+        try:
+            self._write(statements)
+        except CacheError as exc:
+            if not _says_read_only(exc.__cause__):
+                raise
+            log.warning("response cache %s became read-only: new answers are not stored", self.path)
+            self.read_only = True
+            self.skipped_puts += len(responses)
+            return 0
+        return sum(r.ok for r in responses)
+
     def _put(self, response: Response, identity: dict[str, Any] | None) -> bool:
+        self._write(self._statements(response, identity))
+        return response.ok
+
+    def _statements(self, response: Response, identity: dict[str, Any] | None) -> list[tuple[str, tuple]]:
+        """The SQL that stores one answer (and clears its failure), or records one failure."""
         ident = json.dumps(identity if identity is not None else self.identity, sort_keys=True, default=str)
         now = time.time()
         if response.ok:
-            self._write(
-                [
-                    (
-                        "INSERT INTO answers (key, text, seconds, identity, created, finish_reason) "
-                        "VALUES (?, ?, ?, ?, ?, ?) "
-                        "ON CONFLICT(key) DO UPDATE SET text=excluded.text, seconds=excluded.seconds, "
-                        "identity=excluded.identity, created=excluded.created, "
-                        "finish_reason=excluded.finish_reason",
-                        (response.key, response.text, float(response.seconds), ident, now)
-                        + (response.finish_reason,),
-                    ),
-                    ("DELETE FROM failures WHERE key=?", (response.key,)),  # resolved now
-                ]
-            )
-            return True
-        error = response.error if response.error is not None else "empty answer"
-        self._write(
-            [
+            return [
                 (
-                    "INSERT INTO failures (key, count, last_error, identity, first_seen, last_seen) "
-                    "VALUES (?, 1, ?, ?, ?, ?) ON CONFLICT(key) DO UPDATE SET count=count+1, "
-                    "last_error=excluded.last_error, identity=excluded.identity, "
-                    "last_seen=excluded.last_seen",
-                    (response.key, error, ident, now, now),
-                )
+                    "INSERT INTO answers (key, text, seconds, identity, created, finish_reason) "
+                    "VALUES (?, ?, ?, ?, ?, ?) "
+                    "ON CONFLICT(key) DO UPDATE SET text=excluded.text, seconds=excluded.seconds, "
+                    "identity=excluded.identity, created=excluded.created, "
+                    "finish_reason=excluded.finish_reason",
+                    (response.key, response.text, float(response.seconds), ident, now)
+                    + (response.finish_reason,),
+                ),
+                ("DELETE FROM failures WHERE key=?", (response.key,)),  # resolved now
             ]
-        )
-        return False
+        error = response.error if response.error is not None else "empty answer"
+        return [
+            (
+                "INSERT INTO failures (key, count, last_error, identity, first_seen, last_seen) "
+                "VALUES (?, 1, ?, ?, ?, ?) ON CONFLICT(key) DO UPDATE SET count=count+1, "
+                "last_error=excluded.last_error, identity=excluded.identity, "
+                "last_seen=excluded.last_seen",
+                (response.key, error, ident, now, now),
+            )
+        ]
 
     def failures(self) -> list[dict[str, Any]]:
         """Keys that failed and have no answer yet, most recent first."""

@@ -20,6 +20,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ger.digests import _MEMORY as _DIGESTS  # noqa: F401  (tests look into it)
+from ger.digests import file_digest
 from ger.records import LoadedSample, Sample
 from ger.video import read_video, sample_video, video_frames
 
@@ -31,10 +33,9 @@ MEDIA_KINDS = ("image", "video", "frames")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
 TRANSCRIPT_EXTENSIONS = (".npy", ".txt")
 log = logging.getLogger("ger")
-_HASH_VERSION = b"ger-media-v1"  # bump when the meaning of content_hash changes
-
-# (resolved path, size, mtime_ns) -> sha256 hex; file bytes are hashed once per process.
-_DIGESTS: dict[tuple[str, int, int], str] = {}
+_HASH_VERSION = b"ger-media-v2"  # bump when the meaning of content_hash changes
+# The reader contract: frames are read frame-exactly as ger/video.py documents (bump when that changes).
+_READER = "frame-contract:1"
 
 
 class MediaError(ValueError):
@@ -333,30 +334,78 @@ def load_transcript(path: Path | str) -> str:
     return text
 
 
-# ---------------------------------------------------------------- hashing and the loader
+# ---------------------------------------------------------------- keys and the loader
 
 
-def file_digest(path: Path | str) -> str:
-    """sha256 of a file's bytes, remembered per (path, size, mtime) for this process."""
-    p = Path(path).resolve()
-    st = p.stat()
-    key = (str(p), st.st_size, st.st_mtime_ns)
-    if key not in _DIGESTS:
-        with p.open("rb") as f:
-            _DIGESTS[key] = hashlib.file_digest(f, "sha256").hexdigest()  # reads in chunks
-    return _DIGESTS[key]
+def describe_sample(
+    sample: Sample,
+    media_kind: str,
+    *,
+    frames: int = 3,
+    sampler: str = "paper",
+    greyscale: bool = False,
+    with_text: bool = False,
+    with_visual: bool = True,
+) -> LoadedSample:
+    """A sample as far as its prompt and cache key need, without decoding a pixel.
 
-
-def _content_hash(files: Sequence[Path], indices: Sequence[int], greyscale: bool, text: str | None) -> str:
+    content_hash covers the media files' bytes (sha256, remembered per path/size/mtime by
+    ger/digests.py) and everything that turns them into the pixels sent: frame count, sampler,
+    greyscale and the reader's version; the transcript (cheap text) is read here. Raises
+    MediaError for what can be told without decoding (missing, empty, not a folder).
+    """
+    if media_kind not in MEDIA_KINDS:
+        raise ValueError(f"unknown media kind {media_kind!r}; expected one of {list(MEDIA_KINDS)}")
+    if sample.problem:  # the manifest found the path unusable (e.g. a link out of the data root)
+        raise MediaError(sample.problem)
+    shell = LoadedSample(sample=sample)
     h = hashlib.sha256(_HASH_VERSION)
-    for f in files:
-        h.update(b"file:" + file_digest(f).encode())
-    h.update(f"|frames:{','.join(map(str, indices))}|grey:{int(greyscale)}".encode())
-    if indices:  # frames read under the frame contract (ger/video.py): answers cached before it may
-        h.update(b"|frame-contract:1")  # have seen other frames of AVI / MPEG-4 / open-GOP files
-    if text is not None:
-        h.update(b"|text:" + text.encode("utf-8"))
-    return h.hexdigest()
+    if with_visual:
+        if sample.media is None:
+            raise MediaError(f"sample {sample.name!r} of {sample.dataset!r} has no media path")
+        media = Path(sample.media)
+        if media_kind == "image":
+            h.update(b"image:" + file_digest(_require_file(media, "image")).encode())
+            shell.n_images = 1
+        else:
+            if media_kind == "frames" and not media.is_dir():
+                raise MediaError(f"expected a folder of frames for {sample.name!r}: {media}")
+            sample_indices(1, frames, sampler)  # bad arguments fail before anything is read
+            if media.is_dir():
+                files = frame_files(media)
+                picked = sample_indices(len(files), frames, sampler)
+                h.update(f"folder:{len(files)}:".encode())
+                h.update(",".join(file_digest(files[i]) for i in picked).encode())
+            else:
+                h.update(b"video:" + file_digest(_require_file(media, "video")).encode())
+            h.update(f"|frames:{frames}|sampler:{sampler}|{_READER}".encode())
+            shell.n_images, shell.clip = frames, True
+        h.update(f"|grey:{int(greyscale)}".encode())
+    if with_text:
+        if sample.transcript is None:
+            raise MediaError(f"sample {sample.name!r} of {sample.dataset!r} has no transcript path")
+        shell.text = load_transcript(sample.transcript)
+        h.update(b"|text:" + shell.text.encode("utf-8"))
+    shell.content_hash = h.hexdigest()
+    return shell
+
+
+def decode(
+    shell: LoadedSample, media_kind: str, *, frames: int, sampler: str, greyscale: bool
+) -> LoadedSample:
+    """describe_sample's shell with its pixels decoded; raises MediaError when they cannot be."""
+    if not shell.n_images:  # nothing visual to show (the text ablation)
+        return shell
+    media = Path(shell.sample.media)  # type: ignore[arg-type]  # describe_sample checked it
+    if media_kind == "image":
+        shell.images = [load_image(media, greyscale)]
+        return shell
+    imgs, idx, n, fps = sample_frames(media, frames, sampler)
+    shell.images = [to_greyscale(im) for im in imgs] if greyscale else imgs
+    shell.frame_indices, shell.source_frames, shell.source_fps = idx, n, fps
+    if len(shell.images) != shell.n_images:
+        raise MediaError(f"read {len(shell.images)} frames of {media}, expected {shell.n_images}")
+    return shell
 
 
 def load_sample(
@@ -370,29 +419,13 @@ def load_sample(
     with_visual: bool = True,
 ) -> LoadedSample:
     """Decode what the prompt will show of one sample; raises MediaError when it cannot."""
-    if media_kind not in MEDIA_KINDS:
-        raise ValueError(f"unknown media kind {media_kind!r}; expected one of {list(MEDIA_KINDS)}")
-    if sample.problem:  # the manifest found the path unusable (e.g. a link out of the data root)
-        raise MediaError(sample.problem)
-    loaded = LoadedSample(sample=sample)
-    files: list[Path] = []
-    if with_visual:
-        if sample.media is None:
-            raise MediaError(f"sample {sample.name!r} of {sample.dataset!r} has no media path")
-        media = Path(sample.media)
-        if media_kind == "image":
-            loaded.images = [load_image(media, greyscale)]
-            files = [media]
-        else:
-            if media_kind == "frames" and not media.is_dir():
-                raise MediaError(f"expected a folder of frames for {sample.name!r}: {media}")
-            imgs, idx, n, fps = sample_frames(media, frames, sampler)
-            loaded.images = [to_greyscale(im) for im in imgs] if greyscale else imgs
-            loaded.frame_indices, loaded.source_frames, loaded.source_fps = idx, n, fps
-            files = [frame_files(media)[i] for i in idx] if media.is_dir() else [media]
-    if with_text:
-        if sample.transcript is None:
-            raise MediaError(f"sample {sample.name!r} of {sample.dataset!r} has no transcript path")
-        loaded.text = load_transcript(sample.transcript)
-    loaded.content_hash = _content_hash(files, loaded.frame_indices, greyscale, loaded.text)
-    return loaded
+    shell = describe_sample(
+        sample,
+        media_kind,
+        frames=frames,
+        sampler=sampler,
+        greyscale=greyscale,
+        with_text=with_text,
+        with_visual=with_visual,
+    )
+    return decode(shell, media_kind, frames=frames, sampler=sampler, greyscale=greyscale)

@@ -10,7 +10,8 @@ from __future__ import annotations
 import importlib.metadata
 import logging
 import sys
-from dataclasses import asdict
+from collections.abc import Callable
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -23,14 +24,24 @@ from ger.batching import batch_order, plan_batches, summarise, write_order
 from ger.cache import ResponseCache
 from ger.config import plain
 from ger.datasets import DatasetSpec, load_samples, spec_from_dict
-from ger.media import MediaError, load_sample
+from ger.digests import DigestTable, use_table
+from ger.media import MediaError, describe_sample, load_sample
 from ger.models import ModelSpec, resolve_model
 from ger.options import check_option, check_options
 from ger.parse import LabelMatcher, parse_ranked
 from ger.prompts import build_request
-from ger.records import ERROR, LoadedSample, Prediction, Request, Sample
+from ger.records import ERROR, LoadedSample, Prediction, Request, Response, Sample
 from ger.release_prompts import select_template
 from ger.run_files import write_run_files
+from ger.stream import (
+    Decoder,
+    DecodeSpec,
+    StreamStats,
+    answered_from_cache,
+    decoded_chunks,
+    window_size,
+    worker_count,
+)
 from ger.validate import check_dataset
 from ger.views import score_run
 
@@ -111,6 +122,26 @@ def load_media(cfg: DictConfig, spec: DatasetSpec, samples: list[Sample], modali
     return loaded, errors
 
 
+def describe_media(cfg: DictConfig, spec: DatasetSpec, samples: list[Sample], modality: str):
+    """Every sample as far as its cache key needs, no pixels decoded; failures become error rows."""
+    shells: dict[str, LoadedSample] = {}
+    errors: dict[str, str] = {}
+    for s in samples:
+        try:
+            shells[s.name] = describe_sample(
+                s,
+                spec.layout.media_kind,
+                frames=cfg.frames,
+                sampler=cfg.sampler,
+                greyscale=cfg.greyscale,
+                with_text=modality in ("text", "multi"),
+                with_visual=modality != "text",
+            )
+        except (MediaError, OSError) as exc:
+            errors[s.name] = f"{type(exc).__name__}: {exc}"
+    return shells, errors
+
+
 def engine_versions(packages: list[str]) -> dict[str, str]:
     """Installed versions of the engine's packages: an engine upgrade can change answers."""
     versions = {}
@@ -154,12 +185,18 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     samples = select(samples, cfg.limit, cfg.shard)
     check_backend(cfg.backend.name, cfg.backend)  # a refused model stops the run before any decoding
     model = resolve_model(cfg.model, cfg.cache_dir)
-    loaded, errors = load_media(cfg, spec, samples, modality)
+    cache_dir = Path(str(cfg.cache_dir)).expanduser()
+    table = DigestTable(cache_dir / "file_digests.sqlite")
+    use_table(table)
+    try:
+        shells, errors = describe_media(cfg, spec, samples, modality)
+    finally:
+        use_table(None)
+        table.close()
 
     parts = key_parts(cfg, model.identity())
-    by_name = {ls.sample.name: ls for ls in loaded}
 
-    def request_for(names: tuple[str, ...]) -> Request:
+    def request_for(by_name: dict[str, LoadedSample], names: tuple[str, ...], key_only: bool) -> Request:
         return build_request(
             [by_name[n] for n in names],
             template,
@@ -169,26 +206,37 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             key_parts=parts,
             max_tokens=answer_budget(cfg, len(names)),
             modality=modality,
+            key_only=key_only,
         )
 
-    cache = ResponseCache(Path(str(cfg.cache_dir)).expanduser() / "responses.sqlite")
+    stream_cfg = cfg.get("stream") or {}
+    stats = StreamStats(window_size(stream_cfg, cfg.backend), worker_count(stream_cfg))
+    decode_spec = DecodeSpec(spec.layout.media_kind, int(cfg.frames), str(cfg.sampler), bool(cfg.greyscale))
+    decoder = Decoder(decode_spec, stats, cfg.progress)
+    cache = ResponseCache(cache_dir / "responses.sqlite")
     asker = Asker(cache, lambda: create_backend(cfg.backend.name, cfg.backend, model), cfg.progress)
     try:
-        preds, batching = predict(cfg, spec, loaded, request_for, asker, model, modality, out)
+        preds, batching = predict(
+            cfg, spec, shells, request_for, asker, model, modality, out, decoder, errors
+        )
     finally:
+        decoder.close()
         asker.close()
         cache.close()
     preds += [Prediction(s.name, s.gt, [], ERROR, "", errors[s.name]) for s in samples if s.name in errors]
     preds.sort(key=lambda p: label_rank[p.name])
+    log.info("stream: %s", stats.to_dict())
 
     result = score_run(preds, spec, cfg.modality, cfg.greyscale)  # every view: all vs paper's rows, ...
     overrides = list(HydraConfig.get().overrides.task)
-    meta = write_run_files(out, cfg, spec, preds, result, overrides, asker.stats, batching=batching)
+    meta = write_run_files(
+        out, cfg, spec, preds, result, overrides, asker.stats, batching=batching, stream=stats.to_dict()
+    )
     print(
         f"{spec.key}: "
         + ", ".join(f"{m} {v:.2f}" for m, v in result.values.items())
         + f" (n={result.n}, parse failures {result.parse_failure_rate:.2f}%, "
-        f"cached {asker.stats.cached}, sent {asker.stats.sent}) -> {out}",
+        f"cached {asker.stats.cached}, sent {asker.stats.sent}, decoded {stats.decoded}) -> {out}",
         file=sys.stderr,
     )
     return meta
@@ -213,58 +261,91 @@ def paper_batch_size(cfg: DictConfig, spec: DatasetSpec, modality: str) -> int:
 def predict(
     cfg: DictConfig,
     spec: DatasetSpec,
-    loaded: list[LoadedSample],
-    request_for,
+    shells: dict[str, LoadedSample],
+    request_for: Callable[[dict[str, LoadedSample], tuple[str, ...], bool], Request],
     asker: Asker,
     model: ModelSpec,
-    modality: str = "visual",
-    out: Path | None = None,
+    modality: str,
+    out: Path | None,
+    decoder: Decoder,
+    errors: dict[str, str],
 ) -> tuple[list[Prediction], dict[str, Any] | None]:
-    """Prompt, ask and parse, in single or batch mode; also what batch mode did (None in single mode)."""
-    names = [ls.sample.name for ls in loaded]
-    gts = {ls.sample.name: ls.sample.gt for ls in loaded}
-    if cfg.mode == "single":
-        requests = [request_for((n,)) for n in names]
-        answers = asker.ask(requests)
-        matcher = LabelMatcher(spec.labels, spec.aliases)
-        preds = []
-        for req in requests:
-            resp = answers[req.key]
-            if not resp.ok:
-                preds.append(
-                    Prediction(req.names[0], gts[req.names[0]], [], ERROR, req.key, resp.error or "empty")
-                )
-                continue
-            parsed = parse_ranked(resp.text, matcher)
-            preds.append(
-                Prediction(
-                    req.names[0], gts[req.names[0]], parsed.ranked, parsed.status, req.key, parsed.detail
-                )
-            )
-        return preds, None
-    if cfg.mode != "batch":
+    """Prompt, ask and parse, in single or batch mode, streamed (ger/stream.py); also what batch mode
+    did (None in single mode). Samples whose media fail to decode are added to `errors`."""
+    if cfg.mode not in ("single", "batch"):
         raise ValueError(f"unknown mode {cfg.mode!r}; expected one of ['single', 'batch']")
-    size = paper_batch_size(cfg, spec, modality)
-    order = (int(cfg.batch_seed), cfg.get("batch_order"))
-    plan = plan_batches(size, cfg.batch_size, model, loaded, cfg.frames_as, order)
-    batches = plan.cut(names)
-    if out is not None:
-        write_order(out / "order.csv", batches)
-    if plan.cap:
-        log.warning("batch mode: %s (the paper used %d)", plan.cap, plan.paper_size)
-    requests = [request_for(b) for b in batches]
-    answered = ask_batches(asker, requests, LabelMatcher(spec.labels, spec.aliases), request_for)
-    counts = asdict(asker.batch)
-    summary = summarise(plan, len(batches), [answered[n][0] for n in names], asker.stats.splits, counts)
+    batch = cfg.mode == "batch"
+    names = list(shells)
+    gts = {n: ls.sample.gt for n, ls in shells.items()}
+    matcher = LabelMatcher(spec.labels, spec.aliases)
+    if batch:
+        size = paper_batch_size(cfg, spec, modality)
+        order = (int(cfg.batch_seed), cfg.get("batch_order"))
+        plan = plan_batches(size, cfg.batch_size, model, list(shells.values()), cfg.frames_as, order)
+        groups = plan.cut(names)
+        if out is not None:
+            write_order(out / "order.csv", groups)
+        if plan.cap:
+            log.warning("batch mode: %s (the paper used %d)", plan.cap, plan.paper_size)
+    else:
+        groups = [(n,) for n in names]
+
+    def key_for(group: tuple[str, ...]) -> Request:
+        return request_for(shells, group, True)
+
+    cached = [g for g in groups if answered_from_cache(g, key_for, asker.cache, matcher, batch)]
+    done = set(cached)
+    todo = [g for g in groups if g not in done]
+    answered: dict[str, tuple[Request, Response, Any]] = {}
+    decoder.stats.from_cache = sum(len(g) for g in cached)
+    if cached:
+        answered.update(answer_groups(asker, cached, shells, request_for, matcher, batch, key_only=True))
+    for part, loaded, failed in decoded_chunks(todo, shells, decoder, decoder.stats.window):
+        errors.update(failed)
+        answered.update(answer_groups(asker, part, loaded, request_for, matcher, batch, key_only=False))
+        del loaded  # this chunk's pixels go before the next chunk is decoded
+
     preds = []
     for name in names:
+        if name not in answered:
+            continue  # its media failed to decode: an error row
         req, resp, parsed = answered[name]
         if not resp.ok:
             preds.append(Prediction(name, gts[name], [], ERROR, req.key, resp.error or "empty"))
-        else:
+        elif batch:
             r = parsed.results[name]
             preds.append(Prediction(name, gts[name], r.ranked, r.status, req.key, r.detail))
+        else:
+            preds.append(Prediction(name, gts[name], parsed.ranked, parsed.status, req.key, parsed.detail))
+    if not batch:
+        return preds, None
+    counts = asdict(asker.batch)
+    final = [answered[n][0] for n in names if n in answered]
+    summary = summarise(plan, len(groups), final, asker.stats.splits, counts)
     return preds, summary.to_dict()
+
+
+def answer_groups(
+    asker: Asker,
+    groups: list[tuple[str, ...]],
+    by_name: dict[str, LoadedSample],
+    request_for: Callable[[dict[str, LoadedSample], tuple[str, ...], bool], Request],
+    matcher: LabelMatcher,
+    batch: bool,
+    key_only: bool,
+) -> dict[str, tuple[Request, Response, Any]]:
+    """Per sample name: the request that answered it, its response and its parse."""
+    requests = [request_for(by_name, g, key_only) for g in groups]
+    if batch:
+        out = ask_batches(asker, requests, matcher, lambda names: request_for(by_name, names, key_only))
+    else:
+        answers = asker.ask(requests)
+        out = {}
+        for req in requests:
+            resp = answers[req.key]
+            out[req.names[0]] = (req, resp, parse_ranked(resp.text, matcher) if resp.ok else None)
+    light: dict[int, Request] = {}  # the requests without their images, which must not outlive the chunk
+    return {n: (light.setdefault(id(r), replace(r, messages=[])), a, p) for n, (r, a, p) in out.items()}
 
 
 def prepare(cfg: DictConfig) -> None:

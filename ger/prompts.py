@@ -17,9 +17,11 @@ is introduced by a neutral positional id (`{id}`, "Sample 3"; `{index}`, "3"), t
 batch text can list them (`{ids}`), and the answer is read back by those ids
 (ger/parse.py). `{name}` and `{names}` are refused with an error naming the fix.
 
-The request key hashes everything that reaches the model (text, a digest of the
-pixels of every image actually sent, frame indices, fps) plus the caller's
-`key_parts` (model, backend, sampling), and nothing else.
+The request key hashes everything that reaches the model (the text; for each sample its
+content hash, which covers the media files' bytes and how they become pixels, and how it is
+shown: images, grid or video) plus the caller's `key_parts` (model, backend, sampling), and
+nothing else. So a key needs no decoded pixels (`key_only=True`): a cached rerun decodes nothing.
+Samples built without a content hash are keyed by the digest of their pixels.
 """
 
 from __future__ import annotations
@@ -186,71 +188,99 @@ def _image_digest(image: Any) -> str:
     return h.hexdigest()
 
 
-def _text(text: str) -> tuple[dict[str, Any], dict[str, Any]]:
+Segment = tuple[list[dict[str, Any]], list[dict[str, Any]]]  # (message parts, their key descriptions)
+
+
+def _text(text: str) -> Segment:
     part = {"type": "text", "text": text}
-    return part, dict(part)
+    return [part], [dict(part)]
 
 
-def _media_parts(loaded: LoadedSample, frames_as: str) -> list[tuple[dict[str, Any], dict[str, Any]]]:
-    """One sample's images as (message part, key description) pairs."""
-    name, images, indices = loaded.sample.name, loaded.images, list(loaded.frame_indices)
-    if not images:
-        raise ValueError(f"sample {name!r} has no images to send; was it loaded with its media?")
-    if (
-        not indices or len(images) == 1
-    ):  # a still image (or a single frame) is an image whatever frames_as says
+def _media_kind(loaded: LoadedSample, frames_as: str) -> str:
+    """How one sample's media are shown; a still image (or a single frame) is an image whatever frames_as."""
+    return frames_as if loaded.is_clip and loaded.image_count > 1 else "image"
+
+
+def _media_desc(loaded: LoadedSample, frames_as: str) -> dict[str, Any]:
+    """The key description of one sample's media, from its content hash: no pixels needed.
+
+    content_hash (ger/media.py describe_sample) covers the file bytes and how they become pixels;
+    what is added here is how they are shown: as images, one grid (and its layout) or a video.
+    """
+    kind = _media_kind(loaded, frames_as)
+    desc: dict[str, Any] = {"type": kind, "media": loaded.content_hash, "images": loaded.image_count}
+    if kind == "grid":
+        from ger.media import grid_shape
+
+        desc["layout"] = list(grid_shape(loaded.image_count))
+    return desc
+
+
+def _pixel_descs(loaded: LoadedSample, frames_as: str) -> list[dict[str, Any]]:
+    """Key descriptions from the pixels, for samples built without a content hash (tests, callers' own)."""
+    images, indices = loaded.images, list(loaded.frame_indices)
+    kind = _media_kind(loaded, frames_as)
+    if kind == "image":
+        return [{"type": "image", "sha256": _image_digest(im), "frames": indices[i : i + 1]}
+                for i, im in enumerate(images)]  # fmt: skip
+    if kind == "images":
         return [
-            (
-                {"type": "image", "image": img},
-                {"type": "image", "sha256": _image_digest(img), "frames": indices[i : i + 1]},
-            )
-            for i, img in enumerate(images)
+            {"type": "image", "sha256": _image_digest(im), "frames": [i]}
+            for im, i in zip(images, indices, strict=True)
         ]
-    if frames_as == "images":
-        return [
-            (
-                {"type": "image", "image": img},
-                {"type": "image", "sha256": _image_digest(img), "frames": [idx]},
-            )
-            for img, idx in zip(images, indices, strict=True)
-        ]
-    if frames_as == "grid":
+    if kind == "grid":
         from ger.media import make_grid
 
-        grid = make_grid(images)
-        return [
-            (
-                {"type": "image", "image": grid},
-                {"type": "grid", "sha256": _image_digest(grid), "frames": indices},
-            )
-        ]
+        return [{"type": "grid", "sha256": _image_digest(make_grid(images)), "frames": indices}]
+    return [
+        {
+            "type": "video",
+            "sha256": [_image_digest(img) for img in images],
+            "fps": loaded.source_fps,
+            "total_frames": loaded.source_frames,
+            "indices": indices,
+        }
+    ]
+
+
+def _media_parts(loaded: LoadedSample, frames_as: str, key_only: bool = False) -> Segment:
+    """One sample's media as message parts (none when key_only) and their key descriptions."""
+    name = loaded.sample.name
+    if not loaded.image_count:
+        raise ValueError(f"sample {name!r} has no images to send; was it loaded with its media?")
+    if key_only and not loaded.content_hash:
+        raise ValueError(f"sample {name!r} has no content hash; a key without pixels needs describe_sample")
+    if not key_only and not loaded.images:
+        raise ValueError(f"sample {name!r} has no images to send; was it loaded with its media?")
+    descs = [_media_desc(loaded, frames_as)] if loaded.content_hash else _pixel_descs(loaded, frames_as)
+    if key_only:
+        return [], descs
+    kind, images = _media_kind(loaded, frames_as), loaded.images
+    if kind in ("image", "images"):
+        return [{"type": "image", "image": img} for img in images], descs
+    if kind == "grid":
+        from ger.media import make_grid
+
+        return [{"type": "image", "image": make_grid(images)}], descs
     part = {
         "type": "video",
         "frames": list(images),
         "fps": loaded.source_fps,
         "total_frames": loaded.source_frames,
-        "indices": indices,
+        "indices": list(loaded.frame_indices),
     }
-    desc = {
-        "type": "video",
-        "sha256": [_image_digest(img) for img in images],
-        "fps": loaded.source_fps,
-        "total_frames": loaded.source_frames,
-        "indices": indices,
-    }
-    return [(part, desc)]
+    return [part], descs
 
 
-def _merge_texts(
-    pairs: list[tuple[dict[str, Any], dict[str, Any]]],
-) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+def _merge_texts(segments: list[Segment]) -> list[Segment]:
     """Join adjacent text parts with a blank line: fewer parts, same prompt, simpler for every backend."""
-    merged: list[tuple[dict[str, Any], dict[str, Any]]] = []
-    for part, desc in pairs:
-        if part["type"] == "text" and merged and merged[-1][0]["type"] == "text":
-            merged[-1] = _text(merged[-1][0]["text"] + "\n\n" + part["text"])
+    merged: list[Segment] = []
+    for parts, descs in segments:
+        is_text = bool(descs) and descs[0]["type"] == "text"
+        if is_text and merged and merged[-1][1] and merged[-1][1][0]["type"] == "text":
+            merged[-1] = _text(merged[-1][1][0]["text"] + "\n\n" + descs[0]["text"])
         else:
-            merged.append((part, desc))
+            merged.append((parts, descs))
     return merged
 
 
@@ -286,8 +316,12 @@ def build_request(
     key_parts: dict[str, Any],
     max_tokens: int,
     modality: str = "visual",
+    key_only: bool = False,
 ) -> Request:
     """One user message asking about `samples` (one in single mode), keyed for the cache.
+
+    key_only: the key (and names, ids, budget) from describe_sample's shells, no message parts
+    built and no pixels needed; the same samples decoded give the same key.
 
     `key_parts` holds everything outside the prompt that changes the answer (model,
     revision, backend settings, sampling); a truthy `structured_output` in it
@@ -312,8 +346,8 @@ def build_request(
     modality = _check_modality(template, modality, samples)
 
     names = [s.sample.name for s in samples]
-    frames = max(len(s.images) for s in samples) if modality != "text" else 0
-    still = all(not s.frame_indices for s in samples)
+    frames = max(s.image_count for s in samples) if modality != "text" else 0
+    still = all(not s.is_clip for s in samples)
     media_kind = "images" if still else frames_as
     ids = sample_ids(template, len(samples))
     values = {
@@ -326,37 +360,37 @@ def build_request(
     if template.media:
         values["media"] = render(template.media[media_kind], values)
 
-    pairs: list[tuple[dict[str, Any], dict[str, Any]]] = []
+    pairs: list[Segment] = []
     if mode == "single":
         form = template.constrained if constrained and template.constrained else template.single
         pairs.append(_text(render(form, values)))
         if modality != "text":
-            pairs.extend(_media_parts(samples[0], frames_as))
+            pairs.append(_media_parts(samples[0], frames_as, key_only))
     else:
         pairs.append(_text(render(template.batch, values)))
         for index, loaded in enumerate(samples, start=1):
             item_values = {
                 "id": ids[index - 1],
                 "index": str(index),
-                "frames": str(len(loaded.images)),
+                "frames": str(loaded.image_count),
                 "transcript": (loaded.text or "").strip(),
             }
             if template.item:
                 pairs.append(_text(render(template.item, item_values)))
             if modality != "text":
-                pairs.extend(_media_parts(loaded, frames_as))
+                pairs.append(_media_parts(loaded, frames_as, key_only))
     pairs = _merge_texts(pairs)
 
     choices = list(labels) if constrained else None
     key = request_key(
         {
             **key_parts,
-            "messages": [{"role": "user", "content": [desc for _, desc in pairs]}],
+            "messages": [{"role": "user", "content": [d for _, descs in pairs for d in descs]}],
             "choices": choices,
             "max_tokens": max_tokens,
         }
     )
-    messages = [{"role": "user", "content": [part for part, _ in pairs]}]
+    messages = [] if key_only else [{"role": "user", "content": [p for parts, _ in pairs for p in parts]}]
     return Request(
         key=key,
         names=tuple(names),

@@ -44,7 +44,18 @@ class LoadedSample:
     source_fps: float | None = None
     source_frames: int | None = None
     text: str | None = None  # transcript
-    content_hash: str = ""  # hash of the media bytes actually sent, for the cache key
+    content_hash: str = ""  # hash of the media files and of how they become pixels, for the cache key
+    # Known before decoding (ger/media.py describe_sample), so prompts and keys need no pixels:
+    n_images: int = 0  # images the prompt will show (0: count `images`)
+    clip: bool = False  # frames of a clip, not a still image (False: look at `frame_indices`)
+
+    @property
+    def image_count(self) -> int:
+        return self.n_images or len(self.images)
+
+    @property
+    def is_clip(self) -> bool:
+        return self.clip or bool(self.frame_indices)
 
 
 @dataclass

@@ -110,6 +110,7 @@ def write_run_files(
     overrides: list[str],
     stats: Any,
     batching: dict[str, Any] | None = None,
+    stream: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """config.yaml, predictions.csv, metrics.json and report.md; each written atomically."""
     out.mkdir(parents=True, exist_ok=True)
@@ -122,6 +123,8 @@ def write_run_files(
         "overrides": overrides,
         "requests": asdict(stats),
     }
+    if stream is not None:
+        meta["stream"] = stream  # window, workers, samples decoded, most decoded samples alive at once
     if batching is not None:
         meta["batching"] = batching  # effective batch sizes, splits, and why they differ from the paper's
     atomic_write_text(out / "metrics.json", json.dumps(meta, indent=2))

@@ -1,8 +1,10 @@
 """The offline vLLM engine (`vllm.LLM`) as a Backend: the fast path for open models.
 
-Requests go to the engine in large chunks (`chunk_size`), so vLLM's scheduler sees
-many prompts at once and batches them continuously; one call per sample would
-leave it idle. Prompts are rendered here with the model's own chat template and
+Up to `chunk_size` requests are in the engine at once, so vLLM's scheduler sees many
+prompts and batches them continuously; the engine is topped up after every step
+(`LLM.enqueue` + `LLMEngine.step`), so it never drains at a chunk boundary, and each
+answer is yielded (and cached) the step it finishes. A vLLM without `LLM.enqueue` gets
+whole chunks through `LLM.generate` instead. Prompts are rendered here with the model's own chat template and
 handed over with `multi_modal_data`, because that is the one input path that takes
 PIL images and pre-decoded video frames alike: the chat API only takes videos as
 URLs, which vLLM would then re-sample by fps and so change the frame count.
@@ -142,6 +144,17 @@ def video_item(part: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
     return array, metadata
 
 
+def _pop_running(running: dict[str, Any], request_id: str) -> Any:
+    """The entry of a finished output: enqueue returns the engine's id ("0-9d48f654"), outputs carry
+    the id it was made from ("0")."""
+    if request_id in running:
+        return running.pop(request_id)
+    for rid in running:
+        if rid.startswith(request_id + "-"):
+            return running.pop(rid)
+    return None
+
+
 class VLLMBackend:
     """Backend over `vllm.LLM`; see the module docstring."""
 
@@ -181,9 +194,62 @@ class VLLMBackend:
         }
 
     def generate(self, requests: list[Request]) -> Iterator[Response]:
+        if callable(getattr(self.llm, "enqueue", None)):
+            yield from self._feed(requests)
+            return
         size = self.settings.chunk_size
         for start in range(0, len(requests), size):
             yield from self._generate_chunk(requests[start : start + size])
+
+    def _feed(self, requests: list[Request]) -> Iterator[Response]:
+        """Keep up to chunk_size requests in the engine, adding the next ones as others finish."""
+        from vllm.exceptions import VLLMClientError
+
+        engine, todo = self.llm.llm_engine, iter(requests)
+        running: dict[str, tuple[Request, float]] = {}
+        more = True
+        try:
+            while True:
+                while more and len(running) < self.settings.chunk_size:
+                    req = next(todo, None)
+                    if req is None:
+                        more = False
+                        break
+                    try:
+                        prompt, params = self.engine_prompt(req), self.sampling_params(req)
+                    except Exception as exc:  # bad media or too many items: this request only
+                        yield Response(key=req.key, error=f"{type(exc).__name__}: {exc}")
+                        continue
+                    try:  # vLLM validates here (prompt too long, bad input): this request only
+                        (request_id,) = self.llm.enqueue([prompt], [params], use_tqdm=False)
+                    except (VLLMClientError, ValueError, TypeError) as exc:
+                        yield Response(key=req.key, error=f"{type(exc).__name__}: {exc}")
+                        continue
+                    running[request_id] = (req, time.perf_counter())
+                if not running:
+                    return
+                if not engine.has_unfinished_requests():  # never spin on requests the engine lost
+                    for req, _ in running.values():
+                        yield Response(key=req.key, error="the vLLM engine dropped the request")
+                    running.clear()
+                    continue
+                for out in engine.step():
+                    found = _pop_running(running, out.request_id) if out.finished else None
+                    if found is not None:
+                        req, start = found
+                        first = out.outputs[0]
+                        yield Response(
+                            key=req.key,
+                            text=first.text,
+                            seconds=time.perf_counter() - start,
+                            finish_reason=first.finish_reason,
+                        )
+        finally:  # the caller stopped early, or the engine failed: nothing of ours stays queued
+            if running:
+                try:
+                    engine.abort_request(list(running))
+                except Exception as exc:
+                    log.warning("could not abort %d vLLM requests: %s", len(running), exc)
 
     def close(self) -> None:
         """Stop the engine's worker processes (vLLM has no public shutdown; dropping it does it)."""

@@ -1,0 +1,186 @@
+"""The streamed `ger run` against an instantly answering server: memory, rate and cached reruns.
+
+Run by hand:  python benchmarks/bench_stream.py [--n 4000] [--small 1000]
+              python benchmarks/bench_stream.py --clips --n 400 --small 100   # 3-frame clips
+
+Makes --n 640x480 JPEG images (smooth gradients, small noise; --clips: 2 s mp4v clips of
+50 640x480 frames, 3 frames sampled), starts the loopback
+stub server of tests/stub_server.py answering every request at once, and runs `ger run
+backend=server` as a subprocess, as a user would, sampling the resident memory of ger and its
+decoding workers (the process tree, summed) every 50 ms. Prints, each from this one run:
+  (b) peak memory at N=--n vs N=--small images (target <= 1.3);
+  (c) a fully cached rerun of --n images vs the first run (target >= 10x faster);
+  (a) ger's end-to-end rate vs decoding the same images only, with the same reader in the same
+      worker pool (ger/stream.py Decoder; target >= 80%).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))
+
+
+def make_images(root: Path, n: int) -> None:
+    import numpy as np
+    from PIL import Image
+
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    y, x = np.mgrid[0:480, 0:640]
+    labels = ["anger", "disgust", "fear", "happy", "neutral", "sad", "surprise"]
+    lines = ["name,gt"]
+    for i in range(n):
+        base = (x * (1 + i % 5) + y * (1 + i % 3)) % 256
+        rgb = np.stack([base, (base + 85 * (i % 3)) % 256, 255 - base], axis=-1)
+        rgb = np.clip(rgb + rng.integers(-8, 8, rgb.shape), 0, 255).astype(np.uint8)
+        Image.fromarray(rgb).save(root / "images" / f"img_{i:05d}.jpg", quality=90)
+        lines.append(f"img_{i:05d},{labels[i % 7]}")
+    (root / "label.csv").write_text("\n".join(lines) + "\n")
+
+
+def make_clips(root: Path, n: int) -> None:
+    import cv2
+    import numpy as np
+
+    (root / "videos").mkdir(parents=True, exist_ok=True)
+    y, x = np.mgrid[0:480, 0:640]
+    labels = ["anger", "disgust", "fear", "happy", "neutral", "sad", "surprise"]
+    lines = ["name,gt"]
+    for i in range(n):
+        writer = cv2.VideoWriter(str(root / "videos" / f"img_{i:05d}.mp4"), cv2.VideoWriter_fourcc(*"mp4v"),
+                                 25, (640, 480))  # fmt: skip
+        for k in range(50):
+            base = ((x * (1 + i % 5) + y + 3 * k) % 256).astype(np.uint8)
+            writer.write(np.ascontiguousarray(np.stack([base, 255 - base, base // 2], axis=-1)))
+        writer.release()
+        lines.append(f"img_{i:05d},{labels[i % 7]}")
+    (root / "label.csv").write_text("\n".join(lines) + "\n")
+
+
+def tree_rss(pid: int) -> int:
+    import psutil
+
+    try:
+        proc = psutil.Process(pid)
+        procs = [proc, *proc.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return 0
+    total = 0
+    for p in procs:
+        try:
+            total += p.memory_info().rss
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
+def ger_run(url: str, root: Path, cache: Path, out: Path, limit: int | None, clips: bool = False):
+    """Wall seconds, peak tree RSS (bytes) and metrics.json of one `ger run`."""
+    dataset = ["dataset=demo_video"] if clips else ["dataset=demo", "dataset.layout.extension=.jpg"]
+    args = [
+        "run", *dataset, f"dataset.layout.root={root}", "dataset.demo=false", "model=qwen2_5_vl_7b",
+        "backend=server", f"backend.base_url={url}", "progress=false", f"hydra.run.dir={out}",
+    ]  # fmt: skip
+    if limit:
+        args.append(f"limit={limit}")
+    env = {**os.environ, "GER_CACHE_DIR": str(cache), "PYTHONPATH": str(REPO)}
+    start = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-m", "ger.cli", *args], env=env, cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
+    peak = 0
+    err: list[bytes] = []
+    reader = threading.Thread(target=lambda: err.append(proc.stderr.read()), daemon=True)
+    reader.start()
+    while proc.poll() is None:
+        peak = max(peak, tree_rss(proc.pid))
+        time.sleep(0.05)
+    seconds = time.perf_counter() - start
+    reader.join()
+    if proc.returncode:
+        raise SystemExit(f"ger run failed:\n{b''.join(err).decode()[-3000:]}")
+    return seconds, peak, json.loads((out / "metrics.json").read_text())
+
+
+def decode_only(root: Path, n: int, clips: bool = False) -> float:
+    """Seconds to describe and decode the first n samples in ger's worker pool, nothing else."""
+    from ger.media import describe_sample
+    from ger.records import Sample
+    from ger.stream import Decoder, DecodeSpec, StreamStats, chunks, worker_count
+
+    kind = "video" if clips else "image"
+    paths = [root / "videos" / f"img_{i:05d}.mp4" if clips else root / "images" / f"img_{i:05d}.jpg"
+             for i in range(n)]  # fmt: skip
+    shells = [describe_sample(Sample("demo", p.stem, "happy", media=p), kind, frames=3) for p in paths]
+    stats = StreamStats(window=128, workers=worker_count({}))
+    decoder = Decoder(DecodeSpec(kind, 3, "paper", False), stats, progress=False)
+    start = time.perf_counter()
+    try:
+        parts = chunks([(s.sample.name,) for s in shells], 64)
+        by_name = {s.sample.name: s for s in shells}
+        pending = decoder.start([by_name[g[0]] for g in parts[0]], n)
+        for i in range(len(parts)):
+            done = decoder.collect(pending)
+            pending = decoder.start([by_name[g[0]] for g in parts[i + 1]], n) if i + 1 < len(parts) else []
+            del done
+    finally:
+        decoder.close()
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--n", type=int, default=4000)
+    parser.add_argument("--small", type=int, default=1000)
+    parser.add_argument("--clips", action="store_true", help="3-frame mp4 clips instead of images")
+    args = parser.parse_args()
+    what = "clips" if args.clips else "images"
+    from stub_server import StubServer
+
+    server = StubServer(lambda body: ("happy", "stop")).start()
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp_path = Path(tmp)
+        root = tmp_path / "data"
+        t0 = time.perf_counter()
+        (make_clips if args.clips else make_images)(root, args.n)
+        print(f"made {args.n} {what} in {time.perf_counter() - t0:.1f} s", flush=True)
+        small_s, small_mem, _ = ger_run(
+            server.url, root, tmp_path / "c1", tmp_path / "r1", args.small, args.clips
+        )
+        print(f"first run of {args.small}: {small_s:.1f} s", flush=True)
+        server.bodies.clear()
+        big_s, big_mem, big = ger_run(server.url, root, tmp_path / "c2", tmp_path / "r2", None, args.clips)
+        print(f"first run of {args.n}: {big_s:.1f} s", flush=True)
+        server.bodies.clear()
+        again_s, again_mem, again = ger_run(
+            server.url, root, tmp_path / "c2", tmp_path / "r3", None, args.clips
+        )
+        decode_s = decode_only(root, args.n, args.clips)
+    server.stop()
+    mib = 1024 * 1024
+    print(f"stream stats, first run of {args.n}: {big['stream']}; rerun: {again['stream']}")
+    print(f"(b) peak memory {args.n} {what} {big_mem / mib:.0f} MiB vs {args.small} {what} "
+          f"{small_mem / mib:.0f} MiB: ratio {big_mem / small_mem:.2f} (target <= 1.3)")  # fmt: skip
+    print(f"(c) first run {big_s:.1f} s vs cached rerun {again_s:.1f} s (peak {again_mem / mib:.0f} MiB): "
+          f"{big_s / again_s:.1f}x faster (target >= 10x)")  # fmt: skip
+    print(f"(a) end to end {args.n / big_s:.1f} {what}/s vs decode only {args.n / decode_s:.1f} {what}/s "
+          f"({worker_count_text()}): {100 * decode_s / big_s:.0f}% (target >= 80%)")  # fmt: skip
+
+
+def worker_count_text() -> str:
+    from ger.stream import worker_count
+
+    return f"{worker_count({})} decoding workers"
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,188 @@
+"""The streamed run (ger/stream.py), end to end through `ger run backend=server` against the
+loopback stub server (tests/stub_server.py):
+
+- a run of a few hundred images with a tiny window never holds more decoded samples than the
+  window (the loader's own counter, reported in metrics.json), single and batch mode, decoding
+  in worker processes;
+- a fully cached rerun decodes nothing and sends nothing (its server is unreachable) and gives
+  the same predictions; changing one file's bytes sends and decodes exactly that sample again;
+- file digests persist in the cache folder, so an unchanged file is not read again.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+from conftest import REPO, rows, run_ger
+from stub_server import PerfectModel
+
+from ger import digests
+from ger.backends.chat_format import jpeg_base64
+from ger.media import describe_sample, load_sample
+from ger.records import Sample
+
+LABELS = ["anger", "disgust", "fear", "happy", "neutral", "sad", "surprise"]  # demo.yaml's label set
+MODEL = "qwen2_5_vl_7b"  # a real model config; the stub serves it, nothing is loaded
+
+
+def draw(path: Path, label: str, variant: int) -> None:
+    from ger.demo import draw_face
+
+    draw_face((32, 32), label, 1.0, variant=variant).save(path)
+
+
+@pytest.fixture(scope="module")
+def many_faces(tmp_path_factory) -> Path:
+    """300 small face images, label list sorted by class."""
+    root = tmp_path_factory.mktemp("faces")
+    (root / "images").mkdir()
+    pairs = []
+    for i in range(300):
+        label = LABELS[i % len(LABELS)]
+        draw(root / "images" / f"face_{i:03d}.png", label, i)
+        pairs.append((f"face_{i:03d}", label))
+    with (root / "label.csv").open("w", newline="") as f:
+        csv.writer(f).writerows([("name", "gt"), *sorted(pairs, key=lambda p: (p[1], p[0]))])
+    return root
+
+
+def truth(root: Path) -> dict[str, str]:
+    """JPEG payload digest -> label, as the stub receives the images (quality 90)."""
+    table = {}
+    with (root / "label.csv").open() as f:
+        for row in csv.DictReader(f):
+            sample = Sample("demo", row["name"], row["gt"], media=root / "images" / f"{row['name']}.png")
+            image = load_sample(sample, "image").images[0]
+            table[hashlib.sha256(jpeg_base64(image, 90).encode("ascii")).hexdigest()] = row["gt"]
+    return table
+
+
+def ger_run(url: str, root: Path, cache: Path, out: Path, *extra: str) -> dict:
+    run_ger(
+        [
+            "run",
+            "dataset=demo",
+            f"dataset.layout.root={root}",
+            "dataset.demo=false",
+            f"model={MODEL}",
+            "backend=server",
+            f"backend.base_url={url}",
+            "backend.max_retries=0",
+            "progress=false",
+            f"hydra.run.dir={out}",
+            *extra,
+        ],
+        cache,
+        REPO,
+    )
+    return json.loads((out / "metrics.json").read_text())
+
+
+@pytest.mark.parametrize("mode", ["single", "batch"])
+def test_a_tiny_window_bounds_the_decoded_samples_alive(mode, many_faces, stub_server, tmp_path):
+    stub_server.model = PerfectModel(LABELS, truth(many_faces))
+    extra = ["stream.window=8", "stream.workers=2", f"mode={mode}"]
+    if mode == "batch":
+        extra.append("batch_size=4")  # chunks of 4 samples: one batch
+    metrics = ger_run(stub_server.url, many_faces, tmp_path / "cache", tmp_path / "run", *extra)
+
+    stream = metrics["stream"]
+    assert stream["window"] == 8 and stream["workers"] == 2
+    assert stream["decoded"] == 300 and stream["from_cache"] == 0
+    assert 4 <= stream["peak_decoded"] <= 8, stream  # two chunks of 4 at most, never the whole set
+    assert metrics["n"] == 300 and metrics["requests"]["failed"] == 0
+    predictions = rows(tmp_path / "run")
+    assert len(predictions) == 300 and sum(r["status"] == "ok" for r in predictions) >= 285
+
+
+def test_a_cached_rerun_decodes_nothing_and_a_changed_file_is_asked_again(many_faces, stub_server, tmp_path):
+    root = tmp_path / "faces"  # a copy of this test's own: one file is changed below
+    (root / "images").mkdir(parents=True)
+    (root / "label.csv").write_bytes((many_faces / "label.csv").read_bytes())
+    for f in (many_faces / "images").iterdir():
+        (root / "images" / f.name).write_bytes(f.read_bytes())
+    stub_server.model = PerfectModel(LABELS, truth(root))
+    cache = tmp_path / "cache"
+    first = ger_run(stub_server.url, root, cache, tmp_path / "r1", "stream.workers=0")
+    assert first["stream"]["decoded"] == 300 and first["requests"]["sent"] == 300
+
+    received = len(stub_server.bodies)
+    rerun = ger_run(stub_server.url, root, cache, tmp_path / "r2")
+    assert len(stub_server.bodies) == received  # the server heard nothing
+    assert rerun["stream"]["decoded"] == 0 and rerun["stream"]["from_cache"] == 300
+    assert rerun["requests"] == {"cached": 300, "sent": 0, "failed": 0, "splits": 0}
+    assert rows(tmp_path / "r2") == rows(tmp_path / "r1")
+
+    # new bytes in one file (same name, same label): only that sample is decoded and asked again
+    draw(root / "images" / "face_007.png", LABELS[0], 10_007)
+    stub_server.model = PerfectModel(LABELS, truth(root))
+    changed = ger_run(stub_server.url, root, cache, tmp_path / "r3")
+    assert changed["stream"]["decoded"] == 1 and changed["stream"]["from_cache"] == 299
+    assert changed["requests"]["sent"] == 1 and changed["requests"]["cached"] == 299
+
+
+def test_file_digests_persist_across_processes_and_follow_changes(tmp_path):
+    files = []
+    for i in range(5):
+        draw(tmp_path / f"f{i}.png", "happy", i)
+        files.append(Sample("demo", f"f{i}", "happy", media=tmp_path / f"f{i}.png"))
+
+    def keys(table: digests.DigestTable) -> list[str]:
+        digests._MEMORY.clear()  # as a new process starts
+        digests.use_table(table)
+        try:
+            return [describe_sample(s, "image").content_hash for s in files]
+        finally:
+            digests.use_table(None)
+            table.close()
+
+    db = tmp_path / "cache" / "file_digests.sqlite"
+    first = digests.DigestTable(db)
+    before = keys(first)
+    assert first.hashed == 5
+    again = digests.DigestTable(db)
+    assert keys(again) == before and again.hashed == 0  # served from the table, no file read
+
+    draw(tmp_path / "f2.png", "sad", 99)  # new bytes: a new size or mtime, so hashed again
+    third = digests.DigestTable(db)
+    after = keys(third)
+    assert third.hashed == 1 and after[2] != before[2] and after[:2] + after[3:] == before[:2] + before[3:]
+
+
+def test_batch_mode_drops_an_undecodable_sample_from_its_batch(stub_server, tmp_path):
+    """A file that only fails when decoded (truncated) is found after batches were cut: it becomes
+    an error row, the rest of its batch is still asked, and order.csv keeps the batches as cut."""
+    root = tmp_path / "faces"
+    (root / "images").mkdir(parents=True)
+    pairs = [(f"face_{i:02d}", LABELS[i % len(LABELS)]) for i in range(12)]
+    for i, (name, label) in enumerate(pairs):
+        draw(root / "images" / f"{name}.png", label, i)
+    stub_server.model = PerfectModel(LABELS, truth_of(root, pairs))
+    broken = root / "images" / "face_05.png"
+    broken.write_bytes(broken.read_bytes()[:200])  # truncated: found only by decoding
+    with (root / "label.csv").open("w", newline="") as f:
+        csv.writer(f).writerows([("name", "gt"), *pairs])
+    metrics = ger_run(
+        stub_server.url, root, tmp_path / "cache", tmp_path / "run", "mode=batch", "batch_size=4"
+    )
+
+    by_name = {r["name"]: r for r in rows(tmp_path / "run")}
+    assert by_name["face_05"]["status"] == "error" and "face_05.png" in by_name["face_05"]["detail"]
+    assert all(r["status"] == "ok" for n, r in by_name.items() if n != "face_05")
+    assert metrics["stream"]["decoded"] == 12 and metrics["batching"]["batches"] == 3
+    with (tmp_path / "run" / "order.csv").open() as f:
+        assert "face_05" in {r["name"] for r in csv.DictReader(f)}
+
+
+def truth_of(root: Path, pairs: list[tuple[str, str]]) -> dict[str, str]:
+    table = {}
+    for name, label in pairs:
+        image = load_sample(
+            Sample("demo", name, label, media=root / "images" / f"{name}.png"), "image"
+        ).images[0]
+        table[hashlib.sha256(jpeg_base64(image, 90).encode("ascii")).hexdigest()] = label
+    return table
