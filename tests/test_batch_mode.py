@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 from conftest import REPO, rows, run_ger
-from stub_server import BATCH_STYLES, PerfectModel
+from stub_server import BATCH_STYLES, PerfectModel, StubServer
 
 from ger.backends.chat_format import jpeg_base64
 from ger.config import load_group_yaml
@@ -195,6 +195,13 @@ def test_a_rerun_builds_the_same_batches_and_hits_the_cache(face_set, stub_serve
     # `limit` takes the first samples of the shuffle, so even a smoke run sees most classes
     labels = {r["gt"] for r in rows(tmp_path / "a")}
     assert len(labels) >= 5
+    # the same model behind another address (a restarted `vllm serve` on a new port): still all cached
+    moved = StubServer(stub_server.model).start()
+    try:
+        elsewhere = ger_run(moved, "demo", face_set, cache, tmp_path / "d", "mode=batch", "limit=30")
+    finally:
+        moved.stop()
+    assert elsewhere["requests"]["sent"] == 0 and not moved.bodies and moved.url != stub_server.url
     seed1 = ["mode=batch", "limit=30", "batch_seed=1"]
     other = ger_run(stub_server, "demo", face_set, cache, tmp_path / "c", *seed1)
     assert other["requests"]["sent"] > 0 and (tmp_path / "c" / "order.csv").read_text() != order
