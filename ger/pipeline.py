@@ -25,7 +25,7 @@ from ger.cache import ResponseCache
 from ger.config import plain
 from ger.datasets import DatasetSpec, load_samples, spec_from_dict
 from ger.digests import DigestTable, use_table
-from ger.media import MediaError, describe_sample, load_sample
+from ger.media import MediaError, decode, describe_sample
 from ger.models import ModelSpec, resolve_model
 from ger.options import check_option, check_options
 from ger.parse import LabelMatcher, parse_ranked
@@ -101,24 +101,16 @@ def modality_plan(cfg: DictConfig, spec: DatasetSpec) -> tuple[str, str]:
 
 
 def load_media(cfg: DictConfig, spec: DatasetSpec, samples: list[Sample], modality: str):
-    """Decode every sample; the ones that fail become error predictions instead of ending the run."""
+    """Decode every sample at once (benchmarks/bench_gpu_throughput.py builds all requests up front;
+    `ger run` streams instead); the ones that fail become error predictions instead of ending the run."""
+    shells, errors = describe_media(cfg, spec, samples, modality)
     loaded: list[LoadedSample] = []
-    errors: dict[str, str] = {}
-    for s in tqdm(samples, desc="loading media", unit="sample", disable=not cfg.progress):
+    for name, shell in tqdm(shells.items(), desc="loading media", unit="sample", disable=not cfg.progress):
         try:
-            loaded.append(
-                load_sample(
-                    s,
-                    spec.layout.media_kind,
-                    frames=cfg.frames,
-                    sampler=cfg.sampler,
-                    greyscale=cfg.greyscale,
-                    with_text=modality in ("text", "multi"),
-                    with_visual=modality != "text",
-                )
-            )
+            loaded.append(decode(shell, spec.layout.media_kind, frames=cfg.frames, sampler=cfg.sampler,
+                                 greyscale=cfg.greyscale))  # fmt: skip
         except (MediaError, OSError) as exc:
-            errors[s.name] = f"{type(exc).__name__}: {exc}"
+            errors[name] = f"{type(exc).__name__}: {exc}"
     return loaded, errors
 
 
