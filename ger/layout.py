@@ -29,6 +29,7 @@ from ger.datasets import (
     spec_from_dict,
     transcript_path,
 )
+from ger.errors import UserError
 from ger.media import IMAGE_EXTENSIONS
 from ger.raw_index import VIDEO_EXTENSIONS, Entry, RawIndex, build_index, name_key
 from ger.raw_transcripts import TranscriptSource, read_sources, write_transcript
@@ -182,7 +183,7 @@ def write_layout(
 ) -> None:
     """Build the layout beside `target` and rename it into place: a reader never sees half of it."""
     if target.exists() and not overwrite:
-        raise FileExistsError(f"{target} exists; pass overwrite=true to replace it, or another data_root=")
+        raise UserError(f"{target} exists; pass overwrite=true to replace it, or another data_root=")
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     umask = os.umask(0)
@@ -227,15 +228,9 @@ def _patterns(value: Any) -> list[str]:
 
 
 def prepare_from_raw(cfg: DictConfig) -> int:
-    """`ger prepare dataset=KEY source=RAW_DIR`: lay out the test set and check it; the exit status."""
-    try:
-        return _prepare_from_raw(cfg)
-    except (FileNotFoundError, FileExistsError, ValueError) as exc:
-        print(f"ger prepare: {exc}", file=sys.stderr)
-        return 2
+    """`ger prepare dataset=KEY source=RAW_DIR`: lay out the test set and check it; the exit status.
 
-
-def _prepare_from_raw(cfg: DictConfig) -> int:
+    Bad input raises (UserError, ValueError, FileNotFoundError): ger/cli.py prints it as one line."""
     data = plain(cfg.dataset)
     spec = spec_from_dict(data)
     hints = RawHints.from_dict(data.get("raw"), spec.key)
