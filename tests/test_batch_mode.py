@@ -13,11 +13,10 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import json
 from pathlib import Path
 
 import pytest
-from conftest import REPO, rows, run_ger
+from conftest import rows, run_on_stub
 from stub_server import BATCH_STYLES, PerfectModel, StubServer
 
 from ger.backends.chat_format import jpeg_base64
@@ -27,7 +26,6 @@ from ger.media import load_sample
 
 CODES = {"neutral": 1, "happy": 3, "sad": 4, "anger": 5, "fear": 6, "disgust": 7, "surprise": 8}
 LABELS = ["anger", "disgust", "fear", "happy", "neutral", "sad", "surprise"]  # demo.yaml's label set
-MODEL = "qwen2_5_vl_7b"  # a real model config (max_images 20); the stub serves it, nothing is loaded
 
 
 def ravdess_name(label: str, k: int) -> str:
@@ -100,27 +98,6 @@ def truth_table(dataset: str, root: Path) -> tuple[dict[str, str], list[str]]:
     return table, names
 
 
-def ger_run(stub, dataset: str, root: Path, cache: Path, out: Path, *extra: str) -> dict:
-    run_ger(
-        [
-            "run",
-            f"dataset={dataset}",
-            f"dataset.layout.root={root}",
-            "dataset.demo=false",
-            f"model={MODEL}",
-            "backend=server",
-            f"backend.base_url={stub.url}",
-            "backend.max_retries=0",
-            "progress=false",
-            f"hydra.run.dir={out}",
-            *extra,
-        ],
-        cache,
-        REPO,
-    )
-    return json.loads((out / "metrics.json").read_text())
-
-
 def value(metrics: dict, metric: str) -> float:
     return next(s["value"] for s in metrics["scores"] if s["metric"] == metric)
 
@@ -140,7 +117,7 @@ def test_a_perfect_model_scores_95_through_the_server_backend(kind, mode, stub_s
     styles = BATCH_STYLES if kind == "image" else ("cut", "skip_last", "repeated", "no_ids", *BATCH_STYLES)
     stub_server.model = model = PerfectModel(LABELS, table, batch_styles=styles)
     extra = ["mode=batch", "batch_size=4"] if (mode, kind) == ("batch", "image") else [f"mode={mode}"]
-    metrics = ger_run(stub_server, dataset, root, tmp_path / "cache", tmp_path / "run", *extra)
+    metrics = run_on_stub(stub_server.url, dataset, root, tmp_path / "cache", tmp_path / "run", *extra)
 
     main = value(metrics, "acc" if kind == "image" else "war")
     assert main >= 95.0, metrics
@@ -170,13 +147,13 @@ def test_a_20_record_answer_fits_the_budget_and_a_cut_one_is_split(face_set, stu
     the cut batch is split and asked again instead of being scored from fragments."""
     table, names = truth_table("demo", face_set)
     stub_server.model = PerfectModel(LABELS, table, batch_styles=("json_ids",))
-    metrics = ger_run(stub_server, "demo", face_set, tmp_path / "cache", tmp_path / "a", "mode=batch")
+    metrics = run_on_stub(stub_server.url, "demo", face_set, tmp_path / "cache", tmp_path / "a", "mode=batch")
     assert stub_server.cut_by_budget == 0 and metrics["requests"]["splits"] == 0
     assert metrics["batching"]["requests"] == {"20": 4, "4": 1} and value(metrics, "acc") == 100.0
     assert metrics["batching"]["note"] == ""  # images: the paper's 20 fit the model's limit
 
     old = ["mode=batch", "sampling.max_tokens_per_record=null"]
-    metrics = ger_run(stub_server, "demo", face_set, tmp_path / "cache", tmp_path / "b", *old)
+    metrics = run_on_stub(stub_server.url, "demo", face_set, tmp_path / "cache", tmp_path / "b", *old)
     assert stub_server.cut_by_budget > 0 and metrics["batching"]["split_cut"] > 0
     assert value(metrics, "acc") == 100.0
 
@@ -185,9 +162,9 @@ def test_a_rerun_builds_the_same_batches_and_hits_the_cache(face_set, stub_serve
     table, names = truth_table("demo", face_set)
     stub_server.model = PerfectModel(LABELS, table, batch_styles=("lines",))
     cache = tmp_path / "cache"
-    first = ger_run(stub_server, "demo", face_set, cache, tmp_path / "a", "mode=batch", "limit=30")
+    first = run_on_stub(stub_server.url, "demo", face_set, cache, tmp_path / "a", "mode=batch", "limit=30")
     sent = len(stub_server.bodies)
-    again = ger_run(stub_server, "demo", face_set, cache, tmp_path / "b", "mode=batch", "limit=30")
+    again = run_on_stub(stub_server.url, "demo", face_set, cache, tmp_path / "b", "mode=batch", "limit=30")
     assert first["requests"]["sent"] == sent > 0
     assert again["requests"]["sent"] == 0 and len(stub_server.bodies) == sent  # nothing new was asked
     order = (tmp_path / "a" / "order.csv").read_text()
@@ -198,10 +175,10 @@ def test_a_rerun_builds_the_same_batches_and_hits_the_cache(face_set, stub_serve
     # the same model behind another address (a restarted `vllm serve` on a new port): still all cached
     moved = StubServer(stub_server.model).start()
     try:
-        elsewhere = ger_run(moved, "demo", face_set, cache, tmp_path / "d", "mode=batch", "limit=30")
+        elsewhere = run_on_stub(moved.url, "demo", face_set, cache, tmp_path / "d", "mode=batch", "limit=30")
     finally:
         moved.stop()
     assert elsewhere["requests"]["sent"] == 0 and not moved.bodies and moved.url != stub_server.url
     seed1 = ["mode=batch", "limit=30", "batch_seed=1"]
-    other = ger_run(stub_server, "demo", face_set, cache, tmp_path / "c", *seed1)
+    other = run_on_stub(stub_server.url, "demo", face_set, cache, tmp_path / "c", *seed1)
     assert other["requests"]["sent"] > 0 and (tmp_path / "c" / "order.csv").read_text() != order

@@ -13,11 +13,10 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import json
 from pathlib import Path
 
 import pytest
-from conftest import REPO, rows, run_ger
+from conftest import rows, run_on_stub
 from stub_server import PerfectModel
 
 from ger import digests
@@ -26,7 +25,6 @@ from ger.media import describe_sample, load_sample
 from ger.records import Sample
 
 LABELS = ["anger", "disgust", "fear", "happy", "neutral", "sad", "surprise"]  # demo.yaml's label set
-MODEL = "qwen2_5_vl_7b"  # a real model config; the stub serves it, nothing is loaded
 
 
 def draw(path: Path, label: str, variant: int) -> None:
@@ -61,34 +59,13 @@ def truth(root: Path) -> dict[str, str]:
     return table
 
 
-def ger_run(url: str, root: Path, cache: Path, out: Path, *extra: str) -> dict:
-    run_ger(
-        [
-            "run",
-            "dataset=demo",
-            f"dataset.layout.root={root}",
-            "dataset.demo=false",
-            f"model={MODEL}",
-            "backend=server",
-            f"backend.base_url={url}",
-            "backend.max_retries=0",
-            "progress=false",
-            f"hydra.run.dir={out}",
-            *extra,
-        ],
-        cache,
-        REPO,
-    )
-    return json.loads((out / "metrics.json").read_text())
-
-
 @pytest.mark.parametrize("mode", ["single", "batch"])
 def test_a_tiny_window_bounds_the_decoded_samples_alive(mode, many_faces, stub_server, tmp_path):
     stub_server.model = PerfectModel(LABELS, truth(many_faces))
     extra = ["stream.window=8", "stream.workers=2", f"mode={mode}"]
     if mode == "batch":
         extra.append("batch_size=4")  # chunks of 4 samples: one batch
-    metrics = ger_run(stub_server.url, many_faces, tmp_path / "cache", tmp_path / "run", *extra)
+    metrics = run_on_stub(stub_server.url, "demo", many_faces, tmp_path / "cache", tmp_path / "run", *extra)
 
     stream = metrics["stream"]
     assert stream["window"] == 8 and stream["workers"] == 2
@@ -107,11 +84,11 @@ def test_a_cached_rerun_decodes_nothing_and_a_changed_file_is_asked_again(many_f
         (root / "images" / f.name).write_bytes(f.read_bytes())
     stub_server.model = PerfectModel(LABELS, truth(root))
     cache = tmp_path / "cache"
-    first = ger_run(stub_server.url, root, cache, tmp_path / "r1", "stream.workers=0")
+    first = run_on_stub(stub_server.url, "demo", root, cache, tmp_path / "r1", "stream.workers=0")
     assert first["stream"]["decoded"] == 300 and first["requests"]["sent"] == 300
 
     received = len(stub_server.bodies)
-    rerun = ger_run(stub_server.url, root, cache, tmp_path / "r2")
+    rerun = run_on_stub(stub_server.url, "demo", root, cache, tmp_path / "r2")
     assert len(stub_server.bodies) == received  # the server heard nothing
     assert rerun["stream"]["decoded"] == 0 and rerun["stream"]["from_cache"] == 300
     assert rerun["requests"] == {"cached": 300, "sent": 0, "failed": 0, "splits": 0}
@@ -120,7 +97,7 @@ def test_a_cached_rerun_decodes_nothing_and_a_changed_file_is_asked_again(many_f
     # new bytes in one file (same name, same label): only that sample is decoded and asked again
     draw(root / "images" / "face_007.png", LABELS[0], 10_007)
     stub_server.model = PerfectModel(LABELS, truth(root))
-    changed = ger_run(stub_server.url, root, cache, tmp_path / "r3")
+    changed = run_on_stub(stub_server.url, "demo", root, cache, tmp_path / "r3")
     assert changed["stream"]["decoded"] == 1 and changed["stream"]["from_cache"] == 299
     assert changed["requests"]["sent"] == 1 and changed["requests"]["cached"] == 299
 
@@ -166,8 +143,8 @@ def test_batch_mode_drops_an_undecodable_sample_from_its_batch(stub_server, tmp_
     broken.write_bytes(broken.read_bytes()[:200])  # truncated: found only by decoding
     with (root / "label.csv").open("w", newline="") as f:
         csv.writer(f).writerows([("name", "gt"), *pairs])
-    metrics = ger_run(
-        stub_server.url, root, tmp_path / "cache", tmp_path / "run", "mode=batch", "batch_size=4"
+    metrics = run_on_stub(
+        stub_server.url, "demo", root, tmp_path / "cache", tmp_path / "run", "mode=batch", "batch_size=4"
     )
 
     by_name = {r["name"]: r for r in rows(tmp_path / "run")}
