@@ -57,7 +57,7 @@ def clip_frames(seconds: int, fps: int, seed: int) -> Iterator[np.ndarray]:
     """BGR frames: a face turning from neutral to an expression while drifting, with sensor-like noise."""
     import numpy as np
 
-    from ger.demo import FACIAL_LABELS, draw_face
+    from ger.data.demo import FACIAL_LABELS, draw_face
 
     n = seconds * fps
     label = FACIAL_LABELS[seed % len(FACIAL_LABELS)]
@@ -97,8 +97,8 @@ def make_clip(path: Path, seconds: int, fps: int, seed: int, codec: str) -> None
 
 
 def run_ger(clip: str) -> tuple[list[int], list]:
-    from ger.media import sample_frames
-    from ger.video import _probe_cached
+    from ger.data.media import sample_frames
+    from ger.data.video import _probe_cached
 
     _probe_cached.cache_clear()  # each call pays the container probe, as the first read of a clip does
     frames, indices, _, _ = sample_frames(clip, COUNT, SAMPLER)
@@ -110,7 +110,7 @@ def run_opencv(clip: str) -> tuple[list[int], list]:
     import cv2
     from PIL import Image
 
-    from ger.media import sample_indices
+    from ger.data.media import sample_indices
 
     cap = cv2.VideoCapture(clip)
     frames = []
@@ -167,8 +167,8 @@ def worker(variant: str, clip: str, repeats: int) -> None:
     import numpy  # noqa: F401
     import PIL.Image  # noqa: F401
 
-    import ger.media  # noqa: F401
-    from ger.video import _import_decord, probe
+    import ger.data.media  # noqa: F401
+    from ger.data.video import _import_decord, probe
 
     _import_decord()
 

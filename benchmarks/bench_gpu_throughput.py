@@ -115,7 +115,7 @@ READY = re.compile(  # Hydra's log line for ger.backends.vllm_offline's "engine 
 
 def write_7b_folder(out: Path, cache: Path) -> Path:
     """Qwen2.5-VL-7B's sizes with the tiny model's tokenizer, processor and chat template; no weights."""
-    from ger.tiny_models import ensure_tiny_model
+    from ger.testing.tiny_models import ensure_tiny_model
 
     tiny = ensure_tiny_model("qwen2_5_vl", cache)
     out.mkdir(parents=True)
@@ -155,7 +155,7 @@ def write_images(root: Path, n: int, side: int) -> None:
     """N distinct faces as the demo layout (label.csv + images/): every request key differs."""
     from PIL import ImageDraw
 
-    from ger.demo import FACIAL_LABELS, draw_face
+    from ger.data.demo import FACIAL_LABELS, draw_face
 
     (root / "images").mkdir(parents=True)
     rows = ["name,gt"]
@@ -185,10 +185,10 @@ def prepare(args: argparse.Namespace, size: Size, tmp: Path, cache: Path) -> tup
         overrides.append(f"model.path={folder}")
         model = "Qwen2.5-VL-7B's sizes, dummy weights: " + describe_model(folder)
     else:
-        from ger.tiny_models import ensure_tiny_model
+        from ger.testing.tiny_models import ensure_tiny_model
 
         folder = ensure_tiny_model("qwen2_5_vl", cache)  # built here, not inside ger's timed run
-        model = "tiny random Qwen2.5-VL (ger.tiny_models), dummy weights"
+        model = "tiny random Qwen2.5-VL (ger.testing.tiny_models), dummy weights"
     write_images(tmp / "data" / "demo", args.n or size.n, args.image_side or size.side)
     title = f"size {args.size}: {model}; greedy, max_tokens {args.max_tokens or size.max_tokens}"
     return overrides + list(args.overrides), title, folder
@@ -201,12 +201,12 @@ def engine_side(out: Path, overrides: list[str]) -> None:
     """The engine alone: ger's requests and prompt conversion, then one `LLM.generate` call, timed."""
     from hydra import compose, initialize_config_dir
 
-    from ger import pipeline
     from ger.backends import create_backend
+    from ger.backends.models import resolve_model
     from ger.config import conf_dir
-    from ger.datasets import load_samples
-    from ger.models import resolve_model
-    from ger.prompts import build_request, load_template
+    from ger.data.datasets import load_samples
+    from ger.prompting.prompts import build_request, load_template
+    from ger.run import pipeline
 
     with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
         cfg = compose(config_name="config", overrides=overrides)

@@ -4,7 +4,7 @@ Run by hand:  python benchmarks/bench_raw_index.py [--files 200000] [--keep DIR]
 
 Generates a tree of empty files shaped like a frame-folder download (scene / clip / frame.jpg,
 plus some .txt/.json noise), then times, best of 3 on a warm page cache:
-  - ger:       `ger.raw_index.build_index` (the walk `ger prepare source=` does once), keying
+  - ger:       `ger.data.raw_index.build_index` (the walk `ger prepare source=` does once), keying
                the frame folders (FERV39k-style) and, second, every image file (image sets);
   - os.walk:   os.walk + os.stat of every file (a plain Python indexer);
   - glob:      one recursive `glob` per sample name, as a per-sample search does; timed on
@@ -25,8 +25,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ger.media import IMAGE_EXTENSIONS  # noqa: E402
-from ger.raw_index import build_index  # noqa: E402
+from ger.data.media import IMAGE_EXTENSIONS  # noqa: E402
+from ger.data.raw_index import build_index  # noqa: E402
 
 SAMPLES = 3068  # RAF-DB's test list: the per-sample search does this many globs
 

@@ -63,8 +63,8 @@ def import_times(stderr: str) -> tuple[float, list[tuple[float, str]]]:
 
 def prepare(cache: Path) -> None:
     """The tiny model and the demo data, built before any timing (a one-off cost, not a run's)."""
-    from ger.demo import ensure_demo
-    from ger.tiny_models import ensure_tiny_model
+    from ger.data.demo import ensure_demo
+    from ger.testing.tiny_models import ensure_tiny_model
 
     ensure_tiny_model("qwen2_vl", cache)
     ensure_demo(cache / "demo")

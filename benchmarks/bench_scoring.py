@@ -4,7 +4,7 @@ Run by hand:  python benchmarks/bench_scoring.py [--quick] [--reference-dir DIR]
 
 The release folder comes from --reference-dir, else $GER_REFERENCE_DIR, else
 ../shared/reference/gpt4v-emotion/results beside the repository. Prints:
-  - in-process: `ger.reference.score_release(ref_dir)` timed after the imports (best of 3,
+  - in-process: `ger.report.reference.score_release(ref_dir)` timed after the imports (best of 3,
     1 with --quick), and once more writing the run folders as `ger reproduce` does;
   - cold: wall time of a `ger reproduce` subprocess (interpreter start, imports, scoring,
     writing the tables);
@@ -56,8 +56,8 @@ def main() -> None:
     args = parser.parse_args()
     ref = reference_dir(args.reference_dir)
 
-    t_import, _ = timed(lambda: __import__("ger.reference"))
-    from ger.reference import discover, score_release
+    t_import, _ = timed(lambda: __import__("ger.report.reference"))
+    from ger.report.reference import discover, score_release
 
     files = discover(ref)
     rows = sum(max(0, len(f.path.read_text(encoding="utf-8").splitlines()) - 1) for f in files)
@@ -81,7 +81,7 @@ def main() -> None:
             raise SystemExit(f"ger reproduce failed:\n{proc.stderr[-3000:]}")
 
     print(f"{len(files)} released files, {rows} predictions, {len(scores)} scored ({ref})")
-    print(f"import ger.reference: {t_import:.3f} s (not counted below)")
+    print(f"import ger.report.reference: {t_import:.3f} s (not counted below)")
     print(line(f"score_release in-process ({'1 call' if args.quick else 'best of 3'})", best))
     print(line("score_release in-process, writing run folders", t_write))
     print(line("ger reproduce, cold subprocess (wall)", t_cold))

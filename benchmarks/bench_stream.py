@@ -11,7 +11,7 @@ decoding workers (the process tree, summed) every 50 ms. Prints, each from this 
   (b) peak memory at N=--n vs N=--small images (target <= 1.3);
   (c) a fully cached rerun of --n images vs the first run (target >= 10x faster);
   (a) ger's end-to-end rate vs decoding the same images only, with the same reader in the same
-      worker pool (ger/stream.py Decoder; target >= 80%).
+      worker pool (ger/run/stream.py Decoder; target >= 80%).
 """
 
 from __future__ import annotations
@@ -113,9 +113,9 @@ def ger_run(url: str, root: Path, cache: Path, out: Path, limit: int | None, cli
 
 def decode_only(root: Path, n: int, clips: bool = False) -> float:
     """Seconds to describe and decode the first n samples in ger's worker pool, nothing else."""
-    from ger.media import describe_sample
+    from ger.data.media import describe_sample
     from ger.records import Sample
-    from ger.stream import Decoder, DecodeSpec, StreamStats, chunks, worker_count
+    from ger.run.stream import Decoder, DecodeSpec, StreamStats, chunks, worker_count
 
     kind = "video" if clips else "image"
     paths = [root / "videos" / f"img_{i:05d}.mp4" if clips else root / "images" / f"img_{i:05d}.jpg"
@@ -177,7 +177,7 @@ def main() -> None:
 
 
 def worker_count_text() -> str:
-    from ger.stream import worker_count
+    from ger.run.stream import worker_count
 
     return f"{worker_count({})} decoding workers"
 

@@ -42,8 +42,8 @@ def _hydra_app(task: str, argv: list[str]) -> int:
 
     @hydra.main(config_path=str(conf_dir()), config_name="config", version_base="1.3")
     def app(cfg: DictConfig) -> None:
-        from ger import pipeline
         from ger.backends import FatalBackendError
+        from ger.run import pipeline
 
         try:
             getattr(pipeline, task)(cfg)
@@ -59,7 +59,7 @@ def _hydra_app(task: str, argv: list[str]) -> int:
 
 
 def cmd_reproduce(argv: list[str]) -> int:
-    from ger.reference import RELEASE_URL, download_release, score_release, write_results
+    from ger.report.reference import RELEASE_URL, download_release, score_release, write_results
 
     parser = argparse.ArgumentParser(
         prog="ger reproduce", description="Re-score the released GPT-4V predictions."
@@ -81,7 +81,7 @@ def cmd_reproduce(argv: list[str]) -> int:
 
 
 def cmd_datasets(argv: list[str]) -> int:
-    from ger.datasets import all_specs
+    from ger.data.datasets import all_specs
 
     parser = argparse.ArgumentParser(prog="ger datasets", description="List the test sets.")
     parser.add_argument("--all", action="store_true", help="include the bundled demo sets")
@@ -98,7 +98,7 @@ def cmd_datasets(argv: list[str]) -> int:
 
 
 def cmd_report(argv: list[str]) -> int:
-    from ger.report import cli
+    from ger.report.report import cli
 
     return cli(argv)
 

@@ -45,7 +45,7 @@ class LoadedSample:
     source_frames: int | None = None
     text: str | None = None  # transcript
     content_hash: str = ""  # hash of the media files and of how they become pixels, for the cache key
-    # Known before decoding (ger/media.py describe_sample), so prompts and keys need no pixels:
+    # Known before decoding (ger/data/media.py describe_sample), so prompts and keys need no pixels:
     n_images: int = 0  # images the prompt will show (0: count `images`)
     clip: bool = False  # frames of a clip, not a still image (False: look at `frame_indices`)
 

@@ -88,7 +88,7 @@ def build_command(model_cfg: dict[str, Any], args: argparse.Namespace, weights: 
 def resolve_weights(model_cfg: dict[str, Any]) -> str:
     """Hub id or folder to load; a tiny test model is built locally first."""
     if model_cfg.get("tiny"):
-        from ger.tiny_models import ensure_tiny_model
+        from ger.testing.tiny_models import ensure_tiny_model
 
         return str(ensure_tiny_model(model_cfg["tiny"]))
     if not model_cfg.get("path"):

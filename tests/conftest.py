@@ -94,7 +94,7 @@ def cache(ger_cache: Path, tmp_path: Path) -> Path:
 
 def make_spec(**kw):
     """A small image test set spec (labels a, b, c; plain accuracy) with `kw` overriding fields."""
-    from ger.datasets import DatasetSpec, Layout, Paper
+    from ger.data.datasets import DatasetSpec, Layout, Paper
 
     base = dict(
         key="t",

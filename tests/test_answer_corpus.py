@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ger.datasets import all_specs, load_spec, spec_from_dict
-from ger.parse import LabelMatcher, parse_ranked
+from ger.answers.parse import LabelMatcher, parse_ranked
+from ger.data.datasets import all_specs, load_spec, spec_from_dict
 from ger.records import OK, UNKNOWN_LABEL
-from ger.reference import discover, spec_index
+from ger.report.reference import discover, spec_index
 
 REPO = Path(__file__).resolve().parents[1]
 

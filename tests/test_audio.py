@@ -1,4 +1,4 @@
-"""Reading a clip's sound track (ger/audio.py) against ffmpeg's own decoder and resampler."""
+"""Reading a clip's sound track (ger/data/audio.py) against ffmpeg's own decoder and resampler."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 pytest.importorskip("av")
 imageio_ffmpeg = pytest.importorskip("imageio_ffmpeg")  # a test dependency: its own ffmpeg binary
 
-from ger.audio import NoAudioError, read_audio  # noqa: E402
+from ger.data.audio import NoAudioError, read_audio  # noqa: E402
 
 FFMPEG = imageio_ffmpeg.get_ffmpeg_exe()
 

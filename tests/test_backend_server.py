@@ -167,7 +167,7 @@ def test_identity_names_model_not_endpoint(server: VLLMServer) -> None:
 def test_openai_adapter_on_local_server_leaks_no_key(server, tmp_path, monkeypatch) -> None:
     from omegaconf import OmegaConf
 
-    from ger.cache import ResponseCache
+    from ger.run.cache import ResponseCache
 
     monkeypatch.setenv("OPENAI_API_KEY", PLANTED)
     monkeypatch.delenv("OPENAI_API_KEYS", raising=False)

@@ -26,7 +26,7 @@ WORKER = ROOT / "tests" / "vllm_worker.py"
 TIMEOUT_S = 600
 # conf/model option -> load_format (the tiny models' own saved weights).
 MODELS = {"qwen2_vl": ("tiny-random-qwen2vl", "auto"), "llava": ("tiny-random-llava", "auto")}
-# The newer families' tiny twins (ger/tiny_families.py); each runs in its own engine.
+# The newer families' tiny twins (ger/testing/tiny_families.py); each runs in its own engine.
 FAMILIES = {
     "internvl3": "tiny-random-internvl3",
     "llava_onevision": "tiny-random-llava-onevision",

@@ -21,14 +21,14 @@ import pytest
 from conftest import rows, run_ger
 from PIL import Image
 
-from ger.datasets import LabelListError, load_samples, load_spec, read_label_rows
-from ger.media import MediaError, load_image, load_transcript
-from ger.metrics import score
+from ger.data.datasets import LabelListError, load_samples, load_spec, read_label_rows
+from ger.data.media import MediaError, load_image, load_transcript
+from ger.data.validate import check_labels
 from ger.options import check_option
-from ger.pipeline import select
-from ger.predictions import write_predictions
 from ger.records import OK, Prediction, Sample
-from ger.validate import check_labels
+from ger.run.pipeline import select
+from ger.run.predictions import write_predictions
+from ger.scoring.metrics import score
 
 QUIET = ["model=tiny-random-qwen2vl", "backend=hf", "sampling.max_tokens=8", "progress=false"]
 
@@ -40,7 +40,7 @@ def write_labels(root: Path, label_rows: list[tuple[str, str]]) -> None:
 
 
 def faces(folder: Path, names: list[str], label: str = "happy") -> None:
-    from ger.demo import draw_face
+    from ger.data.demo import draw_face
 
     folder.mkdir(parents=True, exist_ok=True)
     for i, name in enumerate(names):

@@ -21,8 +21,8 @@ from stub_server import BATCH_STYLES, PerfectModel, StubServer
 
 from ger.backends.chat_format import jpeg_base64
 from ger.config import load_group_yaml
-from ger.datasets import spec_from_dict
-from ger.media import load_sample
+from ger.data.datasets import spec_from_dict
+from ger.data.media import load_sample
 
 CODES = {"neutral": 1, "happy": 3, "sad": 4, "anger": 5, "fear": 6, "disgust": 7, "surprise": 8}
 LABELS = ["anger", "disgust", "fear", "happy", "neutral", "sad", "surprise"]  # demo.yaml's label set
@@ -43,7 +43,7 @@ def write_labels(root: Path, pairs: list[tuple[str, str]]) -> None:
 @pytest.fixture(scope="module")
 def face_set(tmp_path_factory) -> Path:
     """84 face images, 12 per class."""
-    from ger.demo import draw_face
+    from ger.data.demo import draw_face
 
     root = tmp_path_factory.mktemp("faces")
     (root / "images").mkdir()
@@ -61,7 +61,7 @@ def face_set(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def clip_set(tmp_path_factory) -> Path:
     """21 short clips, 3 per class (onset -> apex, as the demo's)."""
-    from ger.demo import _write_clip
+    from ger.data.demo import _write_clip
 
     root = tmp_path_factory.mktemp("clips")
     (root / "videos").mkdir()
@@ -84,7 +84,7 @@ def truth_table(dataset: str, root: Path) -> tuple[dict[str, str], list[str]]:
     Made with ger's own loader and JPEG encoder (quality 90, the server backend's default), so the
     digests are those of the data URLs the stub receives.
     """
-    from ger.datasets import load_samples
+    from ger.data.datasets import load_samples
 
     data = load_group_yaml("dataset", dataset)
     data["layout"] = {**data["layout"], "root": str(root)}

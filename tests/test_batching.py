@@ -14,14 +14,14 @@ from conftest import REPO
 from omegaconf import OmegaConf
 from PIL import Image
 
-from ger.batching import batch_order, plan_batches, read_order, shuffled, write_order
-from ger.cache import ResponseCache
+from ger.backends.models import resolve_model
 from ger.config import load_group_yaml
-from ger.datasets import all_specs, load_spec
-from ger.models import resolve_model
-from ger.pipeline import answer_budget, paper_batch_size
-from ger.prompts import PromptTemplate, build_request, load_template
+from ger.data.datasets import all_specs, load_spec
+from ger.prompting.batching import batch_order, plan_batches, read_order, shuffled, write_order
+from ger.prompting.prompts import PromptTemplate, build_request, load_template
 from ger.records import LoadedSample, Response, Sample
+from ger.run.cache import ResponseCache
+from ger.run.pipeline import answer_budget, paper_batch_size
 
 KEY_PARTS = {"model": "m", "sampling": {"temperature": 0.0}}
 

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 import ger
-from ger.cache import ResponseCache, request_key
 from ger.records import Response
+from ger.run.cache import ResponseCache, request_key
 
 REPO = Path(ger.__file__).resolve().parent.parent
 
@@ -143,7 +143,7 @@ def test_closed_cache_refuses(tmp_path):
 # A writer process: `count` puts, printing each key only after its put returned.
 _WRITER = """
 import sys, time
-from ger.cache import ResponseCache
+from ger.run.cache import ResponseCache
 from ger.records import Response
 path, prefix, count, start = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
 cache = ResponseCache(path, identity={"writer": prefix})

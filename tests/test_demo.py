@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ger import demo
-from ger.datasets import load_samples, load_spec, read_label_list
-from ger.media import load_sample
+from ger.data import demo
+from ger.data.datasets import load_samples, load_spec, read_label_list
+from ger.data.media import load_sample
 
 pytest.importorskip("cv2")
 pytest.importorskip("decord")

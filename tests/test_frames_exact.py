@@ -2,7 +2,7 @@
 
 Frame k must be the k-th frame a player shows. Ground truth, independent of ger's reader:
 PyAV decoding every frame in order (turned by numpy as the display matrix says), the frame
-count of the ffmpeg command line, and the index each frame shows in its picture (ger/clips.py).
+count of the ffmpeg command line, and the index each frame shows in its picture (ger/testing/clips.py).
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ger.clips import CORPUS, ffmpeg_exe, make_corpus, read_index
-from ger.media import MediaError, read_frames, sample_frames, sample_indices, video_info
-from ger.video import DECODE, DECORD, probe
+from ger.data.media import MediaError, read_frames, sample_frames, sample_indices, video_info
+from ger.data.video import DECODE, DECORD, probe
+from ger.testing.clips import CORPUS, ffmpeg_exe, make_corpus, read_index
 
 av = pytest.importorskip("av")
 pytest.importorskip("decord")
@@ -150,7 +150,7 @@ def test_reader_chosen_from_the_container(corpus, name: str, reader: str) -> Non
 
 
 def _decord_shown(path: Path, indices: list[int]) -> list[int]:
-    from ger.video import _import_decord
+    from ger.data.video import _import_decord
 
     decord = _import_decord()
     batch = decord.VideoReader(str(path), num_threads=1).get_batch(indices).asnumpy()
@@ -167,7 +167,7 @@ def test_plain_decord_seek_is_wrong_on_h264_in_avi(truths: dict[str, Truth]) -> 
 
 
 def test_plain_decord_counts_edit_list_frames_not_shown(truths: dict[str, Truth]) -> None:
-    from ger.video import _import_decord
+    from ger.data.video import _import_decord
 
     truth = truths["edit_list.mp4"]
     assert len(_import_decord().VideoReader(str(truth.path), num_threads=1)) > len(truth.frames)
@@ -176,9 +176,9 @@ def test_plain_decord_counts_edit_list_frames_not_shown(truths: dict[str, Truth]
 
 def test_prepare_reports_containers_codecs_and_readers(corpus, truths: dict[str, Truth]) -> None:
     """`ger prepare` (check_dataset) says per container/codec how the frames will be read."""
-    from ger.datasets import load_spec
+    from ger.data.datasets import load_spec
+    from ger.data.validate import check_dataset
     from ger.records import Sample
-    from ger.validate import check_dataset
 
     spec = load_spec("demo_video")
     names = ["h264_closed.mp4", "start_offset.mp4", "h264_bframes.avi", "xvid_bframes.avi", "edit_list.mp4"]
@@ -208,6 +208,6 @@ def test_prepare_reports_containers_codecs_and_readers(corpus, truths: dict[str,
     ],
 )  # fmt: skip
 def test_clean_cuts_table(pts: list[int], keys: list[int], clean: bool) -> None:
-    from ger.video import _clean_cuts
+    from ger.data.video import _clean_cuts
 
     assert _clean_cuts(pts, [i in keys for i in range(len(pts))]) is clean

@@ -11,8 +11,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from PIL import Image
 
-from ger import media
-from ger.media import (
+from ger.data import media
+from ger.data.media import (
     MediaError,
     file_digest,
     grid_shape,

@@ -3,8 +3,8 @@
 import pytest
 from conftest import make_spec
 
-from ger.metrics import INVALID, metric_value, score
 from ger.records import EMPTY, OK, UNKNOWN_LABEL, Prediction
+from ger.scoring.metrics import INVALID, metric_value, score
 
 spec = make_spec
 

@@ -13,10 +13,10 @@ from conftest import run_ger
 pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from ger import model_identity  # noqa: E402
-from ger.model_identity import find_snapshot, folder_digest, snapshot_identity  # noqa: E402
-from ger.models import resolve_model  # noqa: E402
-from ger.tiny_models import ensure_tiny_model  # noqa: E402
+from ger.backends import model_identity  # noqa: E402
+from ger.backends.model_identity import find_snapshot, folder_digest, snapshot_identity  # noqa: E402
+from ger.backends.models import resolve_model  # noqa: E402
+from ger.testing.tiny_models import ensure_tiny_model  # noqa: E402
 
 COMMIT_A = "a" * 40
 COMMIT_B = "b" * 40
@@ -109,7 +109,7 @@ def test_hub_model_not_on_disk_keys_on_revision_with_a_warning(tmp_path, monkeyp
     import huggingface_hub.constants
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty"))
-    with caplog.at_level(logging.WARNING, logger="ger.model_identity"):
+    with caplog.at_level(logging.WARNING, logger="ger.backends.model_identity"):
         ident = resolve_model({"name": "m", "path": "org/absent", "revision": "v1"}).identity()
     assert ident["snapshot"] is None and ident["revision"] == "v1"
     assert "not on disk" in caplog.text and "org/absent" in caplog.text

@@ -15,10 +15,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from ger.backends.keys import KeyPool, find_secret, scrub
-from ger.backends.openai_api import OpenAIBackend
-from ger.backends.server import ModelNotFoundError
-from ger.cost import (
+from ger.backends.cost import (
     OverBudgetError,
     UnknownModelError,
     _encoder,
@@ -29,6 +26,9 @@ from ger.cost import (
     load_pricing,
     valid_models,
 )
+from ger.backends.keys import KeyPool, find_secret, scrub
+from ger.backends.openai_api import OpenAIBackend
+from ger.backends.server import ModelNotFoundError
 from ger.records import Request
 
 LIMITED = "sk-test-LIMITED-" + "a" * 24

@@ -2,7 +2,7 @@
 
 import pytest
 
-from ger.parse import normalise, parse_batch, parse_ranked
+from ger.answers.parse import normalise, parse_batch, parse_ranked
 from ger.records import EMPTY, MISSING, OK, UNKNOWN_LABEL
 
 LABELS = ["happy", "sad", "neutral", "weakly positive", "Anger"]

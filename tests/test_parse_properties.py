@@ -14,8 +14,8 @@ import string
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ger.datasets import all_specs
-from ger.parse import LabelMatcher, parse_batch, parse_ranked
+from ger.answers.parse import LabelMatcher, parse_batch, parse_ranked
+from ger.data.datasets import all_specs
 from ger.records import EMPTY, MISSING, OK, STATUSES, UNKNOWN_LABEL
 
 SETTINGS = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -9,13 +9,13 @@ import pytest
 import yaml
 from PIL import Image
 
-from ger.datasets import load_spec
-from ger.metrics import score
-from ger.plots import bars_plot, confusion_plot, frames_plot, slug
-from ger.predictions import write_predictions
+from ger.data.datasets import load_spec
 from ger.records import OK, Prediction
-from ger.report import cli
-from ger.stats import Interval
+from ger.report.plots import bars_plot, confusion_plot, frames_plot, slug
+from ger.report.report import cli
+from ger.run.predictions import write_predictions
+from ger.scoring.metrics import score
+from ger.scoring.stats import Interval
 
 pytest.importorskip("matplotlib")
 

@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 from conftest import rows, run_ger
 
-from ger.datasets import all_specs, load_samples, load_spec, read_label_list
-from ger.media import load_transcript
-from ger.raw_index import build_index, name_key, pattern_regex
-from ger.validate import check_dataset
+from ger.data.datasets import all_specs, load_samples, load_spec, read_label_list
+from ger.data.media import load_transcript
+from ger.data.raw_index import build_index, name_key, pattern_regex
+from ger.data.validate import check_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 SUBSET = 8  # names per set for the per-set test (rafdb runs in full below)
@@ -375,8 +375,8 @@ def test_ger_run_accepts_a_prepared_layout(key, reference_dir, media, ger_cache,
     ],
 )
 def test_transcript_csv_columns(tmp_path, header, row, name, text, expect):
-    from ger.raw_index import Entry
-    from ger.raw_transcripts import TranscriptSource, read_sources
+    from ger.data.raw_index import Entry
+    from ger.data.raw_transcripts import TranscriptSource, read_sources
 
     path = tmp_path / "t.csv"
     path.write_text(f"{header}\n{row}\n", encoding="utf-8")
@@ -388,8 +388,8 @@ def test_transcript_csv_columns(tmp_path, header, row, name, text, expect):
 
 
 def test_a_csv_of_another_shape_is_not_read_as_transcripts(tmp_path):
-    from ger.raw_index import Entry
-    from ger.raw_transcripts import TranscriptSource, read_sources
+    from ger.data.raw_index import Entry
+    from ger.data.raw_transcripts import TranscriptSource, read_sources
 
     path = tmp_path / "label.csv"
     path.write_text("name,gt\nx,happy\n", encoding="utf-8")  # a label list, not CH-SIMS's label.csv

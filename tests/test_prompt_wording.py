@@ -21,7 +21,7 @@ import pytest
 from PIL import Image
 
 from ger.config import load_group_yaml
-from ger.prompts import build_request, load_template
+from ger.prompting.prompts import build_request, load_template
 from ger.records import LoadedSample, Request, Sample
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "PROMPTS.md"

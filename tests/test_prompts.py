@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from ger.config import conf_dir
-from ger.prompts import (
+from ger.prompting.prompts import (
     PromptTemplate,
     available_templates,
     build_request,
@@ -23,7 +23,7 @@ from ger.records import LoadedSample, Sample
 LABELS = ["Happiness", "Sadness", "Anger", "Neutral"]
 KEY_PARTS = {"model": "tiny", "revision": None, "sampling": {"temperature": 0.0, "seed": 0}}
 TEMPLATES = ["facial", "sentiment", "micro", "video", "text", "multimodal"]
-HAS_MEDIA = importlib.util.find_spec("ger.media") is not None
+HAS_MEDIA = importlib.util.find_spec("ger.data.media") is not None
 
 
 def _image(shade: int, size: tuple[int, int] = (16, 12), mode: str = "RGB") -> Image.Image:
@@ -138,7 +138,7 @@ def test_frames_as_images_sends_one_image_per_frame():
     assert "3 frames sampled uniformly" in _all_text(req)
 
 
-@pytest.mark.skipif(not HAS_MEDIA, reason="ger/media.py (make_grid) is not written yet")
+@pytest.mark.skipif(not HAS_MEDIA, reason="ger/data/media.py (make_grid) is not written yet")
 def test_frames_as_grid_sends_one_mosaic_per_clip():
     req = _build([_clip(0), _clip(1)], "video", frames_as="grid")
     images = _parts(req, "image")

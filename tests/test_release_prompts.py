@@ -21,10 +21,15 @@ import pytest
 from PIL import Image
 
 from ger.config import load_group_yaml
-from ger.prompts import build_request, load_template, render
+from ger.prompting.prompts import build_request, load_template, render
+from ger.prompting.release_prompts import (
+    ReleaseCodeMissing,
+    find_release_code,
+    release_template,
+    select_template,
+)
 from ger.records import LoadedSample, Sample
-from ger.reference import download_release, release_cache
-from ger.release_prompts import ReleaseCodeMissing, find_release_code, release_template, select_template
+from ger.report.reference import download_release, release_cache
 
 LABELS = ["happy", "sad", "angry", "neutral"]
 KEY_PARTS = {"model": "tiny"}

@@ -45,7 +45,7 @@ def write_big_images(folder: Path, n: int, side: int = 2000) -> list[tuple[str, 
     import numpy as np
     from PIL import Image
 
-    from ger.demo import draw_face
+    from ger.data.demo import draw_face
 
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
@@ -63,7 +63,7 @@ def write_clip(path: Path, label: str, variant: int, n_frames: int = 16) -> None
     import cv2
     import numpy as np
 
-    from ger.demo import draw_face
+    from ger.data.demo import draw_face
 
     path.parent.mkdir(parents=True, exist_ok=True)
     writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), 25, (64, 48))
@@ -252,7 +252,7 @@ def test_unreadable_video_and_transcript_are_error_rows_and_the_run_finishes(cac
 
 
 def test_unreadable_images_are_error_rows_and_prepare_lists_them(cache, tmp_path):
-    from ger.demo import draw_face
+    from ger.data.demo import draw_face
 
     root = tmp_path / "data" / "demo"
     (root / "images").mkdir(parents=True)
@@ -303,7 +303,7 @@ def test_unreadable_images_are_error_rows_and_prepare_lists_them(cache, tmp_path
     ids=["unknown-label", "duplicate-name", "path-escape"],
 )
 def test_broken_label_list_stops_before_the_run(cache, tmp_path, label_rows, message):
-    from ger.demo import draw_face
+    from ger.data.demo import draw_face
 
     root = tmp_path / "data" / "demo"
     write_labels(root, label_rows)

@@ -13,12 +13,12 @@ import pytest
 import yaml
 from conftest import run_ger
 
-from ger.datasets import load_spec
-from ger.metrics import score
-from ger.predictions import write_predictions
+from ger.data.datasets import load_spec
 from ger.records import OK, Prediction
-from ger.report import build_report, cli
-from ger.runs import find_runs
+from ger.report.report import build_report, cli
+from ger.report.runs import find_runs
+from ger.run.predictions import write_predictions
+from ger.scoring.metrics import score
 
 REPO = Path(__file__).resolve().parent.parent
 REFERENCE_DIR = Path(
@@ -122,7 +122,7 @@ def test_report_without_runs_fails_loudly(tmp_path: Path, capsys):
 def reproduced(tmp_path_factory) -> Path:
     if not REFERENCE_DIR.is_dir():
         pytest.skip(f"the GPT-4V release is not at {REFERENCE_DIR} (set GER_REFERENCE_DIR)")
-    from ger.reference import score_release, write_results
+    from ger.report.reference import score_release, write_results
 
     out = tmp_path_factory.mktemp("reproduce")
     write_results(score_release(REFERENCE_DIR, out), out)

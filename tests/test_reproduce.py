@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from ger.cli import main
-from ger.datasets import all_specs
-from ger.reference import discover, download_release
+from ger.data.datasets import all_specs
+from ger.report.reference import discover, download_release
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import accuracy_score, f1_score, recall_score
 
-from ger.stats import (
+from ger.scoring.stats import (
     accuracy,
     binomial_two_sided,
     bootstrap_ci,

@@ -1,4 +1,4 @@
-"""The streamed run (ger/stream.py), end to end through `ger run backend=server` against the
+"""The streamed run (ger/run/stream.py), end to end through `ger run backend=server` against the
 loopback stub server (tests/stub_server.py):
 
 - a run of a few hundred images with a tiny window never holds more decoded samples than the
@@ -19,16 +19,16 @@ import pytest
 from conftest import rows, run_on_stub
 from stub_server import PerfectModel
 
-from ger import digests
 from ger.backends.chat_format import jpeg_base64
-from ger.media import describe_sample, load_sample
+from ger.data import digests
+from ger.data.media import describe_sample, load_sample
 from ger.records import Sample
 
 LABELS = ["anger", "disgust", "fear", "happy", "neutral", "sad", "surprise"]  # demo.yaml's label set
 
 
 def draw(path: Path, label: str, variant: int) -> None:
-    from ger.demo import draw_face
+    from ger.data.demo import draw_face
 
     draw_face((32, 32), label, 1.0, variant=variant).save(path)
 

@@ -18,7 +18,7 @@ pytestmark = pytest.mark.hf
 
 from test_backend_hf import _answers, _backend, _img, _request, _video  # noqa: E402
 
-from ger.tiny_models import ensure_tiny_model  # noqa: E402
+from ger.testing.tiny_models import ensure_tiny_model  # noqa: E402
 
 # conf/model option -> (builder kind, architecture class, placeholder token in the chat template)
 FAMILIES = {
@@ -150,11 +150,11 @@ def test_model_without_audio_refuses_it(ger_cache):
 
 
 def test_omni_twin_hears_a_clips_own_sound_track_with_its_frames(omni, tmp_path):
-    """A video file's speech track read by ger.audio, its frames by ger.video, both into one request."""
+    """A video's speech track read by ger.data.audio, its frames by ger.data.video, in one request."""
     from test_audio import _clip
 
-    from ger.audio import read_audio
-    from ger.media import read_frames
+    from ger.data.audio import read_audio
+    from ger.data.media import read_frames
 
     clip = _clip(tmp_path / "clip.mp4", "sine=frequency=440")
     frames = read_frames(clip, [0, 12, 25, 37])

@@ -14,8 +14,8 @@ pytest.importorskip("torch")
 pytest.importorskip("transformers")
 pytestmark = pytest.mark.hf
 
-from ger.models import ModelSpec, resolve_model  # noqa: E402
-from ger.tiny_models import build_tiny_model, ensure_tiny_model, tiny_kinds, tiny_version  # noqa: E402
+from ger.backends.models import ModelSpec, resolve_model  # noqa: E402
+from ger.testing.tiny_models import build_tiny_model, ensure_tiny_model, tiny_kinds, tiny_version  # noqa: E402
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "model"
 KINDS = ["qwen2_vl", "qwen2_5_vl", "llava"]

@@ -1,4 +1,4 @@
-"""Score views: every test sample vs the paper's rows, strict vs lenient labels (ger/views.py).
+"""Score views: every test sample vs the paper's rows, strict vs lenient labels (ger/scoring/views.py).
 
 Hand-computed tables of cases, then the real release files: a perfect model on SAMM scores 100
 in both views over 159 vs 135 samples, and GPT-4V's MER2023 answers score 63.50 strictly and
@@ -15,13 +15,13 @@ from pathlib import Path
 import pytest
 from conftest import make_spec
 
-from ger.datasets import all_specs, load_spec, read_label_list, spec_from_dict
-from ger.predictions import write_predictions
+from ger.data.datasets import all_specs, load_spec, read_label_list, spec_from_dict
 from ger.records import ERROR, OK, UNKNOWN_LABEL, Prediction
-from ger.reference import read_release, release_names
-from ger.report import build_report, cli
-from ger.run_files import views_markdown
-from ger.views import (
+from ger.report.reference import read_release, release_names
+from ger.report.report import build_report, cli
+from ger.run.predictions import write_predictions
+from ger.run.run_files import views_markdown
+from ger.scoring.views import (
     LENIENT,
     PAPER,
     STRICT,
@@ -275,7 +275,7 @@ def test_ger_report_shows_both_views_labelled(reference_dir, tmp_path, monkeypat
 
 
 def test_ger_report_shows_mer2023_strict_and_lenient_for_the_release(reference_dir, tmp_path):
-    from ger.reference import score_release
+    from ger.report.reference import score_release
 
     ref = tmp_path / "ref"
     (ref / "mer2023").mkdir(parents=True)

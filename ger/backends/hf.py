@@ -21,8 +21,8 @@ from typing import Any
 
 from ger.backends.base import PIPELINE_KEYS
 from ger.backends.chat_format import clip_positions
+from ger.backends.models import ModelSpec, resolve_model
 from ger.config import plain
-from ger.models import ModelSpec, resolve_model
 from ger.records import Request, Response
 
 log = logging.getLogger(__name__)

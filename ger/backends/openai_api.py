@@ -6,7 +6,7 @@ plus three things a paid API needs:
 - keys come from the environment only (`OPENAI_API_KEY`, or several in
   `OPENAI_API_KEYS=key1,key2`, rotated when one hits its rate limit, as the
   paper did), and are scrubbed from every error message;
-- before anything is sent the run is priced (ger/cost.py, conf/pricing.yaml),
+- before anything is sent the run is priced (ger/backends/cost.py, conf/pricing.yaml),
   the estimate printed, and the run refused above `max_cost` unless
   `allow_over_budget=true`; the tokens actually billed so far count too;
 - videos always go as frames (the API takes no video input);
@@ -25,8 +25,7 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
-from ger.backends.server import ServerBackend, ServerSettings
-from ger.cost import (
+from ger.backends.cost import (
     CostEstimate,
     check_budget,
     check_model,
@@ -35,6 +34,7 @@ from ger.cost import (
     model_prices,
     with_model_price,
 )
+from ger.backends.server import ServerBackend, ServerSettings
 from ger.records import Request
 
 log = logging.getLogger(__name__)

@@ -30,8 +30,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ger.backends.base import read_settings
+from ger.backends.models import resolve_model
 from ger.backends.vllm_offline import VLLMBackend, VLLMSettings, engine_args
-from ger.models import resolve_model
 from ger.records import Request, Response
 
 log = logging.getLogger(__name__)

@@ -141,7 +141,7 @@ class ServerBackend:
     def _weights_identity(self, model_cfg: Any) -> dict[str, Any] | None:
         if model_cfg is None:
             return None
-        from ger.models import resolve_model
+        from ger.backends.models import resolve_model
 
         return resolve_model(model_cfg).identity()
 

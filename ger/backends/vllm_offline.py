@@ -25,7 +25,7 @@ from typing import Any
 
 from ger.backends.base import read_settings
 from ger.backends.chat_format import clip_positions, iter_parts
-from ger.models import ModelSpec, resolve_model
+from ger.backends.models import ModelSpec, resolve_model
 from ger.records import Request, Response
 
 log = logging.getLogger(__name__)

@@ -1,0 +1,338 @@
+"""The dataset registry: one YAML per test set in conf/dataset, and the label list -> Samples step."""
+
+from __future__ import annotations
+
+import codecs
+import csv
+import io
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ger.answers.matching import LabelMatcher
+from ger.config import group_names, load_group_yaml
+from ger.errors import UserError
+from ger.records import Sample
+
+TASKS = ("facial", "sentiment", "micro", "dynamic", "multimodal")
+MODALITIES = ("image", "video", "video+text")
+SCORINGS = ("plain", "polarity", "continuous")
+METRICS = ("acc", "war", "uar", "wf1")
+MEDIA_KINDS = ("image", "video", "frames")
+TASK_TITLES = {
+    "facial": "Facial emotion recognition (Table 3)",
+    "sentiment": "Visual sentiment analysis (Table 4)",
+    "micro": "Micro-expression recognition (Table 5)",
+    "dynamic": "Dynamic facial emotion recognition (Table 6)",
+    "multimodal": "Multimodal emotion recognition (Table 7)",
+}
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How a test set sits on disk under <data_root>/<key>/ (or `root`)."""
+
+    label_file: str = "label.csv"
+    media_dir: str = "media"
+    media_kind: str = "image"
+    extension: str = ""
+    transcript_dir: str | None = None
+    transcript_ext: str = ".npy"
+    root: str | None = None
+
+
+@dataclass(frozen=True)
+class Reference:
+    """Where the released GPT-4V predictions for this test set are, per variant."""
+
+    folder: str
+    files: dict[str, str]
+    paper_variant: str = ""
+
+
+@dataclass(frozen=True)
+class Paper:
+    table: int | None = None
+    test_samples: int | None = None
+    gpt4v: dict[str, float] = field(default_factory=dict)
+    supervised: dict[str, float] = field(default_factory=dict)
+    supervised_method: str | None = None
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    key: str
+    title: str
+    task: str
+    modality: str
+    labels: list[str]
+    scoring: str
+    metrics: list[str]
+    prompt: str
+    batch_size: int
+    layout: Layout
+    polarity: dict[str, str] | None = None
+    reference: Reference | None = None
+    paper: Paper = field(default_factory=Paper)
+    demo: bool = False
+    # Ground-truth spellings that are valid classes but not offered to the model (MER2023's
+    # label list says `surprise` where the prompt says `surprised`; the paper scored them apart).
+    gt_only_labels: list[str] = field(default_factory=list)
+    # Spellings scored as one class in the lenient view only (ger/scoring/views.py), e.g. MER2023's
+    # {surprise: surprised}; the strict view (the paper's, and the default) keeps them apart.
+    lenient_equivalents: dict[str, str] = field(default_factory=dict)
+    # Other words a careful reader takes for a label (`joy` for happy); read by the fair answer reader.
+    aliases: dict[str, list[str]] = field(default_factory=dict)
+
+    @property
+    def gt_labels(self) -> list[str]:
+        """Every valid ground-truth class for plain scoring."""
+        return self.labels + [x for x in self.gt_only_labels if x not in self.labels]
+
+    @property
+    def main_metric(self) -> str:
+        return self.metrics[0]
+
+    def root(self, data_root: str | Path) -> Path:
+        return Path(self.layout.root).expanduser() if self.layout.root else Path(data_root) / self.key
+
+
+def _check(value: Any, allowed: tuple[str, ...], what: str, key: str) -> None:
+    if value not in allowed:
+        raise ValueError(f"dataset {key}: unknown {what} {value!r}; expected one of {list(allowed)}")
+
+
+def spec_from_dict(data: dict[str, Any]) -> DatasetSpec:
+    """Build and validate a DatasetSpec, so a broken YAML fails at load time with its name."""
+    key = data["key"]
+    _check(data["task"], TASKS, "task", key)
+    _check(data["modality"], MODALITIES, "modality", key)
+    _check(data["scoring"], SCORINGS, "scoring", key)
+    for metric in data["metrics"]:
+        _check(metric, METRICS, "metric", key)
+    layout = Layout(**(data.get("layout") or {}))
+    _check(layout.media_kind, MEDIA_KINDS, "layout.media_kind", key)
+    polarity = data.get("polarity")
+    if data["scoring"] == "polarity" and not polarity:
+        raise ValueError(f"dataset {key}: scoring 'polarity' needs a `polarity` map")
+    ref = data.get("reference")
+    paper = data.get("paper") or {}
+    return DatasetSpec(
+        key=key,
+        title=data.get("title", key),
+        task=data["task"],
+        modality=data["modality"],
+        labels=list(data["labels"]),
+        scoring=data["scoring"],
+        metrics=list(data["metrics"]),
+        prompt=data["prompt"],
+        batch_size=int(data["batch_size"]),
+        layout=layout,
+        polarity=dict(polarity) if polarity else None,
+        reference=Reference(**ref) if ref else None,
+        paper=Paper(
+            **{**paper, "gpt4v": paper.get("gpt4v") or {}, "supervised": paper.get("supervised") or {}}
+        ),
+        demo=bool(data.get("demo", False)),
+        gt_only_labels=list(data.get("gt_only_labels") or []),
+        lenient_equivalents=_equivalents(data, key),
+        aliases=_aliases(data, key),
+    )
+
+
+def _equivalents(data: dict[str, Any], key: str) -> dict[str, str]:
+    """`lenient_equivalents` as {spelling: class}; both sides must be valid ground-truth classes."""
+    raw = data.get("lenient_equivalents") or {}
+    if not isinstance(raw, dict):
+        raise ValueError(f"dataset {key}: lenient_equivalents must map a spelling to a class, got {raw!r}")
+    valid = list(data["labels"]) + list(data.get("gt_only_labels") or [])
+    for spelling, target in raw.items():
+        if spelling not in valid or target not in valid:
+            raise ValueError(
+                f"dataset {key}: lenient_equivalents {spelling!r}: {target!r} must name classes of "
+                f"labels or gt_only_labels {valid}"
+            )
+    return {str(k): str(v) for k, v in raw.items()}
+
+
+def _aliases(data: dict[str, Any], key: str) -> dict[str, list[str]]:
+    aliases = data.get("aliases") or {}
+    unknown = [label for label in aliases if label not in data["labels"]]
+    if unknown:
+        raise ValueError(
+            f"conf/dataset/{key}.yaml: aliases for {unknown}, which are not in labels {data['labels']}"
+        )
+    table = {str(label): [str(form) for form in forms or []] for label, forms in aliases.items()}
+    try:
+        LabelMatcher(list(data["labels"]), table)  # one alias naming two labels fails here, not mid-run
+    except ValueError as exc:
+        raise ValueError(f"conf/dataset/{key}.yaml: {exc}") from None
+    return table
+
+
+def load_spec(key: str) -> DatasetSpec:
+    """The test set `key` from conf/dataset/<key>.yaml."""
+    return spec_from_dict(load_group_yaml("dataset", key))
+
+
+def all_specs(include_demo: bool = False) -> list[DatasetSpec]:
+    specs = [load_spec(name) for name in group_names("dataset")]
+    return [s for s in specs if include_demo or not s.demo]
+
+
+class LabelListError(UserError):
+    """A label list that cannot be read at all (encoding, header, no rows, names leaving the folder)."""
+
+
+_ENCODING_FIX = (
+    "save it as UTF-8 (Excel: File > Save As > 'CSV UTF-8'; or `iconv -f LATIN1 -t UTF-8 label.csv`)"
+)
+
+
+def _decode_label_file(path: Path) -> str:
+    """The text of a label list: UTF-8 with or without a BOM (as spreadsheets save it), or UTF-16
+    with a BOM (Excel's "Unicode text"). Other encodings fail naming the file: a Latin-1 guess
+    would silently turn file names with accents into names that match no file."""
+    raw = path.read_bytes()
+    if raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        encoding = "utf-16"
+    elif b"\x00" in raw[:200]:
+        raise LabelListError(f"{path} looks like UTF-16 without a byte-order mark; {_ENCODING_FIX}")
+    else:
+        encoding = "utf-8-sig"  # drops a UTF-8 BOM if there is one
+    try:
+        return raw.decode(encoding)
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise LabelListError(
+            f"{path}:{line}: not {encoding.removesuffix('-sig').upper()} text (byte {raw[e.start]:#x}); "
+            + _ENCODING_FIX
+        ) from None
+
+
+def read_label_rows(path: Path) -> list[tuple[int, str, str]]:
+    """(line, name, gt) rows of a label list; extra columns (the release's empty `gpt4v`) are ignored.
+
+    Comma-, semicolon- or tab-separated (whichever the header uses), any line ends; blank lines skipped.
+    """
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"label list not found: {path}; a test set lives at <data_root>/<key>/ (check data_root)"
+        )
+    text = _decode_label_file(path)
+    header_line = text.split("\n", 1)[0]
+    delimiter = next((d for d in (",", "\t", ";") if d in header_line), ",")
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
+    header = [h.strip() for h in next(reader, [])]
+    if not {"name", "gt"} <= set(header):
+        raise LabelListError(f"{path}: expected a header with columns name,gt; got {header}")
+    i_name, i_gt = header.index("name"), header.index("gt")
+    rows = []
+    for cells in reader:
+        if not any(c.strip() for c in cells):
+            continue
+        cells += [""] * (max(i_name, i_gt) + 1 - len(cells))  # a short row: its gt is reported empty
+        rows.append((reader.line_num, cells[i_name].strip(), cells[i_gt].strip()))
+    if not rows:
+        raise LabelListError(f"{path} lists no samples (only a header); add one `name,gt` row per sample")
+    return rows
+
+
+def read_label_list(path: Path) -> list[tuple[str, str]]:
+    """(name, gt) rows of a label list (see read_label_rows)."""
+    return [(name, gt) for _, name, gt in read_label_rows(path)]
+
+
+# Written by `ger prepare source=` into the test set's folder: the raw download its symlinks lead into.
+LAYOUT_SOURCES = ".ger-sources"
+
+
+def layout_sources(root: Path) -> tuple[Path, ...]:
+    """The raw folders a laid-out test set links into: links there are the layout, not an escape."""
+    listing = root / LAYOUT_SOURCES
+    if not listing.is_file():
+        return ()
+    return tuple(Path(line).resolve() for line in listing.read_text(encoding="utf-8").splitlines() if line)
+
+
+def _locate(
+    folder: Path, rel: str, what: str, follow: bool, name: str, sources: tuple[Path, ...] = ()
+) -> tuple[Path | None, str]:
+    """(path, problem) of `rel`, the file of sample `name`, under `folder`.
+
+    A name that leaves the folder gives (None, why); a symlink that leads out of it gives
+    (the link, why) unless `follow`, or unless it leads into one of `sources`: the raw download
+    that `ger prepare source=` linked this layout to (LAYOUT_SOURCES).
+    """
+    base = folder.resolve()  # the folder itself may be a link (media -> /mnt/big/...): that is the layout
+    lexical = Path(os.path.normpath(base / rel))
+    if not lexical.is_relative_to(base):
+        return None, f"sample {name!r} points outside the {what} folder {base}"
+    target = lexical.resolve()
+    if target.is_relative_to(base) or follow:
+        return target, ""
+    if any(target.is_relative_to(src) for src in sources):
+        return lexical, ""  # the layout's own link, as `ger prepare source=` placed it
+    return lexical, (
+        f"{lexical} is a symlink to {target}, outside the {what} folder {base}; "
+        "set follow_symlinks=true to read files through such links"
+    )
+
+
+def _media(
+    spec: DatasetSpec, root: Path, name: str, follow: bool, sources: tuple[Path, ...] = ()
+) -> tuple[Path | None, str]:
+    rel = name if (spec.layout.media_kind == "frames" or Path(name).suffix) else name + spec.layout.extension
+    return _locate(root / spec.layout.media_dir, rel, "media", follow, name, sources)
+
+
+def _transcript(
+    spec: DatasetSpec, root: Path, name: str, follow: bool, sources: tuple[Path, ...] = ()
+) -> tuple[Path | None, str]:
+    if not spec.layout.transcript_dir:
+        return None, ""
+    rel = Path(name).stem + spec.layout.transcript_ext
+    return _locate(root / spec.layout.transcript_dir, rel, "transcript", follow, name, sources)
+
+
+def media_path(spec: DatasetSpec, root: Path, name: str, follow_symlinks: bool = False) -> Path:
+    """The media file or frames folder for sample `name`, kept inside the dataset root."""
+    path, problem = _media(spec, root, name, follow_symlinks)
+    if problem or path is None:
+        raise ValueError(problem)
+    return path
+
+
+def transcript_path(spec: DatasetSpec, root: Path, name: str, follow_symlinks: bool = False) -> Path | None:
+    path, problem = _transcript(spec, root, name, follow_symlinks)
+    if problem:
+        raise ValueError(problem)
+    return path
+
+
+def _sample(
+    spec: DatasetSpec, root: Path, row: tuple[int, str, str], follow: bool, sources: tuple[Path, ...]
+) -> Sample:
+    """One Sample; a path problem is kept on it (Sample.problem) so every problem can be listed."""
+    line, name, gt = row
+    media, problem = _media(spec, root, name, follow, sources)
+    transcript, t_problem = (
+        _transcript(spec, root, name, follow, sources) if media is not None else (None, "")
+    )
+    if transcript is None and t_problem:
+        media = None  # the name leaves the transcript folder: a label-list problem
+    problems = "; ".join(x for x in (problem, t_problem) if x)
+    return Sample(spec.key, name, gt, media, transcript, line, problems)
+
+
+def load_samples(spec: DatasetSpec, data_root: str | Path, follow_symlinks: bool = False) -> list[Sample]:
+    """The test set's samples, in label-list order.
+
+    A file that cannot be read at all raises LabelListError. Path problems do not raise: they are
+    kept on the sample (Sample.problem), so the checks list every one of them with its line.
+    """
+    root = spec.root(data_root)
+    rows = read_label_rows(root / spec.layout.label_file)
+    sources = layout_sources(root)
+    return [_sample(spec, root, row, follow_symlinks, sources) for row in rows]

@@ -1,0 +1,117 @@
+"""Content digests of media files, remembered across runs by (path, size, mtime_ns).
+
+Cache keys name a sample's media by the sha256 of its file bytes (ger/data/media.py), so a rerun
+finds its cached answers without decoding a pixel. Hashing 4,000 images still reads every
+byte; this table, an SQLite file beside the response cache, lets an unchanged file (same
+resolved path, size and modification time in nanoseconds) skip even that. A file whose bytes
+change gets a new mtime (and usually a new size), so its digest is computed again.
+
+A table that cannot be opened or written (a read-only cache folder) only costs speed: digests
+are then remembered for this process alone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import sqlite3
+import threading
+from pathlib import Path
+
+log = logging.getLogger("ger")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS file_digests (
+    path TEXT PRIMARY KEY,
+    size INTEGER NOT NULL,
+    mtime_ns INTEGER NOT NULL,
+    sha256 TEXT NOT NULL
+);
+"""
+
+# (resolved path, size, mtime_ns) -> sha256 hex, for this process
+_MEMORY: dict[tuple[str, int, int], str] = {}
+_lock = threading.Lock()
+
+
+class DigestTable:
+    """The persistent (path, size, mtime_ns) -> sha256 table; new rows are written by flush()."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path).expanduser()
+        self._new: list[tuple[str, int, int, str]] = []
+        self.hashed = 0  # files read and hashed through this table (not found in it)
+        self._conn: sqlite3.Connection | None = None
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            conn = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.executescript(_SCHEMA)
+            self._conn = conn
+        except (sqlite3.Error, OSError) as exc:
+            log.warning("file digest table %s unusable (%s): media files are hashed again", self.path, exc)
+
+    def lookup(self, path: str, size: int, mtime_ns: int) -> str | None:
+        if self._conn is None:
+            return None
+        with _lock:
+            row = self._conn.execute(
+                "SELECT size, mtime_ns, sha256 FROM file_digests WHERE path=?", (path,)
+            ).fetchone()
+        return row[2] if row and row[0] == size and row[1] == mtime_ns else None
+
+    def remember(self, path: str, size: int, mtime_ns: int, digest: str) -> None:
+        self.hashed += 1
+        self._new.append((path, size, mtime_ns, digest))
+        if len(self._new) >= 1000:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write the digests computed since the last flush, in one transaction."""
+        rows, self._new = self._new, []
+        if self._conn is None or not rows:
+            return
+        try:
+            with _lock:
+                self._conn.execute("BEGIN IMMEDIATE")
+                self._conn.executemany(
+                    "INSERT OR REPLACE INTO file_digests (path, size, mtime_ns, sha256) VALUES (?, ?, ?, ?)",
+                    rows,
+                )
+                self._conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            log.warning("file digest table %s not written (%s)", self.path, exc)
+            if self._conn.in_transaction:
+                self._conn.execute("ROLLBACK")
+
+    def close(self) -> None:
+        self.flush()
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+
+_TABLE: DigestTable | None = None
+
+
+def use_table(table: DigestTable | None) -> None:
+    """Make `table` the persistent store file_digest() consults (None: memory only)."""
+    global _TABLE
+    _TABLE = table
+
+
+def file_digest(path: Path | str) -> str:
+    """sha256 of a file's bytes, remembered per (resolved path, size, mtime_ns)."""
+    p = Path(path).resolve()
+    st = p.stat()
+    key = (str(p), st.st_size, st.st_mtime_ns)
+    digest = _MEMORY.get(key)
+    if digest is None and _TABLE is not None:
+        digest = _TABLE.lookup(*key)
+    if digest is None:
+        with p.open("rb") as f:
+            digest = hashlib.file_digest(f, "sha256").hexdigest()  # reads in chunks
+        if _TABLE is not None:
+            _TABLE.remember(*key, digest)
+    _MEMORY[key] = digest
+    return digest

@@ -1,0 +1,431 @@
+"""The sample loader stage: images, frame sampling, grids and transcripts.
+
+Turns a `Sample` (paths) into a `LoadedSample` (decoded PIL images and text) plus a
+hash of exactly what will be sent, so the response cache notices when media change.
+Videos are read frame-exactly by ger/data/video.py: decord's random access where seeking is
+exact, an in-order PyAV decode elsewhere; never the whole clip in memory as the paper's
+release did.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import io
+import logging
+import math
+import pickle
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ger.data.digests import _MEMORY as _DIGESTS  # noqa: F401  (tests look into it)
+from ger.data.digests import file_digest
+from ger.data.video import read_video, sample_video, video_frames
+from ger.records import LoadedSample, Sample
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+SAMPLERS = ("paper", "uniform")
+MEDIA_KINDS = ("image", "video", "frames")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
+TRANSCRIPT_EXTENSIONS = (".npy", ".txt")
+log = logging.getLogger("ger")
+_HASH_VERSION = b"ger-media-v2"  # bump when the meaning of content_hash changes
+# The reader contract: frames are read frame-exactly as ger/data/video.py documents (bump when that changes).
+_READER = "frame-contract:1"
+
+
+class MediaError(ValueError):
+    """A media file is missing, empty, truncated or cannot be decoded."""
+
+
+# ---------------------------------------------------------------- images
+
+
+def _require_file(path: Path | str, what: str) -> Path:
+    """Fail early with a message that names the file and the reason."""
+    p = Path(path)
+    if not p.exists():
+        raise MediaError(f"{what} not found: {p}")
+    if not p.is_file():
+        raise MediaError(f"{what} is not a file: {p}")
+    if p.stat().st_size == 0:
+        raise MediaError(f"{what} is empty (0 bytes): {p}")
+    return p
+
+
+def to_greyscale(image: Image.Image) -> Image.Image:
+    """Grey levels kept in 3 channels, so every model gets the input shape it expects."""
+    return image.convert("L").convert("RGB")
+
+
+def _high_depth_to_8bit(im: Image.Image, path: Path) -> Image.Image:
+    """16-bit and 32-bit grey (modes I;16*, I, F) scaled to 8 bits; convert("RGB") would clip them to white.
+
+    Pillow opens a 16-bit grey PNG or TIFF as I;16 (0-65535) and already reduces 48/64-bit colour
+    to 8 bits per channel; modes I and F carry no declared range, so theirs is inferred.
+    """
+    import numpy as np
+    from PIL import Image
+
+    arr = np.asarray(im)
+    if im.mode.startswith("I;16"):
+        scaled = (arr.astype(np.uint32) * 255 + 32767) // 65535  # rounded v / 257
+    else:
+        a = arr.astype(np.float64)
+        lo, hi = float(a.min()), float(a.max())
+        if im.mode == "F" and lo >= 0 and hi <= 1:
+            top = 1.0
+        elif lo >= 0 and hi <= 255:
+            top = 255.0
+        elif lo >= 0 and hi <= 65535:
+            top = 65535.0
+        else:
+            log.warning("image %s (mode %s) has values %s..%s; stretched to 0..255", path, im.mode, lo, hi)
+            a, top = a - lo, max(hi - lo, 1.0)
+        scaled = np.rint(a * (255.0 / top))
+    return Image.fromarray(np.clip(scaled, 0, 255).astype(np.uint8), mode="L")
+
+
+def load_image(path: Path | str, greyscale: bool = False) -> Image.Image:
+    """Decode an image fully (truncation surfaces here, not inside a backend) as 8-bit RGB."""
+    from PIL import Image
+
+    p = _require_file(path, "image")
+    try:
+        with Image.open(p) as im:
+            im.load()  # Image.open is lazy; force the full decode so truncated files fail now
+            if im.mode.startswith("I") or im.mode == "F":
+                im = _high_depth_to_8bit(im, p)
+            rgb = im.convert("RGB")
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise MediaError(f"cannot decode image {p}: {e}") from e
+    return to_greyscale(rgb) if greyscale else rgb
+
+
+# ---------------------------------------------------------------- frame sampling
+
+
+def sample_indices(n_frames: int, count: int, sampler: str = "paper") -> list[int]:
+    """Indices of `count` frames of an `n_frames` clip.
+
+    paper: the release's rule generalised to any count: step = n // count (the clip
+    trimmed to a multiple of count), frames 0, step, 2*step, ...; a clip shorter than
+    `count` gives all its frames then repeats the last one.
+    uniform: the middle frame of each of `count` equal segments (centred in time).
+    """
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; expected one of {list(SAMPLERS)}")
+    if count < 1:
+        raise ValueError(f"frame count must be >= 1, got {count}")
+    if n_frames < 1:
+        raise MediaError(f"clip has no frames (n_frames={n_frames})")
+    if sampler == "paper":
+        if n_frames < count:
+            return list(range(n_frames)) + [n_frames - 1] * (count - n_frames)
+        step = n_frames // count
+        return [i * step for i in range(count)]
+    # floor((i + 1/2) * n / count) in integers, so no float rounding at segment edges
+    return [((2 * i + 1) * n_frames) // (2 * count) for i in range(count)]
+
+
+# ---------------------------------------------------------------- videos and frame folders
+
+
+def _natural_key(path: Path) -> list[Any]:
+    """frame_2 before frame_10, as the extraction tools number them."""
+    return [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", path.name)]
+
+
+def frame_files(folder: Path | str) -> list[Path]:
+    """The image files of a folder of pre-extracted frames, in frame order."""
+    d = Path(folder)
+    files = sorted(
+        (f for f in d.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS),
+        key=_natural_key,
+    )
+    if not files:
+        raise MediaError(f"frame folder holds no image files ({', '.join(IMAGE_EXTENSIONS)}): {d}")
+    return files
+
+
+def _check_indices(indices: Sequence[int], n_frames: int, path: Path) -> list[int]:
+    bad = [i for i in indices if not 0 <= int(i) < n_frames]
+    if bad:
+        raise MediaError(f"frame indices {bad} out of range for {path} ({n_frames} frames)")
+    return [int(i) for i in indices]
+
+
+def video_info(path: Path | str) -> tuple[int, float | None]:
+    """(frame count, frames per second) of a video file, or of a frame folder (fps None).
+
+    For a file: the frames a player displays (ger/data/video.py, the frame contract)."""
+    p = Path(path)
+    if p.is_dir():
+        return len(frame_files(p)), None
+    return video_frames(_require_file(p, "video"))
+
+
+def read_frames(path: Path | str, indices: Sequence[int]) -> list[Image.Image]:
+    """The frames at `indices` (any order, repeats allowed) of a video or frame folder, as RGB."""
+    p = Path(path)
+    if not indices:
+        return []
+    if p.is_dir():
+        files = frame_files(p)
+        return [load_image(files[i]) for i in _check_indices(indices, len(files), p)]
+    return read_video(_require_file(p, "video"), list(indices))
+
+
+def sample_frames(
+    path: Path | str, count: int, sampler: str = "paper"
+) -> tuple[list[Image.Image], list[int], int, float | None]:
+    """video_info + sample_indices + read_frames with the file opened once.
+
+    Returns (frames, indices, n_frames, fps).
+    """
+    p = Path(path)
+    if p.is_dir():
+        n, fps = video_info(p)
+        indices = sample_indices(n, count, sampler)
+        return read_frames(p, indices), indices, n, fps
+    sample_indices(1, count, sampler)  # bad arguments fail before any decoding
+    return sample_video(_require_file(p, "video"), lambda n: sample_indices(n, count, sampler))
+
+
+# ---------------------------------------------------------------- grids
+
+
+def grid_shape(count: int) -> tuple[int, int]:
+    """Near-square, landscape-leaning (rows, cols): 3 -> 1x3, 4 -> 2x2, 6 -> 2x3, 8 -> 2x4."""
+    if count < 1:
+        raise ValueError(f"a grid needs at least one image, got {count}")
+    rows = math.isqrt(count)
+    return rows, math.ceil(count / rows)
+
+
+def make_grid(images: Sequence[Image.Image], rows: int | None = None, cols: int | None = None) -> Image.Image:
+    """One mosaic of `images` in row-major order, every cell the size of the first image.
+
+    For models that accept one image per prompt: the frames of a clip become one picture.
+    """
+    from PIL import Image
+
+    if not images:
+        raise ValueError("make_grid needs at least one image")
+    k = len(images)
+    if rows is None and cols is None:
+        rows, cols = grid_shape(k)
+    elif rows is None:
+        rows = math.ceil(k / cols)
+    elif cols is None:
+        cols = math.ceil(k / rows)
+    if rows < 1 or cols < 1 or rows * cols < k:
+        raise ValueError(f"a {rows}x{cols} grid cannot hold {k} images")
+    w, h = images[0].size
+    grid = Image.new("RGB", (cols * w, rows * h))
+    for i, im in enumerate(images):
+        cell = im.convert("RGB")
+        if cell.size != (w, h):
+            cell = cell.resize((w, h), Image.Resampling.BICUBIC)
+        grid.paste(cell, ((i % cols) * w, (i // cols) * h))
+    return grid
+
+
+# ---------------------------------------------------------------- transcripts
+
+
+@functools.lru_cache(maxsize=1)
+def _numpy_globals() -> dict[tuple[str, str], Any]:
+    """The only callables an object-array .npy may name: numpy's own array and scalar rebuilders.
+
+    np.save pickles an object array as `_reconstruct(ndarray, ...)` + `dtype(...)` + its items;
+    items that are numpy strings add `scalar(dtype, bytes)`. None of these can run other code.
+    """
+    import numpy as np
+
+    core = np._core if hasattr(np, "_core") else np.core  # numpy 2 moved numpy.core to numpy._core
+    allowed: dict[tuple[str, str], Any] = {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype}
+    for module in ("numpy.core.multiarray", "numpy._core.multiarray"):  # files written by numpy 1 or 2
+        allowed[(module, "_reconstruct")] = core.multiarray._reconstruct
+        allowed[(module, "scalar")] = core.multiarray.scalar
+    for module in ("numpy.core.numeric", "numpy._core.numeric"):
+        allowed[(module, "_frombuffer")] = core.numeric._frombuffer
+    return allowed
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+    """An unpickler that builds numpy arrays of plain Python values and refuses every other global,
+    so a crafted transcript cannot call os.system, eval, subprocess or anything else."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        allowed = _numpy_globals()
+        if (module, name) not in allowed:
+            raise pickle.UnpicklingError(f"refused to load {module}.{name}")
+        return allowed[(module, name)]
+
+
+def _read_npy(p: Path) -> Any:
+    """np.load without allow_pickle; an object array goes through _ArrayUnpickler instead."""
+    import numpy as np
+
+    data = p.read_bytes()
+    if not data.startswith(b"\x93NUMPY"):
+        return np.load(io.BytesIO(data), allow_pickle=False)  # a .npz archive, or numpy's own error
+    f = io.BytesIO(data)
+    version = np.lib.format.read_magic(f)
+    fmt = np.lib.format
+    read_header = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
+    shape, _, dtype = read_header(f)  # parses the header literal safely (ast.literal_eval)
+    if not dtype.hasobject:
+        return np.load(io.BytesIO(data), allow_pickle=False)
+    try:
+        arr = _ArrayUnpickler(f).load()
+    except pickle.UnpicklingError as e:
+        raise MediaError(
+            f"transcript {p} holds a pickle that is not a plain array of strings ({e}); "
+            "ger never runs code from data files: save the transcript as a string array (np.save(path, "
+            "np.array(text))) or as a .txt file"
+        ) from None
+    if not isinstance(arr, np.ndarray) or arr.shape != shape:
+        raise MediaError(f"transcript {p}: the pickled data is not the {shape} array its header announces")
+    return arr
+
+
+def _npy_text(p: Path) -> str:
+    import numpy as np
+
+    try:
+        arr = _read_npy(p)
+    except MediaError:
+        raise
+    except Exception as e:
+        raise MediaError(f"cannot read transcript {p}: {e}") from e
+    if not isinstance(arr, np.ndarray):
+        raise MediaError(f"transcript {p} is an archive, expected one array holding a string")
+    items = [arr.item()] if arr.ndim == 0 else arr.reshape(-1).tolist()
+    items = [x.decode("utf-8", errors="replace") if isinstance(x, bytes) else x for x in items]
+    if not items or not all(isinstance(x, str) for x in items):
+        raise MediaError(f"transcript {p} holds {arr.dtype} {arr.shape}, expected a string")
+    return " ".join(x.strip() for x in items).strip()
+
+
+def load_transcript(path: Path | str) -> str:
+    """The transcript text of a sample, from a `.npy` (as in the release) or `.txt` file.
+
+    A transcript with no text raises: the prompt would ask about words that are not there.
+    """
+    p = Path(path)
+    if p.suffix.lower() not in TRANSCRIPT_EXTENSIONS:
+        raise MediaError(f"unsupported transcript file {p}; expected one of {list(TRANSCRIPT_EXTENSIONS)}")
+    _require_file(p, "transcript")
+    if p.suffix.lower() == ".npy":
+        text = _npy_text(p)
+    else:
+        try:
+            text = p.read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as e:
+            raise MediaError(f"cannot read transcript {p}: {e}") from e
+    if not text:
+        raise MediaError(f"transcript is empty (no text, only whitespace): {p}")
+    return text
+
+
+# ---------------------------------------------------------------- keys and the loader
+
+
+def describe_sample(
+    sample: Sample,
+    media_kind: str,
+    *,
+    frames: int = 3,
+    sampler: str = "paper",
+    greyscale: bool = False,
+    with_text: bool = False,
+    with_visual: bool = True,
+) -> LoadedSample:
+    """A sample as far as its prompt and cache key need, without decoding a pixel.
+
+    content_hash covers the media files' bytes (sha256, remembered per path/size/mtime by
+    ger/data/digests.py) and everything that turns them into the pixels sent: frame count, sampler,
+    greyscale and the reader's version; the transcript (cheap text) is read here. Raises
+    MediaError for what can be told without decoding (missing, empty, not a folder).
+    """
+    if media_kind not in MEDIA_KINDS:
+        raise ValueError(f"unknown media kind {media_kind!r}; expected one of {list(MEDIA_KINDS)}")
+    if sample.problem:  # the manifest found the path unusable (e.g. a link out of the data root)
+        raise MediaError(sample.problem)
+    shell = LoadedSample(sample=sample)
+    h = hashlib.sha256(_HASH_VERSION)
+    if with_visual:
+        if sample.media is None:
+            raise MediaError(f"sample {sample.name!r} of {sample.dataset!r} has no media path")
+        media = Path(sample.media)
+        if media_kind == "image":
+            h.update(b"image:" + file_digest(_require_file(media, "image")).encode())
+            shell.n_images = 1
+        else:
+            if media_kind == "frames" and not media.is_dir():
+                raise MediaError(f"expected a folder of frames for {sample.name!r}: {media}")
+            sample_indices(1, frames, sampler)  # bad arguments fail before anything is read
+            if media.is_dir():
+                files = frame_files(media)
+                picked = sample_indices(len(files), frames, sampler)
+                h.update(f"folder:{len(files)}:".encode())
+                h.update(",".join(file_digest(files[i]) for i in picked).encode())
+            else:
+                h.update(b"video:" + file_digest(_require_file(media, "video")).encode())
+            h.update(f"|frames:{frames}|sampler:{sampler}|{_READER}".encode())
+            shell.n_images, shell.clip = frames, True
+        h.update(f"|grey:{int(greyscale)}".encode())
+    if with_text:
+        if sample.transcript is None:
+            raise MediaError(f"sample {sample.name!r} of {sample.dataset!r} has no transcript path")
+        shell.text = load_transcript(sample.transcript)
+        h.update(b"|text:" + shell.text.encode("utf-8"))
+    shell.content_hash = h.hexdigest()
+    return shell
+
+
+def decode(
+    shell: LoadedSample, media_kind: str, *, frames: int, sampler: str, greyscale: bool
+) -> LoadedSample:
+    """describe_sample's shell with its pixels decoded; raises MediaError when they cannot be."""
+    if not shell.n_images:  # nothing visual to show (the text ablation)
+        return shell
+    media = Path(shell.sample.media)  # type: ignore[arg-type]  # describe_sample checked it
+    if media_kind == "image":
+        shell.images = [load_image(media, greyscale)]
+        return shell
+    imgs, idx, n, fps = sample_frames(media, frames, sampler)
+    shell.images = [to_greyscale(im) for im in imgs] if greyscale else imgs
+    shell.frame_indices, shell.source_frames, shell.source_fps = idx, n, fps
+    if len(shell.images) != shell.n_images:
+        raise MediaError(f"read {len(shell.images)} frames of {media}, expected {shell.n_images}")
+    return shell
+
+
+def load_sample(
+    sample: Sample,
+    media_kind: str,
+    *,
+    frames: int = 3,
+    sampler: str = "paper",
+    greyscale: bool = False,
+    with_text: bool = False,
+    with_visual: bool = True,
+) -> LoadedSample:
+    """Decode what the prompt will show of one sample; raises MediaError when it cannot."""
+    shell = describe_sample(
+        sample,
+        media_kind,
+        frames=frames,
+        sampler=sampler,
+        greyscale=greyscale,
+        with_text=with_text,
+        with_visual=with_visual,
+    )
+    return decode(shell, media_kind, frames=frames, sampler=sampler, greyscale=greyscale)

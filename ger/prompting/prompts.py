@@ -1,0 +1,401 @@
+"""Loaded samples + a prompt template + the label set -> one chat Request.
+
+Templates are YAML files in conf/prompt/, one per task kind, so a new wording is a
+new file, not code. A template has a `single` form (one sample per request), an
+optional `constrained` form (single mode with the answer constrained to one
+label), a `batch` form (several samples, answered as one record each), an `item`
+line placed before each sample's media in batch mode, and optional `media`
+phrases describing how a clip's frames are shown (images | grid | video).
+
+Placeholders are `{identifier}`; any other brace text (such as a JSON example
+`{"name": ..., "result": [...]}`) is left as written. An unknown placeholder is
+an error when the template is loaded, not a silent literal in the prompt.
+
+Samples are never named in a prompt: file names can carry the label (RAVDESS names
+hold the emotion code), and the paper's prompts sent none. In batch mode each sample
+is introduced by a neutral positional id (`{id}`, "Sample 3"; `{index}`, "3"), the
+batch text can list them (`{ids}`), and the answer is read back by those ids
+(ger/answers/parse.py). `{name}` and `{names}` are refused with an error naming the fix.
+
+The request key hashes everything that reaches the model (the text; for each sample its
+content hash, which covers the media files' bytes and how they become pixels, and how it is
+shown: images, grid or video) plus the caller's `key_parts` (model, backend, sampling), and
+nothing else. So a key needs no decoded pixels (`key_only=True`): a cached rerun decodes nothing.
+Samples built without a content hash are keyed by the digest of their pixels.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from ger.config import group_names, load_group_yaml
+from ger.records import LoadedSample, Request
+from ger.run.cache import request_key
+
+_PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+FRAMES_AS = ("images", "grid", "video")
+MODES = ("single", "batch")
+MODALITIES = ("visual", "text", "multi")
+# Dataset/config spellings of a modality, accepted so callers need not translate.
+_MODALITY_ALIASES = {"image": "visual", "video": "visual", "video+text": "multi"}
+
+# Which placeholders each part of a template may use.
+_ALLOWED: dict[str, frozenset[str]] = {
+    "single": frozenset({"labels", "count", "transcript", "media", "frames"}),
+    "constrained": frozenset({"labels", "count", "transcript", "media", "frames"}),
+    "batch": frozenset({"labels", "count", "ids", "media", "frames"}),
+    "item": frozenset({"id", "index", "transcript", "frames"}),
+    "media": frozenset({"frames"}),
+    "id": frozenset({"index"}),
+}
+# Placeholders that would put file names into the prompt (see the module docstring).
+_NAME_PLACEHOLDERS = frozenset({"name", "names"})
+_KEYS = ("description", "single", "constrained", "batch", "item", "id", "media")
+_RESERVED_KEY_PARTS = ("messages", "choices", "max_tokens")
+
+
+def placeholders(text: str) -> set[str]:
+    """The `{identifier}` placeholders in `text`."""
+    return set(_PLACEHOLDER.findall(text))
+
+
+def render(text: str, values: dict[str, str]) -> str:
+    """Fill `{identifier}` placeholders; other braces stay as written."""
+
+    def fill(match: re.Match[str]) -> str:
+        name = match.group(1)
+        if name not in values:
+            raise KeyError(f"no value for placeholder {{{name}}}; given {sorted(values)}")
+        return values[name]
+
+    return _PLACEHOLDER.sub(fill, text)
+
+
+@dataclass(frozen=True)
+class PromptTemplate:
+    """One task kind's instructions (see the module docstring for the parts)."""
+
+    name: str
+    single: str
+    batch: str
+    constrained: str | None = None
+    item: str = "{id}:"
+    id: str = "Sample {index}"  # how the prompt and the answer refer to the index-th sample of a batch
+    media: dict[str, str] = field(default_factory=dict)
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        parts = {"single": self.single, "batch": self.batch, "item": self.item, "id": self.id}
+        if self.constrained is not None:
+            parts["constrained"] = self.constrained
+        parts.update({f"media.{k}": v for k, v in self.media.items()})
+        for part, text in parts.items():
+            if part == "item" and text == "":  # no text before each sample's media (the release's prompts)
+                continue
+            if not isinstance(text, str) or not text.strip():
+                raise ValueError(f"prompt template {self.name!r}: {part!r} must be a non-empty string")
+            allowed = _ALLOWED[part.split(".")[0]]
+            named = placeholders(text) & _NAME_PLACEHOLDERS
+            if named:
+                raise ValueError(
+                    f"prompt template {self.name!r}: {part!r} uses "
+                    f"{', '.join('{' + n + '}' for n in sorted(named))}, which would put sample file names "
+                    f"(that can encode the label) into the prompt; refer to samples by position instead: "
+                    f"{{id}} or {{index}} in 'item', {{ids}} in 'batch'"
+                )
+            unknown = placeholders(text) - allowed
+            if unknown:
+                raise ValueError(
+                    f"prompt template {self.name!r}: unknown placeholder(s) "
+                    f"{', '.join('{' + u + '}' for u in sorted(unknown))} in {part!r}; "
+                    f"allowed there: {', '.join('{' + a + '}' for a in sorted(allowed))}"
+                )
+        if "index" not in placeholders(self.id):
+            raise ValueError(
+                f"prompt template {self.name!r}: 'id' must contain {{index}} so each sample of a batch "
+                f"gets its own id (e.g. 'Sample {{index}}'), got {self.id!r}"
+            )
+        unknown_kinds = set(self.media) - set(FRAMES_AS)
+        if unknown_kinds:
+            raise ValueError(
+                f"prompt template {self.name!r}: unknown media kind(s) {sorted(unknown_kinds)}; "
+                f"expected {list(FRAMES_AS)}"
+            )
+        if any("media" in placeholders(t) for t in parts.values()) and set(self.media) != set(FRAMES_AS):
+            raise ValueError(
+                f"prompt template {self.name!r} uses {{media}} so `media` must describe each of "
+                f"{list(FRAMES_AS)}; it has {sorted(self.media)}"
+            )
+        # A transcript either goes into every form or into none, so no mode silently drops it.
+        forms = {"single": self.single, "item": self.item}
+        if self.constrained is not None:
+            forms["constrained"] = self.constrained
+        with_transcript = {k for k, t in forms.items() if "transcript" in placeholders(t)}
+        if with_transcript and with_transcript != set(forms):
+            raise ValueError(
+                f"prompt template {self.name!r}: {{transcript}} appears in {sorted(with_transcript)} "
+                f"but not in {sorted(set(forms) - with_transcript)}"
+            )
+
+    @property
+    def uses_transcript(self) -> bool:
+        return "transcript" in placeholders(self.single)
+
+    @property
+    def uses_media(self) -> bool:
+        forms = [self.single, self.batch, self.constrained or ""]
+        return any("media" in placeholders(t) for t in forms)
+
+    @classmethod
+    def from_dict(cls, name: str, data: dict[str, Any]) -> PromptTemplate:
+        """Validate a template read from YAML; unknown keys are typos, so they are errors."""
+        unknown = set(data) - set(_KEYS)
+        if unknown:
+            raise ValueError(
+                f"prompt template {name!r}: unknown key(s) {sorted(unknown)}; expected {list(_KEYS)}"
+            )
+        missing = {"single", "batch"} - set(data)
+        if missing:
+            raise ValueError(f"prompt template {name!r}: missing {sorted(missing)}")
+        kwargs = {k: data[k] for k in _KEYS if data.get(k) is not None}
+        kwargs["media"] = dict(kwargs.get("media") or {})
+        return cls(name=name, **kwargs)
+
+
+def available_templates() -> list[str]:
+    """Names of the templates in conf/prompt/."""
+    return group_names("prompt")
+
+
+def load_template(name: str) -> PromptTemplate:
+    """Read and validate conf/prompt/<name>.yaml (an unknown name lists the available ones)."""
+    return PromptTemplate.from_dict(name, load_group_yaml("prompt", name))
+
+
+def sample_ids(template: PromptTemplate, count: int) -> list[str]:
+    """The positional ids ("Sample 1", "Sample 2", ...) a batch prompt uses for its samples, in order."""
+    return [render(template.id, {"index": str(i)}) for i in range(1, count + 1)]
+
+
+def _image_digest(image: Any) -> str:
+    """sha256 of the pixels actually sent, so greyscale, resizing or a new decoder change the key."""
+    h = hashlib.sha256(f"{image.mode}:{image.size[0]}x{image.size[1]}:".encode())
+    h.update(image.tobytes())
+    return h.hexdigest()
+
+
+Segment = tuple[list[dict[str, Any]], list[dict[str, Any]]]  # (message parts, their key descriptions)
+
+
+def _text(text: str) -> Segment:
+    part = {"type": "text", "text": text}
+    return [part], [dict(part)]
+
+
+def _media_kind(loaded: LoadedSample, frames_as: str) -> str:
+    """How one sample's media are shown; a still image (or a single frame) is an image whatever frames_as."""
+    return frames_as if loaded.is_clip and loaded.image_count > 1 else "image"
+
+
+def _media_desc(loaded: LoadedSample, frames_as: str) -> dict[str, Any]:
+    """The key description of one sample's media, from its content hash: no pixels needed.
+
+    content_hash (ger/data/media.py describe_sample) covers the file bytes and how they become pixels;
+    what is added here is how they are shown: as images, one grid (and its layout) or a video.
+    """
+    kind = _media_kind(loaded, frames_as)
+    desc: dict[str, Any] = {"type": kind, "media": loaded.content_hash, "images": loaded.image_count}
+    if kind == "grid":
+        from ger.data.media import grid_shape
+
+        desc["layout"] = list(grid_shape(loaded.image_count))
+    return desc
+
+
+def _pixel_descs(loaded: LoadedSample, frames_as: str) -> list[dict[str, Any]]:
+    """Key descriptions from the pixels, for samples built without a content hash (tests, callers' own)."""
+    images, indices = loaded.images, list(loaded.frame_indices)
+    kind = _media_kind(loaded, frames_as)
+    if kind == "image":
+        return [{"type": "image", "sha256": _image_digest(im), "frames": indices[i : i + 1]}
+                for i, im in enumerate(images)]  # fmt: skip
+    if kind == "images":
+        return [
+            {"type": "image", "sha256": _image_digest(im), "frames": [i]}
+            for im, i in zip(images, indices, strict=True)
+        ]
+    if kind == "grid":
+        from ger.data.media import make_grid
+
+        return [{"type": "grid", "sha256": _image_digest(make_grid(images)), "frames": indices}]
+    return [
+        {
+            "type": "video",
+            "sha256": [_image_digest(img) for img in images],
+            "fps": loaded.source_fps,
+            "total_frames": loaded.source_frames,
+            "indices": indices,
+        }
+    ]
+
+
+def _media_parts(loaded: LoadedSample, frames_as: str, key_only: bool = False) -> Segment:
+    """One sample's media as message parts (none when key_only) and their key descriptions."""
+    name = loaded.sample.name
+    if not loaded.image_count:
+        raise ValueError(f"sample {name!r} has no images to send; was it loaded with its media?")
+    if key_only and not loaded.content_hash:
+        raise ValueError(f"sample {name!r} has no content hash; a key without pixels needs describe_sample")
+    if not key_only and not loaded.images:
+        raise ValueError(f"sample {name!r} has no images to send; was it loaded with its media?")
+    descs = [_media_desc(loaded, frames_as)] if loaded.content_hash else _pixel_descs(loaded, frames_as)
+    if key_only:
+        return [], descs
+    kind, images = _media_kind(loaded, frames_as), loaded.images
+    if kind in ("image", "images"):
+        return [{"type": "image", "image": img} for img in images], descs
+    if kind == "grid":
+        from ger.data.media import make_grid
+
+        return [{"type": "image", "image": make_grid(images)}], descs
+    part = {
+        "type": "video",
+        "frames": list(images),
+        "fps": loaded.source_fps,
+        "total_frames": loaded.source_frames,
+        "indices": list(loaded.frame_indices),
+    }
+    return [part], descs
+
+
+def _merge_texts(segments: list[Segment]) -> list[Segment]:
+    """Join adjacent text parts with a blank line: fewer parts, same prompt, simpler for every backend."""
+    merged: list[Segment] = []
+    for parts, descs in segments:
+        is_text = bool(descs) and descs[0]["type"] == "text"
+        if is_text and merged and merged[-1][1] and merged[-1][1][0]["type"] == "text":
+            merged[-1] = _text(merged[-1][1][0]["text"] + "\n\n" + descs[0]["text"])
+        else:
+            merged.append((parts, descs))
+    return merged
+
+
+def _check_modality(template: PromptTemplate, modality: str, samples: list[LoadedSample]) -> str:
+    modality = _MODALITY_ALIASES.get(modality, modality)
+    if modality not in MODALITIES:
+        raise ValueError(f"unknown modality {modality!r}; expected one of {list(MODALITIES)}")
+    wants_text = modality in ("text", "multi")
+    if wants_text != template.uses_transcript:
+        raise ValueError(
+            f"prompt template {template.name!r} {'uses' if template.uses_transcript else 'has no'} "
+            f"{{transcript}} but modality {modality!r} {'sends' if wants_text else 'does not send'} one; "
+            f"pick a template that fits (available: {available_templates()})"
+        )
+    if modality == "text" and template.uses_media:
+        raise ValueError(
+            f"prompt template {template.name!r} describes frames ({{media}}) but modality is 'text'"
+        )
+    if wants_text:
+        lacking = [s.sample.name for s in samples if not (s.text or "").strip()]
+        if lacking:
+            raise ValueError(f"modality {modality!r} needs transcripts; none loaded for {lacking[:5]}")
+    return modality
+
+
+def build_request(
+    samples: list[LoadedSample],
+    template: PromptTemplate,
+    labels: list[str],
+    *,
+    mode: str,
+    frames_as: str,
+    key_parts: dict[str, Any],
+    max_tokens: int,
+    modality: str = "visual",
+    key_only: bool = False,
+) -> Request:
+    """One user message asking about `samples` (one in single mode), keyed for the cache.
+
+    key_only: the key (and names, ids, budget) from describe_sample's shells, no message parts
+    built and no pixels needed; the same samples decoded give the same key.
+
+    `key_parts` holds everything outside the prompt that changes the answer (model,
+    revision, backend settings, sampling); a truthy `structured_output` in it
+    constrains a single-mode answer to one of `labels`.
+    """
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}; expected one of {list(MODES)}")
+    if frames_as not in FRAMES_AS:
+        raise ValueError(f"unknown frames_as {frames_as!r}; expected one of {list(FRAMES_AS)}")
+    if not samples:
+        raise ValueError("build_request needs at least one sample")
+    if mode == "single" and len(samples) != 1:
+        raise ValueError(f"single mode takes one sample per request, got {len(samples)}")
+    if not labels:
+        raise ValueError("build_request needs the label set")
+    reserved = [k for k in _RESERVED_KEY_PARTS if k in key_parts]
+    if reserved:
+        raise ValueError(f"key_parts must not set {reserved}; build_request adds them")
+    constrained = bool(key_parts.get("structured_output"))
+    if constrained and mode == "batch":
+        raise ValueError("structured_output constrains a single answer to one label; it needs mode=single")
+    modality = _check_modality(template, modality, samples)
+
+    names = [s.sample.name for s in samples]
+    frames = max(s.image_count for s in samples) if modality != "text" else 0
+    still = all(not s.is_clip for s in samples)
+    media_kind = "images" if still else frames_as
+    ids = sample_ids(template, len(samples))
+    values = {
+        "labels": ", ".join(labels),
+        "count": str(len(samples)),
+        "ids": ", ".join(ids),
+        "frames": str(frames),
+        "transcript": (samples[0].text or "").strip(),
+    }
+    if template.media:
+        values["media"] = render(template.media[media_kind], values)
+
+    pairs: list[Segment] = []
+    if mode == "single":
+        form = template.constrained if constrained and template.constrained else template.single
+        pairs.append(_text(render(form, values)))
+        if modality != "text":
+            pairs.append(_media_parts(samples[0], frames_as, key_only))
+    else:
+        pairs.append(_text(render(template.batch, values)))
+        for index, loaded in enumerate(samples, start=1):
+            item_values = {
+                "id": ids[index - 1],
+                "index": str(index),
+                "frames": str(loaded.image_count),
+                "transcript": (loaded.text or "").strip(),
+            }
+            if template.item:
+                pairs.append(_text(render(template.item, item_values)))
+            if modality != "text":
+                pairs.append(_media_parts(loaded, frames_as, key_only))
+    pairs = _merge_texts(pairs)
+
+    choices = list(labels) if constrained else None
+    key = request_key(
+        {
+            **key_parts,
+            "messages": [{"role": "user", "content": [d for _, descs in pairs for d in descs]}],
+            "choices": choices,
+            "max_tokens": max_tokens,
+        }
+    )
+    messages = [] if key_only else [{"role": "user", "content": [p for parts, _ in pairs for p in parts]}]
+    return Request(
+        key=key,
+        names=tuple(names),
+        messages=messages,
+        choices=choices,
+        max_tokens=max_tokens,
+        ids=tuple(ids) if mode == "batch" else (),
+    )

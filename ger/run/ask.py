@@ -1,0 +1,188 @@
+"""Requests -> answers: serve from the response cache, send the rest, split failed batches.
+
+The backend is created only when something is not cached, so a finished run reruns
+without starting an engine. Responses are stored as they arrive by a writer thread that
+commits what has queued up (at most `CacheWriter.most` answers, and never older than a few
+milliseconds) in one transaction, so the fsync is off the backend's path and a crash loses
+at most the requests in flight and the answers queued for that one commit.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from tqdm import tqdm
+
+from ger.answers.parse import BatchParse, LabelMatcher, parse_batch
+from ger.backends import Backend
+from ger.records import Request, Response
+from ger.run.cache import ResponseCache
+
+
+@dataclass
+class AskStats:
+    cached: int = 0
+    sent: int = 0
+    failed: int = 0
+    splits: int = 0  # batches split in halves and asked again (the reasons: BatchCounts)
+
+
+@dataclass
+class BatchCounts:
+    """What batch mode met in the answers; reported in metrics.json's `batching`."""
+
+    split_failed: int = 0  # batches split because the request failed
+    split_cut: int = 0  # ... because the answer was cut at max_tokens (finish reason `length`)
+    split_missing: int = 0  # ... because some sample had no record in the answer
+    duplicate_records: int = 0  # records repeating a sample already answered (the first one counts)
+    records_by_position: int = 0  # records without a usable id, matched by position
+    unmatched_records: int = 0  # records whose id names no sample of the batch
+
+
+class CacheWriter:
+    """Stores responses from a background thread, committing what queued up in one transaction."""
+
+    most = 64  # answers per commit at most
+
+    def __init__(self, cache: ResponseCache) -> None:
+        self.cache = cache
+        self._queue: queue.Queue[Response | None] = queue.Queue()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="ger-cache-writer", daemon=True)
+        self._thread.start()
+
+    def put(self, response: Response) -> None:
+        if self._error is not None:
+            raise self._error
+        self._queue.put(response)
+
+    def flush(self) -> None:
+        """Return once everything put so far is committed (or raise what the writer met)."""
+        self._queue.join()
+        if self._error is not None:
+            raise self._error
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join()
+
+    def _run(self) -> None:
+        while True:
+            first = self._queue.get()
+            batch = [first]
+            while first is not None and len(batch) < self.most:
+                try:
+                    batch.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            answers = [r for r in batch if r is not None]
+            try:
+                if self._error is None:
+                    self.cache.put_many(answers)
+            except BaseException as exc:  # raised in the asking thread at its next put or flush
+                self._error = exc
+            for _ in batch:
+                self._queue.task_done()
+            if None in batch:
+                return
+
+
+class Asker:
+    """Answers requests through the cache and a lazily created backend."""
+
+    def __init__(self, cache: ResponseCache, make_backend: Callable[[], Backend], progress: bool = True):
+        self.cache = cache
+        self._make_backend = make_backend
+        self._backend: Backend | None = None
+        self.progress = progress
+        self.stats = AskStats()
+        self.batch = BatchCounts()
+        self._writer: CacheWriter | None = None
+
+    @property
+    def backend(self) -> Backend:
+        if self._backend is None:
+            self._backend = self._make_backend()
+        return self._backend
+
+    def ask(self, requests: list[Request], desc: str = "requests") -> dict[str, Response]:
+        """Answer every request (by key); failures come back as Response.error, never raised."""
+        unique = list({r.key: r for r in requests}.values())
+        answers = self.cache.get_many([r.key for r in unique])
+        self.stats.cached += len(answers)
+        todo = [r for r in unique if r.key not in answers]
+        if todo:
+            bar = tqdm(total=len(todo), desc=desc, unit="req", disable=not self.progress)
+            if self._writer is None:
+                self._writer = CacheWriter(self.cache)
+            try:
+                for response in self.backend.generate(todo):
+                    self._writer.put(response)  # committed within milliseconds, off this thread
+                    answers[response.key] = response
+                    self.stats.sent += 1
+                    self.stats.failed += not response.ok
+                    bar.update()
+            finally:
+                self._writer.flush()
+            bar.close()
+        for r in todo:  # a backend that drops a request must not lose the sample
+            answers.setdefault(r.key, Response(r.key, error="the backend returned no response"))
+        return answers
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+        if self._backend is not None:
+            self._backend.close()
+
+
+def ask_batches(
+    asker: Asker,
+    requests: list[Request],
+    labels: list[str] | LabelMatcher,
+    rebuild: Callable[[tuple[str, ...]], Request],
+) -> dict[str, tuple[Request, Response, BatchParse]]:
+    """The paper's batch mode: a batch that failed, was cut, or left a sample unanswered is split.
+
+    Splitting halves each segment (20 -> 10 -> 5 -> 3/2 -> 1), as the paper's back-off
+    did, so a bad batch never loses samples; a single-sample request is final.
+    Returns, per sample name, the request that answered it, its response and parse.
+    """
+    out: dict[str, tuple[Request, Response, BatchParse]] = {}
+    pending, round_no = requests, 0
+    while pending:
+        round_no += 1
+        answers = asker.ask(pending, desc=f"batches (round {round_no})")
+        retry: list[Request] = []
+        for req in pending:
+            resp = answers[req.key]
+            parsed = parse_batch(resp.text if resp.ok else "", list(req.names), labels, list(req.ids) or None)
+            reason = split_reason(resp, parsed)
+            if len(req.names) > 1 and reason:
+                half = (len(req.names) + 1) // 2
+                retry += [rebuild(req.names[:half]), rebuild(req.names[half:])]
+                asker.stats.splits += 1
+                setattr(asker.batch, reason, getattr(asker.batch, reason) + 1)
+                continue
+            asker.batch.duplicate_records += parsed.duplicates
+            asker.batch.records_by_position += parsed.by_position
+            asker.batch.unmatched_records += len(parsed.unmatched)
+            for name in req.names:
+                out[name] = (req, resp, parsed)
+        pending = retry
+    return out
+
+
+def split_reason(resp: Response, parsed: BatchParse) -> str | None:
+    """Why a batch answer cannot be used as it is (the BatchCounts counter to raise), or None."""
+    if not resp.ok:
+        return "split_failed"
+    if resp.finish_reason == "length":  # a cut answer may hold a fragment of its last record
+        return "split_cut"
+    if parsed.missing:
+        return "split_missing"
+    return None
