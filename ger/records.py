@@ -102,6 +102,9 @@ class Prediction:
     status: str = OK
     response_key: str = ""
     detail: str = ""  # why a status is not OK: an error message or the unmatched text
+    # Likelihood answers only: every label's probability as the model's answer (sums to 1 over the
+    # label set, in label-set order); None for answers read from generated text.
+    probs: dict[str, float] | None = None
 
     @property
     def top1(self) -> str:

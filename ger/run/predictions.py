@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 from pathlib import Path
 
 from ger.files import atomic_write_text
 from ger.records import STATUSES, Prediction
 
-COLUMNS = ["name", "gt", "prediction", "top1", "status", "response_key", "detail"]
+COLUMNS = ["name", "gt", "prediction", "top1", "status", "response_key", "detail", "probs"]
 
 
 def write_predictions(path: Path, preds: list[Prediction]) -> None:
@@ -19,7 +20,8 @@ def write_predictions(path: Path, preds: list[Prediction]) -> None:
     writer.writerow(COLUMNS)
     for p in preds:
         ranked = ",".join(r.replace(",", ";") for r in p.ranked)  # commas separate labels
-        writer.writerow([p.name, p.gt, ranked, p.top1, p.status, p.response_key, p.detail])
+        probs = json.dumps(p.probs, ensure_ascii=False) if p.probs is not None else ""
+        writer.writerow([p.name, p.gt, ranked, p.top1, p.status, p.response_key, p.detail, probs])
     atomic_write_text(path, buf.getvalue())
 
 
@@ -45,6 +47,7 @@ def read_predictions(path: Path) -> list[Prediction]:
                 status=row["status"],
                 response_key=row.get("response_key") or "",
                 detail=row.get("detail") or "",
+                probs=json.loads(row["probs"]) if row.get("probs") else None,
             )
             for row in rows
         ]
