@@ -4,22 +4,34 @@ A backend turns a list of Requests into Responses, batching as it sees fit. New
 backends are a class plus one registry line; the config file
 `conf/backend/<name>.yaml` names the entry with `name:`. Imports are lazy so that
 `import ger` and scoring work without torch or vLLM installed.
+
+Settings: each backend class names a frozen dataclass (`settings_class`, a BackendSettings)
+whose fields are the keys of its conf/backend/<name>.yaml, each declared with
+`setting(default, answers=...)`: whether it changes an answer. `read_settings` is the one
+way a config becomes settings (unknown keys fail, naming the key and the backend), and
+`key_settings` is what of them goes into every cache key: the backend's name and the
+settings that change answers, never transport, placement or speed.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import importlib
-from collections.abc import Iterable, Iterator
-from typing import Any, Protocol, TypeVar
+import typing
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, ClassVar, Protocol, TypeVar
 
 from ger.config import plain
 from ger.records import Request, Response
 
-T = TypeVar("T")
+S = TypeVar("S", bound="BackendSettings")
 
-# Backend config keys read by the pipeline (registry and cache keys), not by the backend itself.
-PIPELINE_KEYS = frozenset({"name", "not_in_key", "key_packages"})
+ANSWERS = "answers"  # field metadata: does this setting change an answer (so belong in cache keys)?
+# Keys conf/backend/*.yaml held before the settings classes said what changes answers.
+_RETIRED = {
+    "not_in_key": "each backend's settings class now states which settings change answers",
+    "key_packages": "each backend's settings class now names its engine packages (key_packages)",
+}
 
 # name -> "module:Class"; imported only when that backend is used.
 _REGISTRY: dict[str, str] = {
@@ -42,8 +54,10 @@ class FatalBackendError(RuntimeError):
 class Backend(Protocol):
     """What the pipeline needs from a model backend."""
 
+    settings_class: ClassVar[type[BackendSettings]]  # its conf/backend/<name>.yaml, typed (see above)
+
     def identity(self) -> dict[str, Any]:
-        """Everything about the engine that can change an answer (goes into the cache key)."""
+        """What about the engine can change an answer, for inspection; cache keys use key_settings."""
         ...
 
     def generate(self, requests: list[Request]) -> Iterator[Response]:
@@ -57,14 +71,76 @@ class Backend(Protocol):
     def close(self) -> None: ...
 
 
-def read_settings(cls: type[T], backend_cfg: Any, backend: str) -> T:
-    """A backend's settings dataclass from its config; unknown keys fail, so typos never pass silently."""
-    cfg = plain(backend_cfg)
-    known = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-    unknown = sorted(set(cfg) - known)
-    if unknown:
-        raise ValueError(f"unknown {backend} backend keys {unknown}; expected some of {sorted(known)}")
-    return cls(**cfg)
+def setting(
+    default: Any = dataclasses.MISSING, *, answers: bool, factory: Callable[[], Any] | None = None
+) -> Any:
+    """A settings field that says whether it changes an answer; `factory` for mutable defaults.
+
+    answers=True: the setting goes into every cache key (sampling, dtype, how media are encoded);
+    answers=False: it changes where, how fast or how reliably answers come (ports, retries,
+    batch sizes, GPU placement), so a rerun with another value is answered from the cache.
+    """
+    if factory is not None:
+        return dataclasses.field(default_factory=factory, metadata={ANSWERS: answers})
+    return dataclasses.field(default=default, metadata={ANSWERS: answers})
+
+
+@dataclasses.dataclass(frozen=True)
+class BackendSettings:
+    """Base of every backend's settings dataclass (conf/backend/<name>.yaml, typed)."""
+
+    # packages whose installed versions go into cache keys: an engine upgrade can change answers
+    key_packages: ClassVar[tuple[str, ...]] = ()
+    # fixed entries of the key's backend part; the backends that keyed a YAML `not_in_key` list
+    # keep that list here verbatim, so answers cached before settings were typed stay valid
+    key_compat: ClassVar[dict[str, Any]] = {}
+
+    def validate(self) -> None:
+        """Refuse values no run can use (read_settings calls it); subclasses add their checks."""
+
+    def answer_settings(self) -> dict[str, Any]:
+        """The settings that change an answer. A field that does not say counts as one (safe: a rerun
+        asks again rather than reusing an answer given under other settings)."""
+        return {
+            f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.metadata.get(ANSWERS, True)
+        }
+
+
+def read_settings(cls: type[S], backend_cfg: Any, backend: str) -> S:
+    """A backend's settings from its config (a dict or DictConfig): the one way every backend reads them.
+
+    `name` is the registry's; unknown keys fail, naming the key and the backend, so typos never pass
+    silently; numbers given as strings are converted, anything else in a number field fails.
+    """
+    cfg = {k: v for k, v in plain(backend_cfg).items() if k != "name"}
+    known = {f.name for f in dataclasses.fields(cls)}
+    for key in sorted(set(cfg) - known):
+        why = f" ({_RETIRED[key]}; delete it)" if key in _RETIRED else ""
+        raise ValueError(
+            f"unknown setting {key!r} for backend {backend!r} (conf/backend/{backend}.yaml){why}; "
+            f"expected some of {sorted(known)}"
+        )
+    hints = typing.get_type_hints(cls)
+    settings = cls(**{k: _number(v, hints[k], k, backend) for k, v in cfg.items()})
+    settings.validate()
+    return settings
+
+
+def _number(value: Any, hint: Any, key: str, backend: str) -> Any:
+    """`value` for a field typed `hint`: numbers given as strings become numbers (ints stay ints, so
+    keys stay as they were); a number field holding anything else is an error."""
+    types = typing.get_args(hint) or (hint,)
+    numeric = [t for t in (int, float) if t in types]
+    if not numeric or value is None or str in types or Any in types:
+        return value
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return value
+    for kind in numeric if isinstance(value, str) else ():
+        try:
+            return kind(value)
+        except ValueError:
+            continue
+    raise ValueError(f"backend {backend!r}: {key} must be a number, got {value!r}")
 
 
 def register_backend(name: str, target: str) -> None:
@@ -83,15 +159,20 @@ def _backend_class(name: str) -> type:
     return getattr(importlib.import_module(module_name), cls_name)
 
 
-def check_backend(name: str, backend_cfg: Any) -> None:
-    """Refuse bad settings (a retired model, an unknown key) before any media is decoded.
+def settings_class(name: str) -> type[BackendSettings]:
+    """The settings dataclass of the backend registered as `name`."""
+    return _backend_class(name).settings_class
 
-    Backends whose settings can be checked without starting anything say so with a
-    `check_settings(backend_cfg)` classmethod; the others are checked when they start.
-    """
-    check = getattr(_backend_class(name), "check_settings", None)
-    if check is not None:
-        check(backend_cfg)
+
+def check_backend(name: str, backend_cfg: Any) -> None:
+    """Refuse bad settings (a retired model, an unknown key) before any media is decoded."""
+    read_settings(settings_class(name), backend_cfg, name)
+
+
+def key_settings(name: str, backend_cfg: Any) -> dict[str, Any]:
+    """The backend's part of every cache key: its name and the settings that change answers."""
+    cls = settings_class(name)
+    return {"name": name, **read_settings(cls, backend_cfg, name).answer_settings(), **cls.key_compat}
 
 
 def create_backend(name: str, backend_cfg: Any, model_cfg: Any) -> Backend:

@@ -19,24 +19,31 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from ger.backends.base import PIPELINE_KEYS
+from ger.backends.base import BackendSettings, read_settings, setting
 from ger.backends.chat_format import clip_positions
 from ger.backends.models import ModelSpec, resolve_model
-from ger.config import plain
 from ger.records import Request, Response
 
 log = logging.getLogger(__name__)
 
-DEFAULTS: dict[str, Any] = {
-    "device": "auto",  # cpu | cuda | auto (accelerate device_map across visible GPUs, else cpu)
-    "dtype": None,  # None = the model config's dtype
-    "batch_size": 4,
-    "attn_implementation": "sdpa",
-    "temperature": 0.0,
-    "top_p": 1.0,
-    "seed": 0,
-    "tiny_cache_dir": None,  # where tiny models are built; None = $GER_CACHE_DIR or ~/.cache/ger
-}
+
+@dataclass(frozen=True)
+class HFSettings(BackendSettings):
+    """conf/backend/hf.yaml, typed. The device and attention kernel change the numerics, so they key."""
+
+    device: str = setting(
+        "auto", answers=True
+    )  # cpu | cuda | auto (device_map over GPUs, else cpu)
+    dtype: str | None = setting(None, answers=True)  # None = the model config's dtype
+    batch_size: int = setting(4, answers=False)  # requests per generate() call, left-padded
+    attn_implementation: str = setting("sdpa", answers=True)
+    temperature: float = setting(0.0, answers=True)
+    top_p: float = setting(1.0, answers=True)
+    seed: int = setting(0, answers=True)
+    tiny_cache_dir: str | None = setting(None, answers=False)  # None = $GER_CACHE_DIR or ~/.cache/ger
+
+    key_packages = ("transformers", "torch")
+    key_compat = {"not_in_key": ["key_packages", "batch_size", "tiny_cache_dir"]}
 
 
 @dataclass
@@ -150,25 +157,21 @@ class ChoiceConstraint:
 class HFBackend:
     """Backend protocol over transformers; see the module docstring."""
 
+    settings_class = HFSettings
+
     def __init__(self, backend_cfg: Any, model_cfg: Any):
-        given = plain(backend_cfg)
-        unknown = set(given) - set(DEFAULTS) - PIPELINE_KEYS
-        if unknown:
-            raise ValueError(
-                f"unknown hf backend settings {sorted(unknown)}; expected some of {sorted(DEFAULTS)}"
-            )
-        self.cfg = DEFAULTS | {k: v for k, v in given.items() if v is not None}
-        self.spec: ModelSpec = resolve_model(model_cfg, cache_dir=self.cfg["tiny_cache_dir"])
-        self.batch_size = max(1, int(self.cfg["batch_size"]))
-        self.temperature = float(self.cfg["temperature"])
-        self.dtype_name = str(self.cfg["dtype"] or self.spec.dtype)
+        self.settings = read_settings(HFSettings, backend_cfg, "hf")
+        self.spec: ModelSpec = resolve_model(model_cfg, cache_dir=self.settings.tiny_cache_dir)
+        self.batch_size = max(1, int(self.settings.batch_size))
+        self.temperature = float(self.settings.temperature)
+        self.dtype_name = str(self.settings.dtype or self.spec.dtype)
         self._load()
 
     def _load(self) -> None:
         import torch
         from transformers import AutoModelForMultimodalLM, AutoProcessor
 
-        device = str(self.cfg["device"])
+        device = str(self.settings.device)
         if device == "auto" and not torch.cuda.is_available():
             device = "cpu"
         common = {"revision": self.spec.revision, "trust_remote_code": self.spec.trust_remote_code}
@@ -181,7 +184,7 @@ class HFBackend:
             self.spec.path,
             dtype=dtype,
             device_map=None if device == "cpu" else device,
-            attn_implementation=self.cfg["attn_implementation"],
+            attn_implementation=self.settings.attn_implementation,
             **common,
         )
         self.model = getattr(self.model, "thinker", self.model)
@@ -201,7 +204,7 @@ class HFBackend:
         ident = {"backend": "hf", "engine": f"transformers-{transformers.__version__}"}
         ident |= self.spec.identity() | {"dtype": self.dtype_name, "temperature": self.temperature}
         if self.temperature > 0:  # sampling settings matter only when sampling
-            ident |= {"top_p": float(self.cfg["top_p"]), "seed": int(self.cfg["seed"])}
+            ident |= {"top_p": float(self.settings.top_p), "seed": int(self.settings.seed)}
         ident["choices"] = "logits-trie"
         return ident
 
@@ -321,8 +324,12 @@ class HFBackend:
             "eos_token_id": self.eos_ids,
         }
         if self.temperature > 0:
-            torch.manual_seed(int(self.cfg["seed"]))
-            kwargs |= {"do_sample": True, "temperature": self.temperature, "top_p": float(self.cfg["top_p"])}
+            torch.manual_seed(int(self.settings.seed))
+            kwargs |= {
+                "do_sample": True,
+                "temperature": self.temperature,
+                "top_p": float(self.settings.top_p),
+            }
         else:
             kwargs |= {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
         if batch[0].request.choices is not None:

@@ -25,6 +25,7 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
+from ger.backends.base import setting
 from ger.backends.cost import (
     CostEstimate,
     check_budget,
@@ -38,24 +39,38 @@ from ger.backends.server import ServerBackend, ServerSettings
 from ger.records import Request
 
 log = logging.getLogger(__name__)
+_WARNED: set[str] = set()
 
 
 @dataclass(frozen=True)
 class OpenAISettings(ServerSettings):
-    """conf/backend/openai.yaml, typed."""
+    """conf/backend/openai.yaml, typed: the server settings with OpenAI's defaults and the cost guard.
 
-    base_url: str | None = None  # the SDK default: $OPENAI_BASE_URL, else api.openai.com
-    model: str | None = "gpt-4o"
-    api_key_env: str | None = "OPENAI_API_KEY"
-    api_keys_env: str | None = "OPENAI_API_KEYS"
-    concurrency: int = 8
-    structured_outputs: str = "none"  # the paper let GPT-4V answer freely; json_schema constrains
-    max_tokens_param: str = "max_completion_tokens"
-    image_detail: str | None = "auto"
-    max_cost: float | None = 5.0  # USD per generate() call; None: no limit
-    allow_over_budget: bool = False
-    pricing: dict[str, Any] | None = None  # None: conf/pricing.yaml
-    allow_unknown_model: bool = False  # true: accept a model the pricing table does not list (a newer one)
+    The cost guard, like transport and keys, changes whether a run goes ahead, never an answer.
+    """
+
+    base_url: str | None = setting(None, answers=False)  # the SDK default: $OPENAI_BASE_URL, else OpenAI
+    model: str | None = setting("gpt-4o-2024-08-06", answers=True)
+    api_key_env: str | None = setting("OPENAI_API_KEY", answers=False)
+    api_keys_env: str | None = setting("OPENAI_API_KEYS", answers=False)
+    concurrency: int = setting(8, answers=False)
+    timeout: float = setting(120.0, answers=False)
+    max_retries: int = setting(6, answers=False)
+    retry_initial: float = setting(2.0, answers=False)
+    video_metadata: bool = setting(False, answers=False)  # frames always go as images: never sent
+    structured_outputs: str = setting("none", answers=True)  # the paper's free answer; json_schema constrains
+    max_tokens_param: str = setting("max_completion_tokens", answers=True)
+    image_detail: str | None = setting("auto", answers=True)
+    max_cost: float | None = setting(5.0, answers=False)  # USD per generate() call; None: no limit
+    allow_over_budget: bool = setting(False, answers=False)
+    pricing: dict[str, Any] | None = setting(None, answers=False)  # None: conf/pricing.yaml
+    allow_unknown_model: bool = setting(False, answers=False)  # accept a model the pricing table lacks
+
+    key_compat = {
+        "not_in_key": ["base_url", "api_key_env", "api_keys_env", "concurrency", "timeout", "max_retries",
+                       "retry_initial", "retry_max", "key_rest_seconds", "max_cost", "allow_over_budget",
+                       "pricing", "allow_unknown_model"]
+    }  # fmt: skip
 
     def validate(self) -> None:
         super().validate()
@@ -68,7 +83,8 @@ class OpenAISettings(ServerSettings):
         if not self.model:
             raise ValueError("backend `openai` needs `model` (e.g. gpt-4o)")
         warning = check_model(self.model, self.pricing or load_pricing(), self.allow_unknown_model)
-        if warning:  # deprecated, not yet shut down: say so once, at the start
+        if warning and warning not in _WARNED:  # deprecated, not yet shut down: say so once, at the start
+            _WARNED.add(warning)  # settings are read more than once a run (check, cache key, start)
             print(warning, file=sys.stderr, flush=True)
             log.warning(warning)
 

@@ -19,10 +19,10 @@ import json
 import logging
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass
 from typing import Any
 
-from ger.backends.base import PIPELINE_KEYS, FatalBackendError, read_settings
+from ger.backends.base import BackendSettings, FatalBackendError, read_settings, setting
 from ger.backends.chat_format import VIDEO_AS, to_openai_messages, video_io_kwargs
 from ger.backends.keys import KeyPool, read_keys, scrub
 from ger.config import plain
@@ -36,45 +36,39 @@ MAX_ERROR_CHARS = 600
 
 
 @dataclass(frozen=True)
-class ServerSettings:
-    """conf/backend/server.yaml, typed. Keys are referred to by environment variable NAME only."""
+class ServerSettings(BackendSettings):
+    """conf/backend/server.yaml, typed. Keys are referred to by environment variable NAME only.
 
-    base_url: str | None = "http://127.0.0.1:8000/v1"  # None: the SDK default ($OPENAI_BASE_URL or OpenAI)
-    model: str | None = None  # served model name; None: the model config's name
-    api_key_env: str | None = None  # variable holding the key; None: no key (vllm serve without --api-key)
-    api_keys_env: str | None = None  # variable holding several comma-separated keys, rotated on 429
-    concurrency: int = 16
-    timeout: float = 600.0  # seconds per request attempt
-    max_retries: int = 5  # attempts after the first, on 429 / 5xx / connection errors
-    retry_initial: float = 1.0  # first backoff, seconds; doubles each retry, with jitter
-    retry_max: float = 60.0
-    key_rest_seconds: float = 20.0  # how long a rate-limited key sits out
-    video_as: str = "images"  # images | video (vLLM video_url with a JPEG frame sequence)
-    video_metadata: bool = False  # send fps / source length (vLLM needs --trust-request-mm-kwargs)
-    jpeg_quality: int = 90
-    image_detail: str | None = None  # OpenAI's low | high | auto; None: not sent
-    structured_outputs: str = (
-        "vllm"  # how Request.choices reach the server: vllm | guided | json_schema | none
-    )
-    max_tokens_param: str = "max_tokens"  # or max_completion_tokens (newer OpenAI models)
-    temperature: float = 0.0
-    top_p: float | None = None
-    seed: int | None = 0
-    extra_body: dict[str, Any] = field(default_factory=dict)  # sent with every request, e.g. {top_k: 1}
+    Where and how requests travel (address, keys, concurrency, timeouts, retries) does not change
+    an answer: a rerun against the same model on another port or host is answered from the cache.
+    """
 
-    @classmethod
-    def from_cfg(cls, cfg: Any) -> ServerSettings:
-        data = {k: v for k, v in plain(cfg).items() if k not in PIPELINE_KEYS}
-        for f in fields(cls):  # numbers from the command line arrive as strings; fail on anything else
-            default, value = f.default, data.get(f.name)
-            if f.name in data and value is not None and type(default) in (int, float):
-                try:
-                    data[f.name] = type(default)(value)
-                except (TypeError, ValueError):
-                    raise ValueError(f"{f.name} must be a number, got {value!r}") from None
-        settings = read_settings(cls, data, cls.__name__.removesuffix("Settings").lower())
-        settings.validate()
-        return settings
+    base_url: str | None = setting("http://127.0.0.1:8000/v1", answers=False)  # None: the SDK default
+    model: str | None = setting(None, answers=True)  # served model name; None: the model config's name
+    api_key_env: str | None = setting(None, answers=False)  # variable holding the key; None: no key
+    api_keys_env: str | None = setting(None, answers=False)  # several comma-separated keys, rotated on 429
+    concurrency: int = setting(32, answers=False)  # requests in flight
+    timeout: float = setting(600.0, answers=False)  # seconds per request attempt
+    max_retries: int = setting(5, answers=False)  # attempts after the first: 429 / 5xx / connection errors
+    retry_initial: float = setting(1.0, answers=False)  # first backoff, seconds; doubles, with jitter
+    retry_max: float = setting(60.0, answers=False)
+    key_rest_seconds: float = setting(20.0, answers=False)  # how long a rate-limited key sits out
+    video_as: str = setting("images", answers=True)  # images | video (vLLM video_url, JPEG frame sequence)
+    video_metadata: bool = setting(False, answers=True)  # fps, clip length (--trust-request-mm-kwargs)
+    jpeg_quality: int = setting(90, answers=True)
+    image_detail: str | None = setting(None, answers=True)  # OpenAI's low | high | auto; None: not sent
+    # how Request.choices reach the server: vllm | guided | json_schema | none
+    structured_outputs: str = setting("vllm", answers=True)
+    max_tokens_param: str = setting("max_tokens", answers=True)  # or max_completion_tokens (newer models)
+    temperature: float = setting(0.0, answers=True)
+    top_p: float | None = setting(None, answers=True)
+    seed: int | None = setting(0, answers=True)
+    extra_body: dict[str, Any] = setting(factory=dict, answers=True)  # sent with every request: {top_k: 1}
+
+    key_compat = {
+        "not_in_key": ["base_url", "api_key_env", "api_keys_env", "concurrency", "timeout", "max_retries",
+                       "retry_initial", "retry_max", "key_rest_seconds"]
+    }  # fmt: skip
 
     def validate(self) -> None:
         if self.video_as not in VIDEO_AS:
@@ -116,13 +110,8 @@ class ServerBackend:
     backend_name = "server"
     settings_class: type[ServerSettings] = ServerSettings
 
-    @classmethod
-    def check_settings(cls, backend_cfg: Any) -> None:
-        """The settings' checks (an OpenAI model that was shut down, say), without a client."""
-        cls.settings_class.from_cfg(backend_cfg)
-
     def __init__(self, backend_cfg: Any, model_cfg: Any = None) -> None:
-        self.settings = self.settings_class.from_cfg(backend_cfg)
+        self.settings = read_settings(self.settings_class, backend_cfg, self.backend_name)
         self.weights = self._weights_identity(model_cfg)
         self.model = self._model_name(model_cfg)
         self.keys = KeyPool(self._read_keys(), rest_seconds=self.settings.key_rest_seconds)

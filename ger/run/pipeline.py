@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from ger.answers.parse import LabelMatcher, parse_ranked
 from ger.backends import check_backend, create_backend
+from ger.backends.base import key_settings, settings_class
 from ger.backends.models import ModelSpec, resolve_model
 from ger.config import plain
 from ger.data.datasets import DatasetSpec, load_samples, spec_from_dict
@@ -146,13 +147,14 @@ def engine_versions(packages: list[str]) -> dict[str, str]:
 
 
 def key_parts(cfg: DictConfig, model_identity: dict[str, Any]) -> dict[str, Any]:
-    """Everything outside the prompt that changes an answer; the cache key hashes it."""
-    skip = set(cfg.backend.get("not_in_key", []))
-    backend = {k: v for k, v in plain(cfg.backend).items() if k not in skip}
+    """Everything outside the prompt that changes an answer; the cache key hashes it.
+
+    The backend's part is what its settings class declares answer-changing (ger/backends/base.py).
+    """
     return {
-        "engine": engine_versions(list(cfg.backend.get("key_packages", []))),
+        "engine": engine_versions(list(settings_class(cfg.backend.name).key_packages)),
         "model": model_identity,
-        "backend": backend,
+        "backend": key_settings(cfg.backend.name, cfg.backend),
         # the batch budget reaches the key as the request's max_tokens; single-mode keys stay as they were
         "sampling": {k: v for k, v in plain(cfg.sampling).items() if k != "max_tokens_per_record"},
         "structured_output": bool(cfg.structured_output and cfg.mode == "single"),
