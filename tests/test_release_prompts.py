@@ -29,7 +29,7 @@ from ger.prompting.release_prompts import (
     select_template,
 )
 from ger.records import LoadedSample, Sample
-from ger.report.reference import download_release, release_cache
+from ger.report.reference import ReleaseNotFound, download_release, find_release, release_cache
 
 LABELS = ["happy", "sad", "angry", "neutral"]
 KEY_PARTS = {"model": "tiny"}
@@ -228,6 +228,20 @@ def test_found_through_the_reference_dir_variable(synthetic, monkeypatch):
     assert find_release_code() == synthetic
     with pytest.raises(ReleaseCodeMissing):  # an explicit release_dir is never silently replaced
         find_release_code(synthetic / "elsewhere")
+
+
+def test_one_lookup_gives_results_to_scoring_and_the_checkout_to_prompts(synthetic, monkeypatch):
+    monkeypatch.setenv("GER_REFERENCE_DIR", str(synthetic / "results"))
+    assert find_release() == synthetic / "results"  # scoring views, ger prepare
+    assert find_release(holding="chatgpt.py") == synthetic  # prompt_source=release
+    with pytest.raises(ReleaseNotFound, match=r"reference_dir=.*nowhere is not a folder"):
+        find_release(synthetic / "nowhere")  # named explicitly: never replaced by the variable
+    monkeypatch.setenv("GER_REFERENCE_DIR", str(synthetic / "gone"))
+    with pytest.raises(ReleaseNotFound, match=r"GER_REFERENCE_DIR=.*gone is not a folder"):
+        find_release()  # nor the variable by the cache
+    monkeypatch.delenv("GER_REFERENCE_DIR")
+    with pytest.raises(ReleaseNotFound, match=r"run `ger reproduce` once"):
+        find_release()
 
 
 def _archive(path: Path) -> Path:

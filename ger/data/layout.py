@@ -210,16 +210,6 @@ def write_layout(
         raise
 
 
-def reference_dir(cfg: DictConfig) -> Path:
-    """The release's results/ folder: reference_dir=, then GER_REFERENCE_DIR, then the pinned download."""
-    path = cfg.get("reference_dir") or os.environ.get("GER_REFERENCE_DIR")
-    if path:
-        return Path(str(path)).expanduser()
-    from ger.report.reference import download_release
-
-    return download_release()
-
-
 def _patterns(value: Any) -> list[str]:
     """A path pattern or a list of them (`source_include=Test/**` or `source_include=[A/**,B/**]`)."""
     if value is None:
@@ -238,7 +228,10 @@ def prepare_from_raw(cfg: DictConfig) -> int:
         raise ValueError(
             f"dataset {spec.key} has no release label list; `source=` works for the 21 test sets"
         )
-    labels = reference_dir(cfg) / spec.reference.folder / spec.layout.label_file
+    from ger.report.reference import find_release
+
+    release = find_release(cfg.get("reference_dir"), download=True)  # the release's label list names the set
+    labels = release / spec.reference.folder / spec.layout.label_file
     rows = read_label_list(labels)
     names = [n for n, _ in rows]
     kind = spec.layout.media_kind

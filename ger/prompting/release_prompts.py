@@ -13,7 +13,6 @@ ger joins adjacent text parts with a blank line.
 from __future__ import annotations
 
 import ast
-import os
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +20,7 @@ import yaml
 
 from ger.config import conf_dir
 from ger.prompting.prompts import PromptTemplate, load_template, placeholders
-from ger.report.reference import RELEASE_COMMIT, RELEASE_REPO, release_cache
+from ger.report.reference import RELEASE_COMMIT, RELEASE_REPO, ReleaseNotFound, find_release, release_cache
 
 PROMPT_SOURCES = ("ours", "release")
 
@@ -35,31 +34,20 @@ class ReleaseCodeMissing(FileNotFoundError):
     """The release's code is not on this machine; the message says where ger looked and how to fix it."""
 
 
-def _code_dir(folder: Path) -> Path:
-    """A release checkout, given as its root or as its results/ folder (what GER_REFERENCE_DIR names)."""
-    return folder.parent if folder.name == "results" else folder
-
-
 def find_release_code(release_dir: str | Path | None = None) -> Path:
     """The folder with the release's chatgpt.py: release_dir if set, else $GER_REFERENCE_DIR or the cache."""
     name = _conf()["file"]
-    looked: list[Path] = []
-    places = [release_dir] if release_dir else [os.environ.get("GER_REFERENCE_DIR"), release_cache()]
-    for given in places:
-        if not given:
-            continue
-        folder = _code_dir(Path(str(given)).expanduser())
-        if (folder / name).is_file():
-            return folder
-        looked.append(folder / name)
-    raise ReleaseCodeMissing(
-        f"prompt_source=release reads the prompts from the release's code ({RELEASE_REPO}@"
-        f"{RELEASE_COMMIT[:12]}, {name}), which is not on this machine; looked for "
-        f"{', '.join(str(p) for p in looked)}. Fix: run `ger reproduce` without --reference-dir once "
-        f"(it downloads the release with its code into {release_cache()}), or point release_dir=... "
-        "(or GER_REFERENCE_DIR) at a checkout of that commit (its root or its results/ folder), "
-        "or use prompt_source=ours"
-    )
+    try:
+        return find_release(release_dir, holding=name)
+    except ReleaseNotFound as missing:
+        raise ReleaseCodeMissing(
+            f"prompt_source=release reads the prompts from the release's code ({RELEASE_REPO}@"
+            f"{RELEASE_COMMIT[:12]}, {name}), which is not on this machine; looked for "
+            f"{', '.join(str(p) for p in missing.looked)}. Fix: run `ger reproduce` without --reference-dir "
+            f"once (it downloads the release with its code into {release_cache()}), or point release_dir=... "
+            "(or GER_REFERENCE_DIR) at a checkout of that commit (its root or its results/ folder), "
+            "or use prompt_source=ours"
+        ) from None
 
 
 def _instruction(source: str, function: str, where: str) -> tuple[ast.JoinedStr, list[str]]:

@@ -88,23 +88,50 @@ def cached_release_dir() -> Path:
     return release_cache() / "results"
 
 
-def find_reference_dir() -> tuple[Path | None, str]:
-    """The release's results/ folder for scoring views, without downloading: (path or None, why not).
+class ReleaseNotFound(FileNotFoundError):
+    """The release is not where ger looks; the message names each place looked at and the fix."""
 
-    $GER_REFERENCE_DIR when set, else the copy `ger reproduce` downloaded into the cache.
+    def __init__(self, message: str, looked: list[Path]):
+        super().__init__(message)
+        self.looked = looked
+
+
+def find_release(
+    given: str | Path | None = None, *, holding: str | None = None, download: bool = False
+) -> Path:
+    """Where the pinned GPT-4V release is: the one lookup behind scoring views, `ger prepare` and
+    prompt_source=release.
+
+    Order: `given` (reference_dir= / release_dir=) alone when set, else $GER_REFERENCE_DIR, else the
+    pinned download in the cache, fetched first when `download` (else the caller says how to get it).
+    Returns the results/ folder as named: a place named explicitly is never silently replaced.
+    holding="chatgpt.py": the checkout folder holding that code file instead (a results/ folder stands
+    for the checkout around it); a place without it is passed over, since GER_REFERENCE_DIR often
+    names a copy of results/ alone, and the cache's download is tried next.
     """
     env = os.environ.get("GER_REFERENCE_DIR")
-    if env:
-        path = Path(env).expanduser()
+    named = (given, "reference_dir") if given else (env, "GER_REFERENCE_DIR") if env else None
+    if holding:
+        places = ([Path(str(named[0])).expanduser()] if named else []) + ([] if given else [release_cache()])
+        folders = [p.parent if p.name == "results" else p for p in places]
+        for folder in folders:
+            if (folder / holding).is_file():
+                return folder
+        looked = [f / holding for f in folders]
+        raise ReleaseNotFound(f"no {holding} at {', '.join(map(str, looked))}", looked)
+    if named:
+        path = Path(str(named[0])).expanduser()
         if path.is_dir():
-            return path, ""
-        return None, f"GER_REFERENCE_DIR={env} is not a folder"
-    cached = cached_release_dir()
-    if cached.is_dir():
-        return cached, ""
-    return None, (
+            return path
+        raise ReleaseNotFound(f"{named[1]}={named[0]} is not a folder", [path])
+    if download:
+        return download_release()
+    if cached_release_dir().is_dir():
+        return cached_release_dir()
+    raise ReleaseNotFound(
         "the GPT-4V release was not found: set GER_REFERENCE_DIR to its results/ folder, "
-        "or run `ger reproduce` once to download it into the cache"
+        "or run `ger reproduce` once to download it into the cache",
+        [cached_release_dir()],
     )
 
 

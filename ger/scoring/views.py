@@ -23,7 +23,7 @@ from pathlib import Path
 
 from ger.data.datasets import DatasetSpec
 from ger.records import Prediction
-from ger.report.reference import find_reference_dir, release_names
+from ger.report.reference import ReleaseNotFound, find_release, release_names
 from ger.scoring.metrics import Outcome, Score, outcome, score_outcome
 
 ALL, PAPER = "all", "paper"
@@ -90,9 +90,10 @@ def paper_rows(spec: DatasetSpec, variant: str | None = None, ref_dir: Path | No
     if spec.reference is None:
         return PaperRows(None, note=f"{spec.key} has no GPT-4V release file, so there are no paper's rows")
     if ref_dir is None:
-        ref_dir, why = find_reference_dir()
-        if ref_dir is None:
-            return PaperRows(None, note=why)
+        try:
+            ref_dir = find_release()
+        except ReleaseNotFound as missing:
+            return PaperRows(None, note=str(missing))
     files = spec.reference.files
     variant = variant if variant in files else spec.reference.paper_variant
     path = Path(ref_dir) / spec.reference.folder / files[variant]
