@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import typing
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, ClassVar, Protocol, TypeVar
 
 from ger.config import plain
@@ -146,10 +146,6 @@ def _number(value: Any, hint: Any, key: str, backend: str) -> Any:
 def register_backend(name: str, target: str) -> None:
     """Add a backend ("module:Class") under `name`, e.g. from a plugin."""
     _REGISTRY[name] = target
-
-
-def backend_names() -> Iterable[str]:
-    return sorted(_REGISTRY)
 
 
 def _backend_class(name: str) -> type:
