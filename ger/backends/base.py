@@ -143,11 +143,6 @@ def _number(value: Any, hint: Any, key: str, backend: str) -> Any:
     raise ValueError(f"backend {backend!r}: {key} must be a number, got {value!r}")
 
 
-def register_backend(name: str, target: str) -> None:
-    """Add a backend ("module:Class") under `name`, e.g. from a plugin."""
-    _REGISTRY[name] = target
-
-
 def _backend_class(name: str) -> type:
     if name not in _REGISTRY:
         raise ValueError(f"unknown backend {name!r}; expected one of {sorted(_REGISTRY)}")
