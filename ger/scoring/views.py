@@ -35,10 +35,6 @@ class View:
     rows: str = ALL
     labels: str = STRICT
 
-    @property
-    def is_main(self) -> bool:
-        return self.rows == ALL and self.labels == STRICT
-
     def tag(self, spec: DatasetSpec) -> str:
         """A short row label: "" for the main view, else e.g. "paper's rows; surprise=surprised"."""
         parts = ["paper's rows"] if self.rows == PAPER else []
