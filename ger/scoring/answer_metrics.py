@@ -142,3 +142,21 @@ def answer_metrics(out: Outcome) -> AnswerMetrics:
     macro = round(100.0 * float(np.mean(defined)), 2) if defined else None
     auc_pct = {c: None if v is None else round(100.0 * v, 2) for c, v in auc.items()}
     return AnswerMetrics(n, top1, top2, len(have), round(nll, 4), round(100.0 * ece, 2), macro, auc_pct)
+
+
+def markdown_lines(m: AnswerMetrics | None) -> list[str]:
+    """report.md lines: top-k always; coverage, NLL, ECE and AUC when any answer had probabilities."""
+    if m is None:
+        return []
+    lines = [f"- top-1 {m.top1:.2f}%, top-2 {m.top2:.2f}% (top-2: the true class among the first two labels)"]
+    if not m.with_probs:
+        return [*lines, f"- label probabilities: none of the {m.n} answers has them (text answers)"]
+    share = 100.0 * m.with_probs / m.n if m.n else 0.0
+    macro = f"{m.auc_macro:.2f}%" if m.auc_macro is not None else "–"
+    lines.append(
+        f"- label probabilities for {m.with_probs} of {m.n} samples ({share:.1f}%; NLL, ECE and AUC over "
+        f"those): NLL {m.nll:.4f} nats, ECE {m.ece:.2f}% ({ECE_BINS} equal-width bins), one-vs-rest AUC "
+        f"macro {macro}"
+    )
+    cells = [f"{c} {v:.2f}" if v is not None else f"{c} –" for c, v in m.auc.items()]
+    return [*lines, "- AUC % per class: " + ", ".join(cells)]
