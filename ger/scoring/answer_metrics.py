@@ -5,9 +5,11 @@ one-vs-rest ROC AUC per class.
 Everything is computed in the scoring rule's class space (ger/scoring/rules.py), over the samples
 the rule keeps (continuous sets drop score 0), in the same view as the test set's metrics:
 
-- top-k (percent): a sample is a hit when one of the answer's first k ranked labels, read as a class
-  by the rule, is the true class. A failed or unusable answer is a miss. An answer that names one
-  label only has top-2 = top-1. top-1 equals the set's accuracy.
+- top-k (percent): a sample is a hit when its top-1 is right (the set's accuracy, the paper's rule:
+  an answer whose first word is off the label set is wrong) or when one of the first k candidate
+  labels the answer ranks, read as a class by the rule, is the true class. Words off the label set
+  are no candidates and are skipped (as ger's parser skips them after rank 1). An empty, missing or
+  failed answer is a miss; an answer that names one label only has top-2 = top-1.
 - class probabilities: a likelihood answer's `Prediction.probs` (label -> probability over the
   label set) summed into classes (Abstract's emotions into polarities, MOSI's five labels into
   positive/negative, the lenient view's equivalents into one class). Probabilities are used whatever
@@ -96,11 +98,11 @@ def class_probs(
 
 
 def top_k_hits(out: Outcome, k: int) -> np.ndarray:
-    """Per kept sample: is the true class among the answer's first k ranked classes (top-1 = y_pred)."""
+    """Per kept sample: top-1 right, or the true class among the first k candidate classes ranked."""
     right = np.asarray(out.y_true, dtype=object) == np.asarray(out.y_pred, dtype=object)
     if k == 1:
         return right
-    more = [t in r[1:k] for t, r in zip(out.y_true, out.ranked or [[]] * len(out.y_true), strict=True)]
+    more = [t in r[:k] for t, r in zip(out.y_true, out.ranked or [[]] * len(out.y_true), strict=True)]
     return right | np.asarray(more, dtype=bool)
 
 

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ger.answers.matching import LabelMatcher
-from ger.records import OK, Prediction
+from ger.records import OK, UNKNOWN_LABEL, Prediction
 from ger.scoring.answer_metrics import AnswerMetrics, answer_metrics, class_probs
 from ger.scoring.rules import (
     DROPPED,
@@ -128,9 +128,13 @@ def _usable_top1(pred: Prediction, matcher: LabelMatcher) -> str | None:
     return matcher.match(pred.top1)
 
 
+# Answers whose ranked list was read: top-k ranks their candidate labels even when top-1 is off the set.
+READ = (OK, UNKNOWN_LABEL)
+
+
 def _ranked_classes(pred: Prediction, matcher: LabelMatcher, to_class: ClassReader) -> list[str]:
-    """The answer's ranked labels as classes, position kept (an unmatched label is INVALID)."""
-    return [to_class(m) if (m := matcher.match(x)) is not None else INVALID for x in pred.ranked]
+    """The answer's ranking of the candidate labels, as classes (words off the label set are skipped)."""
+    return [to_class(m) for x in pred.ranked if (m := matcher.match(x)) is not None]
 
 
 def outcome(preds: list[Prediction], spec: DatasetSpec) -> Outcome:
@@ -152,7 +156,7 @@ def outcome(preds: list[Prediction], spec: DatasetSpec) -> Outcome:
         out.names.append(p.name)
         out.y_true.append(truth)
         out.y_pred.append(to_class(top) if top is not None else rule.unusable(truth))
-        out.ranked.append(_ranked_classes(p, matcher, to_class) if top is not None else [])
+        out.ranked.append(_ranked_classes(p, matcher, to_class) if p.status in READ else [])
         out.probs.append(class_probs(p, spec, matcher, to_class, out.classes))
     return out
 
