@@ -2,6 +2,7 @@
 checked against sklearn and numpy called here directly, not through ger."""
 
 import csv
+import json
 import math
 
 import numpy as np
@@ -202,3 +203,48 @@ def test_top2_of_the_gpt4v_release_matches_a_reading_with_the_csv_module(referen
     s = score(read_release(path, spec), spec, variant)
     assert s.answer.top2 == release_top2(path, spec.labels)
     assert s.answer.top1 == s.values[spec.main_metric] < s.answer.top2
+
+
+def test_run_files_add_answer_metrics_beside_the_existing_keys(tmp_path):
+    from omegaconf import OmegaConf
+
+    from ger.run.ask import AskStats
+    from ger.run.run_files import write_run_files
+
+    spec, preds = make_spec(), [*prob_preds(), P("a", ["b"], name="text")]
+    result = score_views(preds, spec, None)
+    cfg = OmegaConf.create({"model": {"name": "tiny"}, "backend": {"name": "hf"}})
+    meta = write_run_files(tmp_path, cfg, spec, preds, result, [], AskStats(sent=5))
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    assert saved == json.loads(json.dumps(meta))
+    old = {
+        "dataset",
+        "test_set",
+        "variant",
+        "n",
+        "parse_failures",
+        "parse_failure_rate",
+        "dropped_zero_scores",
+    }
+    old |= {
+        "scores",
+        "views",
+        "notes",
+        "per_class_recall",
+        "confusion",
+        "model",
+        "backend",
+        "overrides",
+        "requests",
+    }
+    assert set(saved) == old | {"answer_metrics"}
+    assert [r["metric"] for r in saved["scores"]] == ["acc"]  # the set's metrics only, as before
+    am = saved["answer_metrics"]
+    assert (am["n"], am["with_probs"], am["without_probs"], am["top1"]) == (5, 4, 1, 40.0)
+    assert saved["views"][0]["answer_metrics"] == am
+    report = (tmp_path / "report.md").read_text()
+    assert "- top-1 40.00%, top-2 60.00%" in report
+    assert (
+        "label probabilities for 4 of 5 samples (80.0%" in report and f"NLL {am['nll']:.4f} nats" in report
+    )
+    assert "AUC % per class: a 83.33, b 62.50, c 66.67" in report
