@@ -244,7 +244,5 @@ def test_run_files_add_answer_metrics_beside_the_existing_keys(tmp_path):
     assert saved["views"][0]["answer_metrics"] == am
     report = (tmp_path / "report.md").read_text()
     assert "- top-1 40.00%, top-2 60.00%" in report
-    assert (
-        "label probabilities for 4 of 5 samples (80.0%" in report and f"NLL {am['nll']:.4f} nats" in report
-    )
+    assert "label probabilities for 4 of 5 samples (80.0%" in report and f"NLL {am['nll']:.4f} nats" in report
     assert "AUC % per class: a 83.33, b 62.50, c 66.67" in report

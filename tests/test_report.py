@@ -281,12 +281,13 @@ def test_answer_modes_side_by_side_with_the_paired_test(tmp_path: Path):
     make_run(root / "free", "ravdess", RIGHT_A, {})  # no answer key: mode=single -> free
     make_run(root / "batch", "ravdess", RIGHT_B, {"mode": "batch", "batch_size": "8"})
     make_run(root / "lik", "ravdess", RIGHT_B, {"answer": "likelihood"}, top_prob=0.65)
+    make_run(root / "choice", "ravdess", RIGHT_A, {"mode": "single", "structured_output": "true"})
     make_run(root / "other", "ravdess", RIGHT_A, {"answer": "likelihood", "frames": "8"}, top_prob=0.65)
     out = tmp_path / "report"
     assert cli([str(root), "--out", str(out), "--bootstrap", "0"]) == 0
     (group,) = json.loads((out / "report.json").read_text())["modes"]  # frames=8 differs: not a peer
-    assert [r["answer"] for r in group["runs"]] == ["free", "batch", "likelihood"]
-    free, batch, lik = group["runs"]
+    assert [r["answer"] for r in group["runs"]] == ["free", "batch", "choice", "likelihood"]
+    free, batch, _, lik = group["runs"]
     assert free["values"]["war"] == free["answer_metrics"]["top1"] == 75.0
     assert lik["values"]["war"] == lik["answer_metrics"]["top1"] == 62.5
     assert (free["answer_metrics"]["with_probs"], lik["answer_metrics"]["with_probs"]) == (0, 40)
@@ -294,7 +295,8 @@ def test_answer_modes_side_by_side_with_the_paired_test(tmp_path: Path):
     p_true = np.where(RIGHT_B, 0.65, 0.05)  # the true label's probability, as make_run gives it
     assert lik["answer_metrics"]["nll"] == pytest.approx(-np.log(p_true).mean(), abs=1e-4)
     tests = {(t["a"], t["b"]): t for t in group["mcnemar"]}
-    assert set(tests) == {("free", "batch"), ("free", "likelihood"), ("batch", "likelihood")}
+    modes = ["free", "batch", "choice", "likelihood"]
+    assert set(tests) == {(a, b) for i, a in enumerate(modes) for b in modes[i + 1 :]}
     t = tests[("free", "likelihood")]
     assert (t["n"], t["only_a_right"], t["only_b_right"], t["method"]) == (40, 10, 5, "exact")
     assert t["p_value"] == pytest.approx(P_EXACT)
