@@ -41,6 +41,7 @@ if TYPE_CHECKING:
     from ger.scoring.metrics import Outcome
 
 ECE_BINS = 15
+TOP_K = 2  # the largest k reported (top-1, top-2): the paper's prompt asks for a ranking of the labels
 NLL_FLOOR = 1e-15
 SUM_TOLERANCE = 1e-3  # a probs column summing further from 1 is a broken file, not rounding
 

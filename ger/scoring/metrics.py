@@ -19,7 +19,7 @@ import numpy as np
 
 from ger.answers.matching import LabelMatcher
 from ger.records import OK, UNKNOWN_LABEL, Prediction
-from ger.scoring.answer_metrics import AnswerMetrics, answer_metrics, class_probs
+from ger.scoring.answer_metrics import TOP_K, AnswerMetrics, answer_metrics, class_probs
 from ger.scoring.rules import (
     DROPPED,
     INVALID,
@@ -47,7 +47,7 @@ class Outcome:
     classes: list[str]  # the label space, in the dataset's order
     failures: int  # predictions with a status other than ok (counted, scored wrong)
     dropped: int = 0  # continuous scoring: samples whose score is exactly 0
-    # Per sample, beside y_true: the ranked labels as classes (top-k; [] for an unusable answer) and
+    # Per sample, beside y_true: the first TOP_K ranked candidate labels as classes ([]: failed) and
     # the probability of each class (likelihood answers; None for text answers). See answer_metrics.py.
     ranked: list[list[str]] = field(default_factory=list)
     probs: list[dict[str, float] | None] = field(default_factory=list)
@@ -133,8 +133,14 @@ READ = (OK, UNKNOWN_LABEL)
 
 
 def _ranked_classes(pred: Prediction, matcher: LabelMatcher, to_class: ClassReader) -> list[str]:
-    """The answer's ranking of the candidate labels, as classes (words off the label set are skipped)."""
-    return [to_class(m) for x in pred.ranked if (m := matcher.match(x)) is not None]
+    """The answer's first TOP_K candidate labels, as classes (words off the label set are skipped)."""
+    out: list[str] = []
+    for x in pred.ranked:
+        if len(out) == TOP_K:  # only what top-k reads: scoring 40k release answers stays fast
+            break
+        if (m := matcher.match(x)) is not None:
+            out.append(to_class(m))
+    return out
 
 
 def outcome(preds: list[Prediction], spec: DatasetSpec) -> Outcome:
@@ -144,6 +150,7 @@ def outcome(preds: list[Prediction], spec: DatasetSpec) -> Outcome:
     # ground truth and stored top-1 are already label spellings: the paper's strict matching, no folding
     matcher = strict_matcher(spec.labels)
     out = Outcome([], [], [], rule.classes(spec), 0)
+    ranked: dict[tuple[str, ...], list[str]] = {}
     for p in preds:
         truth = read_truth(p.gt)
         if truth is None:
@@ -156,8 +163,14 @@ def outcome(preds: list[Prediction], spec: DatasetSpec) -> Outcome:
         out.names.append(p.name)
         out.y_true.append(truth)
         out.y_pred.append(to_class(top) if top is not None else rule.unusable(truth))
-        out.ranked.append(_ranked_classes(p, matcher, to_class) if p.status in READ else [])
-        out.probs.append(class_probs(p, spec, matcher, to_class, out.classes))
+        if p.status in READ:
+            key = tuple(p.ranked)  # answers repeat orderings: read each one once
+            if key not in ranked:
+                ranked[key] = _ranked_classes(p, matcher, to_class)
+            out.ranked.append(ranked[key])
+        else:
+            out.ranked.append([])
+        out.probs.append(None if p.probs is None else class_probs(p, spec, matcher, to_class, out.classes))
     return out
 
 
