@@ -311,3 +311,25 @@ def test_answer_modes_side_by_side_with_the_paired_test(tmp_path: Path):
 def test_no_mode_table_when_runs_differ_in_more_than_the_answer(sweep: Path, tmp_path: Path):
     make_run(sweep / "lik", "ravdess", RIGHT_A, {"answer": "likelihood", "frames": "4"}, top_prob=0.5)
     assert build_report([sweep], 0, 0).modes == []
+
+
+@pytest.mark.parametrize(
+    ("overrides", "saved", "mode"),
+    [
+        ({"answer": "likelihood"}, None, "likelihood"),  # config.yaml's answer
+        ({}, "choice", "choice"),  # metrics.json's answer (the pipeline's resolved mode)
+        ({"mode": "batch"}, None, "batch"),  # older spellings
+        ({"mode": "single", "structured_output": "true"}, None, "choice"),
+        ({"mode": "single"}, None, "free"),
+        ({}, None, "free"),
+    ],
+)
+def test_answer_mode_of_a_run(tmp_path: Path, overrides, saved, mode):
+    from ger.report.modes import answer_mode
+    from ger.report.runs import load_run
+
+    folder = make_run(tmp_path / "r", "rafdb", [True] * 7, overrides)
+    if saved:
+        meta = json.loads((folder / "metrics.json").read_text())
+        (folder / "metrics.json").write_text(json.dumps({**meta, "answer": saved}))
+    assert answer_mode(load_run(folder)) == mode

@@ -1,7 +1,7 @@
 """Answer modes side by side: runs that differ only in how the answer was obtained.
 
-A run's answer mode is its config's `answer` (free | batch | choice | likelihood); a run made before
-that setting existed gets the mode its `mode` / `structured_output` meant (batch -> batch, single
+A run's answer mode is its `answer` (free | batch | choice | likelihood; metrics.json, else config.yaml);
+a run without one gets the mode its `mode` / `structured_output` meant (batch -> batch, single
 with structured output -> choice, else free). Runs on the same test set, variant and model whose
 other settings are equal form a group; `ger report` shows each group as one table (a row per mode:
 the set's metrics, top-1/top-2, and NLL/ECE/AUC where answers had probabilities) with McNemar's
@@ -14,9 +14,10 @@ from dataclasses import dataclass, field
 from itertools import combinations
 from typing import Any
 
+import numpy as np
+
 from ger.report.runs import NOT_IN_LABEL, Run
 from ger.scoring.answer_metrics import AnswerMetrics, answer_metrics
-from ger.scoring.metrics import correct_vector
 from ger.scoring.stats import McNemar, format_p, mcnemar
 
 MODE_ORDER = ("free", "batch", "choice", "likelihood")
@@ -27,10 +28,11 @@ ANSWER_KEYS |= {"modality_batch_sizes", "generation.max_tokens_per_record"}
 
 
 def answer_mode(run: Run) -> str:
-    """The run's answer mode: `answer` from its config, else what `mode`/`structured_output` meant."""
-    value = run.setting("answer")
-    if value not in (None, "null", ""):
-        return str(value)
+    """The run's answer mode: metrics.json's or config's `answer`, else what `mode`/`structured_output`
+    meant (the older spellings, as ger/answers/modes.py reads them)."""
+    for value in (run.metrics.get("answer"), run.setting("answer")):
+        if value not in (None, "null", ""):
+            return str(value)
     if run.setting("mode") == "batch":
         return "batch"
     return "choice" if run.setting("structured_output") == "true" else "free"
@@ -96,6 +98,12 @@ class ModeGroup:
         }
 
 
+def _correct(run: Run) -> tuple[np.ndarray, list[str]]:
+    """Top-1 correctness per sample (the run's scored outcome) and the sample names, for McNemar."""
+    out = run.outcome
+    return np.asarray(out.y_true) == np.asarray(out.y_pred), out.names
+
+
 def _order(mode: str) -> tuple[int, str]:
     return (MODE_ORDER.index(mode) if mode in MODE_ORDER else len(MODE_ORDER), mode)
 
@@ -119,9 +127,7 @@ def mode_groups(runs: list[Run]) -> list[ModeGroup]:
         group = ModeGroup(test_set, model, settings, rows)
         for x, y in combinations(rows, 2):
             if x.mode != y.mode:
-                ca, na = correct_vector(x.run.predictions, x.run.spec)
-                cb, nb = correct_vector(y.run.predictions, y.run.spec)
-                group.tests.append(ModeTest(x.mode, y.mode, mcnemar(ca, na, cb, nb)))
+                group.tests.append(ModeTest(x.mode, y.mode, mcnemar(*_correct(x.run), *_correct(y.run))))
         groups.append(group)
     return groups
 
