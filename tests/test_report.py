@@ -9,6 +9,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 from conftest import run_ger
@@ -27,16 +28,25 @@ REFERENCE_DIR = Path(
 
 
 def make_run(
-    folder: Path, dataset: str, right: list[bool], overrides: dict[str, str], model: str = "tiny"
+    folder: Path,
+    dataset: str,
+    right: list[bool],
+    overrides: dict[str, str],
+    model: str = "tiny",
+    top_prob: float | None = None,
 ) -> Path:
-    """A run folder as `ger run` writes it: sample i is answered right iff right[i]."""
+    """A run folder as `ger run` writes it: sample i is answered right iff right[i]; with `top_prob`,
+    a likelihood answer: the top label has that probability, the others share the rest equally."""
     spec = load_spec(dataset)
     labels = spec.labels
     preds = []
     for i, ok in enumerate(right):
         gt = labels[i % len(labels)]
         top = gt if ok else labels[(i + 1) % len(labels)]
-        preds.append(Prediction(f"clip_{i:03d}.mp4", gt, [top, *[x for x in labels if x != top][:2]], OK))
+        rest = None if top_prob is None else (1 - top_prob) / (len(labels) - 1)
+        probs = None if top_prob is None else {x: top_prob if x == top else rest for x in labels}
+        ranked = [top, *[x for x in labels if x != top][:2]]
+        preds.append(Prediction(f"clip_{i:03d}.mp4", gt, ranked, OK, probs=probs))
     folder.mkdir(parents=True)
     write_predictions(folder / "predictions.csv", preds)
     items = [f"dataset={dataset}", *(f"{k}={v}" for k, v in overrides.items())]
@@ -264,3 +274,62 @@ def test_a_real_sweep_over_two_frame_counts_gives_two_runs_in_one_report(ger_cac
     md = (out / "report.md").read_text()
     assert "frames=1" in md and "frames=2" in md
     assert (out / "plots" / "frames_demo_video.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_answer_modes_side_by_side_with_the_paired_test(tmp_path: Path):
+    root = tmp_path / "sweep"
+    make_run(root / "free", "ravdess", RIGHT_A, {})  # no answer key: mode=single -> free
+    make_run(root / "batch", "ravdess", RIGHT_B, {"mode": "batch", "batch_size": "8"})
+    make_run(root / "lik", "ravdess", RIGHT_B, {"answer": "likelihood"}, top_prob=0.65)
+    make_run(root / "choice", "ravdess", RIGHT_A, {"mode": "single", "structured_output": "true"})
+    make_run(root / "other", "ravdess", RIGHT_A, {"answer": "likelihood", "frames": "8"}, top_prob=0.65)
+    out = tmp_path / "report"
+    assert cli([str(root), "--out", str(out), "--bootstrap", "0"]) == 0
+    (group,) = json.loads((out / "report.json").read_text())["modes"]  # frames=8 differs: not a peer
+    assert [r["answer"] for r in group["runs"]] == ["free", "batch", "choice", "likelihood"]
+    free, batch, _, lik = group["runs"]
+    assert free["values"]["war"] == free["answer_metrics"]["top1"] == 75.0
+    assert lik["values"]["war"] == lik["answer_metrics"]["top1"] == 62.5
+    assert (free["answer_metrics"]["with_probs"], lik["answer_metrics"]["with_probs"]) == (0, 40)
+    assert free["answer_metrics"]["nll"] is None
+    p_true = np.where(RIGHT_B, 0.65, 0.05)  # the true label's probability, as make_run gives it
+    assert lik["answer_metrics"]["nll"] == pytest.approx(-np.log(p_true).mean(), abs=1e-4)
+    tests = {(t["a"], t["b"]): t for t in group["mcnemar"]}
+    modes = ["free", "batch", "choice", "likelihood"]
+    assert set(tests) == {(a, b) for i, a in enumerate(modes) for b in modes[i + 1 :]}
+    t = tests[("free", "likelihood")]
+    assert (t["n"], t["only_a_right"], t["only_b_right"], t["method"]) == (40, 10, 5, "exact")
+    assert t["p_value"] == pytest.approx(P_EXACT)
+    assert (
+        tests[("batch", "likelihood")]["only_a_right"] == tests[("batch", "likelihood")]["only_b_right"] == 0
+    )
+    markdown = (out / "report.md").read_text()
+    assert "## Answer modes side by side" in markdown
+    assert "| likelihood | 40 | 62.50 |" in markdown and "| free | likelihood | 40 | 10 | 5 |" in markdown
+
+
+def test_no_mode_table_when_runs_differ_in_more_than_the_answer(sweep: Path, tmp_path: Path):
+    make_run(sweep / "lik", "ravdess", RIGHT_A, {"answer": "likelihood", "frames": "4"}, top_prob=0.5)
+    assert build_report([sweep], 0, 0).modes == []
+
+
+@pytest.mark.parametrize(
+    ("overrides", "saved", "mode"),
+    [
+        ({"answer": "likelihood"}, None, "likelihood"),  # config.yaml's answer
+        ({}, "choice", "choice"),  # metrics.json's answer (the pipeline's resolved mode)
+        ({"mode": "batch"}, None, "batch"),  # older spellings
+        ({"mode": "single", "structured_output": "true"}, None, "choice"),
+        ({"mode": "single"}, None, "free"),
+        ({}, None, "free"),
+    ],
+)
+def test_answer_mode_of_a_run(tmp_path: Path, overrides, saved, mode):
+    from ger.report.modes import answer_mode
+    from ger.report.runs import load_run
+
+    folder = make_run(tmp_path / "r", "rafdb", [True] * 7, overrides)
+    if saved:
+        meta = json.loads((folder / "metrics.json").read_text())
+        (folder / "metrics.json").write_text(json.dumps({**meta, "answer": saved}))
+    assert answer_mode(load_run(folder)) == mode

@@ -14,11 +14,10 @@ from ger.answers.matching import LabelMatcher
 from ger.config import group_names, load_group_yaml
 from ger.errors import UserError
 from ger.records import Sample
+from ger.scoring.rules import check_metric, rule_named
 
 TASKS = ("facial", "sentiment", "micro", "dynamic", "multimodal")
 MODALITIES = ("image", "video", "video+text")
-SCORINGS = ("plain", "polarity", "continuous")
-METRICS = ("acc", "war", "uar", "wf1")
 MEDIA_KINDS = ("image", "video", "frames")
 TASK_TITLES = {
     "facial": "Facial emotion recognition (Table 3)",
@@ -67,7 +66,7 @@ class DatasetSpec:
     task: str
     modality: str
     labels: list[str]
-    scoring: str
+    scoring: str  # a rule of ger/scoring/rules.py: how gt is read and answers are scored
     metrics: list[str]
     prompt: str
     batch_size: int
@@ -108,14 +107,13 @@ def spec_from_dict(data: dict[str, Any]) -> DatasetSpec:
     key = data["key"]
     _check(data["task"], TASKS, "task", key)
     _check(data["modality"], MODALITIES, "modality", key)
-    _check(data["scoring"], SCORINGS, "scoring", key)
+    rule = rule_named(data["scoring"], key)
     for metric in data["metrics"]:
-        _check(metric, METRICS, "metric", key)
+        check_metric(metric, key)
     layout = Layout(**(data.get("layout") or {}))
     _check(layout.media_kind, MEDIA_KINDS, "layout.media_kind", key)
+    rule.check_spec(data, key)
     polarity = data.get("polarity")
-    if data["scoring"] == "polarity" and not polarity:
-        raise ValueError(f"dataset {key}: scoring 'polarity' needs a `polarity` map")
     ref = data.get("reference")
     paper = data.get("paper") or {}
     return DatasetSpec(

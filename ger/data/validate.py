@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import math
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 
 from tqdm import tqdm
 
-from ger.answers.parse import LabelMatcher, normalise
 from ger.data.datasets import DatasetSpec, LabelListError
 from ger.data.media import MediaError, load_sample
 from ger.data.video import probe
 from ger.records import Sample
+from ger.scoring.rules import rule_for
 
 SHOW = 10  # problems listed per kind
 
@@ -64,17 +63,6 @@ class DatasetReport:
         return "\n".join(lines)
 
 
-def _label_ok(spec: DatasetSpec, gt: str, matcher: LabelMatcher) -> bool:
-    if spec.scoring == "continuous":
-        try:
-            return math.isfinite(float(gt))  # nan and inf are no sentiment score
-        except ValueError:
-            return False
-    if spec.scoring == "polarity":
-        return normalise(gt) in ("positive", "negative") or matcher.match(gt) is not None
-    return matcher.match(gt) is not None
-
-
 def _where(label_file: str, s: Sample) -> str:
     return f"{label_file}:{s.line}" if s.line else label_file
 
@@ -83,12 +71,12 @@ def check_labels(spec: DatasetSpec, samples: list[Sample], label_file: str = "")
     """Labels, repeated names and path problems of a label list, each with file and line."""
     where = label_file or spec.layout.label_file
     report = DatasetReport(spec.key, len(samples))
-    matcher = LabelMatcher(spec.gt_labels, strict=True)  # a label list spells its classes exactly
-    expected = "a finite number" if spec.scoring == "continuous" else f"one of {spec.gt_labels}"
+    rule = rule_for(spec)  # the same reading of gt as scoring (ger/scoring/rules.py)
+    truth = rule.truth_reader(spec)
     report.bad_labels = [
-        f"{_where(where, s)}: {s.name}: {s.gt!r} is not {expected}"
+        f"{_where(where, s)}: {s.name}: {s.gt!r} is not {rule.expected(spec)}"
         for s in samples
-        if not _label_ok(spec, s.gt, matcher)
+        if truth(s.gt) is None
     ]
     lines: dict[str, list[int]] = defaultdict(list)
     for s in samples:

@@ -20,6 +20,7 @@ from typing import Any
 import yaml
 
 from ger.data.datasets import TASK_TITLES, DatasetSpec
+from ger.report.modes import ModeGroup, mode_groups, modes_markdown
 from ger.report.runs import Run, assign_labels, find_runs
 from ger.scoring.metrics import Outcome, correct_vector
 from ger.scoring.stats import Interval, McNemar, bootstrap_ci, format_p, mcnemar
@@ -86,6 +87,7 @@ class Report:
     # The views other than (every sample, strict), per run folder; and why any view is absent.
     views: dict[Path, list[tuple[View, Outcome]]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    modes: list[ModeGroup] = field(default_factory=list)  # runs that differ only in answer mode
 
     def table_rows(self) -> list[Row]:
         """One row per (run, view, test set, metric), then the paper's GPT-4V and best supervised numbers."""
@@ -261,6 +263,7 @@ def to_markdown(report: Report, rows: list[Row]) -> str:
     lines = ["# Runs compared", "", intro, "", VIEWS_INTRO, "", *table_markdown(rows)]
     if report.notes:
         lines += ["## Notes on the score views", "", *(f"- {n}" for n in report.notes), ""]
+    lines += modes_markdown(report.modes, report.n_boot, report.seed)
     if report.comparisons:
         lines += ["## Comparison", "", *comparisons_markdown(report.comparisons), ""]
     if report.ablations:
@@ -288,6 +291,7 @@ def write_outputs(report: Report, out: Path) -> tuple[str, list[Path]]:
         "comparisons": [c.to_dict() for c in report.comparisons],
         "ablations": [c.to_dict() for c in report.ablations],
         "notes": report.notes,
+        "modes": [g.to_dict(report.n_boot, report.seed) for g in report.modes],
     }
     (out / "report.json").write_text(json.dumps(data, indent=2))
     markdown = to_markdown(report, rows)
@@ -336,6 +340,7 @@ def build_report(
     report = Report(runs, n_boot, seed)
     attach_views(report, reference_dir)
     report.ablations = _compare_all(paper_ablations(runs), n_boot, seed)
+    report.modes = mode_groups(runs)
     if sides:
         report.comparisons = _compare_all(pair_runs(*sides), n_boot, seed)
         _warn_unpaired(pair or (), sides)

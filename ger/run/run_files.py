@@ -13,6 +13,7 @@ from ger.data.datasets import DatasetSpec
 from ger.files import atomic_write_text
 from ger.records import Prediction
 from ger.run.predictions import write_predictions
+from ger.scoring.answer_metrics import markdown_lines
 from ger.scoring.metrics import Score
 
 
@@ -70,6 +71,7 @@ def report_markdown(
         f"- {metrics} over {result.n} samples"
         + (f" ({result.dropped} with score 0 dropped)" if result.dropped else ""),
         f"- parse failures: {result.failures} ({result.parse_failure_rate:.2f}%), scored as wrong",
+        *markdown_lines(result.answer),
         f"- GPT-4V (paper): {paper}; best supervised: {supervised}",
         f"- requests: {stats.cached} from cache, {stats.sent} sent, {stats.failed} failed, "
         f"{stats.splits} batch splits",

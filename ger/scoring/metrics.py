@@ -1,26 +1,40 @@
-"""The paper's scoring rules.
+"""The paper's scoring rules applied: predictions -> Outcome -> Score.
 
-Top-1 of the ranked list, folded for case and whitespace, then the dataset's rule:
+Top-1 of the ranked list, folded for case and whitespace, then the dataset's rule
+(the registry in ger/scoring/rules.py, named by the dataset YAML's `scoring`):
 plain (label equality), polarity (Abstract/ArtPhoto: the emotion's polarity against
 the polarity label) or continuous (CMU-MOSI/CH-SIMS: drop score 0, positive iff > 0,
 prediction positive iff `positive`/`weakly positive`). A prediction whose top-1 is
-outside the label set, or that is empty or missing, is kept and scored wrong.
+outside the label set, or that is empty or missing, is kept and scored wrong. Beside the
+set's metrics every Score carries top-1/top-2 and, for answers with probabilities, NLL, ECE
+and AUC (ger/scoring/answer_metrics.py).
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ger.answers.parse import LabelMatcher, normalise
-from ger.data.datasets import DatasetSpec
-from ger.records import OK, Prediction
+from ger.answers.matching import LabelMatcher
+from ger.records import OK, UNKNOWN_LABEL, Prediction
+from ger.scoring.answer_metrics import TOP_K, AnswerMetrics, answer_metrics, class_probs
+from ger.scoring.rules import (
+    DROPPED,
+    INVALID,
+    METRICS,
+    POSITIVE_ANSWERS,
+    ClassReader,
+    check_metric,
+    rule_for,
+    strict_matcher,
+)
 
-INVALID = "(invalid)"  # stands in for any unusable prediction: never equal to a true label
-POSITIVE_ANSWERS = ("positive", "weakly positive")
+if TYPE_CHECKING:
+    from ger.data.datasets import DatasetSpec
+
+__all__ = ["INVALID", "POSITIVE_ANSWERS", "Outcome", "Score", "outcome", "score", "score_outcome"]
 
 
 @dataclass
@@ -33,6 +47,10 @@ class Outcome:
     classes: list[str]  # the label space, in the dataset's order
     failures: int  # predictions with a status other than ok (counted, scored wrong)
     dropped: int = 0  # continuous scoring: samples whose score is exactly 0
+    # Per sample, beside y_true: the first TOP_K ranked candidate labels as classes ([]: failed) and
+    # the probability of each class (likelihood answers; None for text answers). See answer_metrics.py.
+    ranked: list[list[str]] = field(default_factory=list)
+    probs: list[dict[str, float] | None] = field(default_factory=list)
 
 
 @dataclass
@@ -53,6 +71,7 @@ class Score:
     labels: str = "strict"  # strict: the paper's string equality | lenient: the dataset's equivalences
     views: list[Score] = field(default_factory=list)  # the other views of the same run
     notes: list[str] = field(default_factory=list)  # why a view is absent, where the paper's rows came from
+    answer: AnswerMetrics | None = None  # top-1/top-2, and NLL/ECE/AUC for answers with probabilities
 
     @property
     def parse_failure_rate(self) -> float:
@@ -81,6 +100,7 @@ class Score:
             "parse_failures": self.failures,
             "dropped_zero_scores": self.dropped,
             "values": dict(self.values),
+            **({"answer_metrics": self.answer.to_dict()} if self.answer else {}),
         }
 
     def to_dict(self) -> dict[str, Any]:
@@ -98,6 +118,7 @@ class Score:
             "notes": list(self.notes),
             "per_class_recall": self.per_class_recall,
             "confusion": {"labels": self.confusion_labels, "matrix": self.confusion},
+            **({"answer_metrics": self.answer.to_dict()} if self.answer else {}),
         }
 
 
@@ -107,87 +128,57 @@ def _usable_top1(pred: Prediction, matcher: LabelMatcher) -> str | None:
     return matcher.match(pred.top1)
 
 
-def _plain(preds: list[Prediction], spec: DatasetSpec) -> Outcome:
-    # ground truth and stored top-1 are already label spellings: the paper's strict matching, no folding
-    matcher, gt_matcher = LabelMatcher(spec.labels, strict=True), LabelMatcher(spec.gt_labels, strict=True)
-    y_true, y_pred, failures = [], [], 0
-    for p in preds:
-        gt = gt_matcher.match(p.gt)
-        if gt is None:
-            raise ValueError(
-                f"{spec.key}: ground truth {p.gt!r} of {p.name!r} is not in the label set {spec.gt_labels}"
-            )
-        top = _usable_top1(p, matcher)
-        failures += top is None
-        y_true.append(gt)
-        y_pred.append(top if top is not None else INVALID)
-    return Outcome([p.name for p in preds], y_true, y_pred, spec.gt_labels, failures)
+# Answers whose ranked list was read: top-k ranks their candidate labels even when top-1 is off the set.
+READ = (OK, UNKNOWN_LABEL)
 
 
-def _polarity(preds: list[Prediction], spec: DatasetSpec) -> Outcome:
-    assert spec.polarity is not None
-    matcher = LabelMatcher(spec.labels, strict=True)
-    polarity = {normalise(k): v for k, v in spec.polarity.items()}
-    y_true, y_pred, failures = [], [], 0
-    for p in preds:
-        gt = normalise(p.gt)
-        gt = gt if gt in ("positive", "negative") else polarity.get(gt)
-        if gt is None:
-            raise ValueError(f"{spec.key}: ground truth {p.gt!r} of {p.name!r} has no polarity")
-        top = _usable_top1(p, matcher)
-        failures += top is None
-        y_true.append(gt)
-        y_pred.append(polarity[normalise(top)] if top is not None else INVALID)
-    return Outcome([p.name for p in preds], y_true, y_pred, ["positive", "negative"], failures)
-
-
-def _continuous(preds: list[Prediction], spec: DatasetSpec) -> Outcome:
-    matcher = LabelMatcher(spec.labels, strict=True)
-    names, y_true, y_pred, failures, dropped = [], [], [], 0, 0
-    for p in preds:
-        try:
-            value = float(p.gt)
-        except ValueError:
-            value = math.nan
-        if not math.isfinite(value):  # nan/inf are no sentiment (and nan > 0 is False: "negative")
-            raise ValueError(f"{spec.key}: ground truth {p.gt!r} of {p.name!r} is not a finite number")
-        if value == 0:
-            dropped += 1
-            continue
-        truth = "positive" if value > 0 else "negative"
-        top = _usable_top1(p, matcher)
-        failures += top is None
-        names.append(p.name)
-        y_true.append(truth)
-        if top is None:
-            y_pred.append("negative" if truth == "positive" else "positive")  # scored wrong, never dropped
-        else:
-            y_pred.append("positive" if normalise(top) in POSITIVE_ANSWERS else "negative")
-    return Outcome(names, y_true, y_pred, ["positive", "negative"], failures, dropped)
-
-
-_RULES = {"plain": _plain, "polarity": _polarity, "continuous": _continuous}
+def _ranked_classes(pred: Prediction, matcher: LabelMatcher, to_class: ClassReader) -> list[str]:
+    """The answer's first TOP_K candidate labels, as classes (words off the label set are skipped)."""
+    out: list[str] = []
+    for x in pred.ranked:
+        if len(out) == TOP_K:  # only what top-k reads: scoring 40k release answers stays fast
+            break
+        if (m := matcher.match(x)) is not None:
+            out.append(to_class(m))
+    return out
 
 
 def outcome(preds: list[Prediction], spec: DatasetSpec) -> Outcome:
-    """Apply the dataset's scoring rule (see module docstring)."""
-    return _RULES[spec.scoring](preds, spec)
+    """Apply the dataset's scoring rule (ger/scoring/rules.py; see module docstring)."""
+    rule = rule_for(spec)
+    read_truth, to_class = rule.truth_reader(spec), rule.class_reader(spec)
+    # ground truth and stored top-1 are already label spellings: the paper's strict matching, no folding
+    matcher = strict_matcher(spec.labels)
+    out = Outcome([], [], [], rule.classes(spec), 0)
+    ranked: dict[tuple[str, ...], list[str]] = {}
+    for p in preds:
+        truth = read_truth(p.gt)
+        if truth is None:
+            raise ValueError(f"{spec.key}: ground truth {p.gt!r} of {p.name!r} {rule.invalid(spec)}")
+        if truth == DROPPED:
+            out.dropped += 1
+            continue
+        top = _usable_top1(p, matcher)
+        out.failures += top is None
+        out.names.append(p.name)
+        out.y_true.append(truth)
+        out.y_pred.append(to_class(top) if top is not None else rule.unusable(truth))
+        if p.status in READ:
+            key = tuple(p.ranked)  # answers repeat orderings: read each one once
+            if key not in ranked:
+                ranked[key] = _ranked_classes(p, matcher, to_class)
+            out.ranked.append(ranked[key])
+        else:
+            out.ranked.append([])
+        out.probs.append(None if p.probs is None else class_probs(p, spec, matcher, to_class, out.classes))
+    return out
 
 
 def metric_value(metric: str, y_true: list[str] | np.ndarray, y_pred: list[str] | np.ndarray) -> float:
-    """One metric in percent. UAR averages recall over the classes present in y_true."""
-    from sklearn.metrics import accuracy_score, f1_score, recall_score  # lazy: ~2 s of imports
-
-    if metric in ("acc", "war"):
-        value = accuracy_score(y_true, y_pred)
-    elif metric == "uar":
-        present = sorted(set(np.asarray(y_true).tolist()))
-        value = recall_score(y_true, y_pred, labels=present, average="macro", zero_division=0)
-    elif metric == "wf1":
-        value = f1_score(y_true, y_pred, average="weighted", zero_division=0)
-    else:
-        raise ValueError(f"unknown metric {metric!r}; expected one of acc, war, uar, wf1")
-    return 100.0 * float(value)
+    """One metric of the registry (ger/scoring/rules.py METRICS) in percent. UAR averages recall over
+    the classes present in y_true."""
+    check_metric(metric)
+    return 100.0 * METRICS[metric](y_true, y_pred)
 
 
 def correct_vector(preds: list[Prediction], spec: DatasetSpec) -> tuple[np.ndarray, list[str]]:
@@ -225,4 +216,5 @@ def score_outcome(out: Outcome, spec: DatasetSpec, variant: str = "") -> Score:
         dict(paper),
         out.dropped,
         spec.key,
+        answer=answer_metrics(out),
     )

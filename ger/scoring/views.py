@@ -110,7 +110,19 @@ def fold(out: Outcome, equivalents: dict[str, str]) -> Outcome:
     """The outcome with each spelling in `equivalents` replaced by its class (the lenient view)."""
     same = lambda y: [equivalents.get(v, v) for v in y]  # noqa: E731
     classes = list(dict.fromkeys(same(out.classes)))
-    return Outcome(out.names, same(out.y_true), same(out.y_pred), classes, out.failures, out.dropped)
+    ranked = [same(r) for r in out.ranked]
+    probs = [None if p is None else _fold_probs(p, equivalents, classes) for p in out.probs]
+    return Outcome(
+        out.names, same(out.y_true), same(out.y_pred), classes, out.failures, out.dropped, ranked, probs
+    )
+
+
+def _fold_probs(probs: dict[str, float], equivalents: dict[str, str], classes: list[str]) -> dict[str, float]:
+    """Class probabilities with each spelling's probability added to its class's."""
+    folded = dict.fromkeys(classes, 0.0)
+    for c, p in probs.items():
+        folded[equivalents.get(c, c)] += p
+    return folded
 
 
 def view_outcome(
