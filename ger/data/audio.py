@@ -12,9 +12,22 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ger.records import LoadedSample, Sample
 
 DEFAULT_RATE = 16000  # Whisper-style audio encoders (Qwen2.5-Omni's feature extractor)
+# How a file becomes samples, for cache keys (bump when read_audio's output changes): PyAV's first audio
+# stream, libswresample's default downmix to mono and resampler, float32; nothing trimmed or normalised.
+READER = "pyav-swr-mono-f32:1"
+
+
+def describe_audio(rate: int) -> str:
+    """The transform from file bytes to the samples sent, as a cache key part (no decoding)."""
+    if rate <= 0:
+        raise ValueError(f"sampling rate must be positive, got {rate}")
+    return f"audio|rate:{rate}|{READER}"
 
 
 class NoAudioError(ValueError):
@@ -58,3 +71,40 @@ def read_audio(path: str | Path, rate: int = DEFAULT_RATE) -> AudioTrack:
     if samples.size == 0:
         raise NoAudioError(f"{path}: the audio stream decodes to no samples")
     return AudioTrack(samples=samples, sampling_rate=rate)
+
+
+# ---------------------------------------------------------------- samples (ger/data/media.py calls these)
+
+
+def sound_key(sample: Sample, media_kind: str, rate: int) -> str:
+    """The cache key part of a sample's sound track: its clip's digest and how it becomes samples.
+
+    Nothing is decoded (keys of a cached rerun cost no audio decoding); a frames folder or a still
+    image, which cannot hold sound, fails here with the fix."""
+    from ger.data.digests import file_digest
+    from ger.data.media import MediaError, _require_file
+
+    if sample.media is None:
+        raise MediaError(f"sample {sample.name!r} of {sample.dataset!r} has no media path")
+    media = Path(sample.media)
+    if media_kind != "video" or media.is_dir():
+        what = "folder of frames" if media.is_dir() else f"{media_kind} file"
+        raise MediaError(
+            f"{media}: a {what} has no sound track; the audio modalities need video files with their "
+            "sound (use modality=video, text or multi for this set)"
+        )
+    return f"|sound:{file_digest(_require_file(media, 'video'))}|{describe_audio(rate)}"
+
+
+def decode_sound(shell: LoadedSample) -> LoadedSample:
+    """The shell's sound track read at its rate into `shell.audio`; MediaError when there is none."""
+    import av
+
+    from ger.data.media import MediaError
+
+    media = Path(shell.sample.media)  # type: ignore[arg-type]  # sound_key checked it
+    try:
+        shell.audio = read_audio(media, shell.audio_rate)
+    except (ValueError, OSError, av.error.FFmpegError) as e:  # NoAudioError, or a broken file
+        raise MediaError(f"cannot read the sound track: {e}") from e
+    return shell
