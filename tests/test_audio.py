@@ -11,7 +11,12 @@ import pytest
 pytest.importorskip("av")
 imageio_ffmpeg = pytest.importorskip("imageio_ffmpeg")  # a test dependency: its own ffmpeg binary
 
+from conftest import run_ger  # noqa: E402
+
+from ger.data import audio  # noqa: E402
 from ger.data.audio import NoAudioError, read_audio  # noqa: E402
+from ger.data.media import MediaError, decode, describe_sample, load_sample  # noqa: E402
+from ger.records import Sample  # noqa: E402
 
 FFMPEG = imageio_ffmpeg.get_ffmpeg_exe()
 
@@ -62,3 +67,89 @@ def test_a_clip_without_sound_names_the_file(tmp_path):
     clip = _clip(tmp_path / "silent.mp4", None)
     with pytest.raises(NoAudioError, match="silent.mp4: no audio stream"):
         read_audio(clip)
+
+
+# ------------------------------------------------------------------ sound tracks as samples of a set
+
+
+def _sample(path: Path) -> Sample:
+    return Sample("demo_multimodal", path.stem, "happy", media=path)
+
+
+def test_the_key_covers_the_sound_and_its_rate_without_decoding(tmp_path, monkeypatch):
+    clip = _clip(tmp_path / "a.mp4", "sine=frequency=440")
+    plain = describe_sample(_sample(clip), "video").content_hash
+
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("a key must not decode the sound")
+
+    monkeypatch.setattr(audio, "read_audio", no_decoding)
+    keys = {
+        (rate, visual): describe_sample(_sample(clip), "video", audio_rate=rate, with_visual=visual)
+        for rate in (16000, 24000)
+        for visual in (True, False)
+    }
+    assert len({s.content_hash for s in keys.values()} | {plain}) == 5
+    assert all(s.audio_rate == rate and s.audio is None for (rate, _), s in keys.items())
+    monkeypatch.setattr(audio, "READER", audio.READER + "-next")  # a new reader invalidates old answers
+    assert (
+        describe_sample(_sample(clip), "video", audio_rate=16000).content_hash
+        != keys[16000, True].content_hash
+    )
+
+
+def test_decoding_a_shell_reads_the_sound_at_its_rate(tmp_path):
+    clip = _clip(tmp_path / "b.mp4", "sine=frequency=300")
+    loaded = load_sample(_sample(clip), "video", frames=2, audio_rate=24000, with_visual=False)
+    assert loaded.images == [] and loaded.audio.sampling_rate == 24000
+    assert np.array_equal(loaded.audio.samples, read_audio(clip, 24000).samples)
+
+
+def test_frames_and_silent_clips_have_no_sound_track(tmp_path):
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    for i in range(3):
+        (frames / f"{i}.png").write_bytes(b"not read")
+    with pytest.raises(MediaError, match="folder of frames has no sound track"):
+        describe_sample(_sample(frames), "frames", audio_rate=16000)
+    silent = _clip(tmp_path / "silent.mp4", None)
+    shell = describe_sample(_sample(silent), "video", audio_rate=16000)  # fine until decoded
+    with pytest.raises(MediaError, match="silent.mp4: no audio stream"):
+        decode(shell, "video", frames=3, sampler="paper", greyscale=False)
+
+
+def test_the_demo_clips_carry_a_voice(ger_cache):
+    """ger/data/demo.py muxes a 44.1 kHz stereo voice into each multimodal clip, as long as the clip."""
+    from ger.data.demo import ensure_demo
+    from ger.data.media import video_info
+
+    clips = sorted((ensure_demo(ger_cache / "demo") / "demo_multimodal" / "videos").glob("*.mp4"))
+    assert len(clips) == 6
+    for clip in clips:
+        n_frames, fps = video_info(clip)
+        track = read_audio(clip)
+        assert abs(track.seconds - n_frames / fps) < 0.1
+        assert 0.05 < np.abs(track.samples).max() <= 1.0
+
+
+def test_a_model_without_audio_is_refused_before_anything_is_read(tmp_path):
+    """One line, exit 2, and no demo data made, no model built, nothing asked or cached."""
+    cache = tmp_path / "cache"
+    cases = {
+        "model=tiny-random-qwen2vl": "model tiny-random-qwen2vl takes no audio (supports_audio is false",
+        "dataset=demo": "dataset demo has no speech in its media",
+    }
+    for arg, message in cases.items():
+        args = [
+            "run",
+            "dataset=demo_multimodal",
+            "model=tiny-random-qwen2_5omni",
+            "modality=audio_video",
+            arg,
+        ]
+        proc = run_ger([*args, f"hydra.run.dir={tmp_path / 'run'}"], cache, tmp_path, check=False)
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        lines = proc.stderr.strip().splitlines()
+        assert lines[-2].startswith("ger run: error: ") and message in lines[-2], lines
+        assert "Traceback" not in proc.stderr
+    assert not cache.exists() or not any(cache.iterdir())

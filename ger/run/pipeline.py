@@ -220,8 +220,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
     out = Path(HydraConfig.get().runtime.output_dir)
     check_options(cfg)
+    # refused input choices (no transcripts, no speech, a model without audio) before any data is made
+    modality, template_name = modality_plan(cfg, spec_from_dict(plain(cfg.dataset)))
     spec, data_root = resolve_spec(cfg)
-    modality, template_name = modality_plan(cfg, spec)
     template = select_template(template_name, spec.labels, cfg.prompt_source, cfg.release_dir)
     samples = read_samples(cfg, spec, data_root)
     check_dataset(spec, samples, media=False, label_file=label_file(spec, data_root)).raise_for_labels()
