@@ -10,6 +10,7 @@ so no second tool is needed. The result goes into a Request as
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -20,7 +21,7 @@ if TYPE_CHECKING:
 DEFAULT_RATE = 16000  # Whisper-style audio encoders (Qwen2.5-Omni's feature extractor)
 # How a file becomes samples, for cache keys (bump when read_audio's output changes): PyAV's first audio
 # stream, libswresample's default downmix to mono and resampler, float32; nothing trimmed or normalised.
-READER = "pyav-swr-mono-f32:1"
+READER = "pyav-swr-mono-f32:2"
 
 
 def describe_audio(rate: int) -> str:
@@ -67,10 +68,27 @@ def read_audio(path: str | Path, rate: int = DEFAULT_RATE) -> AudioTrack:
         for frame in container.decode(stream):
             chunks += [out.to_ndarray().reshape(-1) for out in resampler.resample(frame)]
         chunks += [out.to_ndarray().reshape(-1) for out in resampler.resample(None)]  # flush its buffer
+        keep, padding = _declared_length(stream, rate)
     samples = np.concatenate(chunks).astype(np.float32) if chunks else np.zeros(0, np.float32)
     if samples.size == 0:
         raise NoAudioError(f"{path}: the audio stream decodes to no samples")
+    if keep is not None and 0 < samples.size - keep <= padding:
+        samples = samples[:keep]
     return AudioTrack(samples=samples, sampling_rate=rate)
+
+
+def _declared_length(stream: Any, rate: int) -> tuple[int | None, int]:
+    """(samples at `rate` in the stream's declared duration, most padding to drop past it).
+
+    Encoders pad the last frame (AAC: up to 1,024 samples) and the container declares the true length;
+    ffmpeg's own CLI drops that padding, and so does ger. Never more than one codec frame: a longer
+    excess means the header, not the padding, is off, and then every decoded sample is kept."""
+    if not stream.duration or not stream.time_base:
+        return None, 0
+    seconds = float(stream.duration * stream.time_base)
+    frame = stream.codec_context.frame_size or 0
+    padding = math.ceil(frame * rate / (stream.rate or rate)) + 2 if frame else 0
+    return (round(seconds * rate) if seconds > 0 else None), padding
 
 
 # ---------------------------------------------------------------- samples (ger/data/media.py calls these)
