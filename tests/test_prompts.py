@@ -188,7 +188,68 @@ def test_template_and_modality_must_agree():
             [LoadedSample(Sample("d", "x", "y"), images=[_image(1)])], "text", mode="single", modality="text"
         )
     with pytest.raises(ValueError, match="unknown modality"):
-        _build([_clip(0)], "video", modality="audio")
+        _build([_clip(0)], "video", modality="smell")
+    with pytest.raises(ValueError, match=r"describes frames \(\{media\}\) but modality 'audio' sends none"):
+        _build([_heard(0)], "video", modality="audio")
+    with pytest.raises(ValueError, match="transcript"):
+        _build([_heard(0)], "audio", modality="audio_text")
+    with pytest.raises(ValueError, match="no sound track to send"):
+        _build([_clip(0)], "audio_video", modality="audio_visual")
+
+
+# ------------------------------------------------------------------ the audio modalities
+
+
+def _heard(i: int, rate: int = 16000) -> LoadedSample:
+    """A clip with its sound track decoded (ger/data/audio.py AudioTrack): a tone per sample."""
+    import numpy as np
+
+    from ger.data.audio import AudioTrack
+
+    t = np.arange(rate) / rate
+    track = AudioTrack((0.2 * np.sin(2 * np.pi * (200 + 50 * i) * t)).astype(np.float32), rate)
+    loaded = _clip(i)
+    loaded.audio, loaded.audio_rate = track, rate
+    return loaded
+
+
+AUDIO_CASES = [  # template, prompt modality, one sample's parts after its text, what a sample is called
+    ("audio", "audio", ["audio"], "Recording"),
+    ("audio_video", "audio_visual", ["image"] * 3 + ["audio"], "Video"),
+    ("audio_text", "audio_text", ["audio"], "Recording"),
+    ("audio_multimodal", "audio_multi", ["image"] * 3 + ["audio"], "Video"),
+]
+
+
+@pytest.mark.parametrize("template, modality, media, noun", AUDIO_CASES, ids=[c[0] for c in AUDIO_CASES])
+def test_audio_modalities_send_the_sound_track_after_the_frames(template, modality, media, noun):
+    samples = [_heard(i) for i in range(3)]
+    single = _build(samples[:1], template, mode="single", modality=modality)
+    assert [p["type"] for p in single.messages[0]["content"]] == ["text", *media]
+    (part,) = _parts(single, "audio")
+    assert part["audio"] is samples[0].audio.samples and part["sampling_rate"] == 16000
+    text = _all_text(single)
+    assert re.search(r"\b(listen|hear)", text) and f"{noun} 1" in text
+    assert (samples[0].text in text) == ("text" in modality or "multi" in modality)
+
+    batch = _build(samples, template, mode="batch", modality=modality)
+    content = batch.messages[0]["content"]
+    assert [p["type"] for p in content] == ["text", *media] + ["text", *media] * 2
+    heard = [p["audio"] for p in content if p["type"] == "audio"]
+    assert all(a is s.audio.samples for a, s in zip(heard, samples, strict=True))  # each after its own id
+    assert batch.ids == tuple(f"{noun} {i}" for i in (1, 2, 3))
+    assert not placeholders(_all_text(batch))
+
+
+def test_the_sound_is_in_the_key():
+    """Samples built without describe_sample are keyed by their samples; rate and sound both count."""
+    base = _build([_heard(0)], "audio", mode="single", modality="audio").key
+    assert _build([_heard(0)], "audio", mode="single", modality="audio").key == base
+    other = _heard(0)
+    other.audio = _heard(1).audio  # same frames, another sound
+    assert _build([other], "audio", mode="single", modality="audio").key != base
+    slower = _heard(0, rate=8000)
+    assert _build([slower], "audio", mode="single", modality="audio").key != base
 
 
 def test_bad_calls_fail_loudly():

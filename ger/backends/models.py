@@ -29,6 +29,7 @@ class ModelSpec:
     max_frames: int = 0  # frames per video
     supports_audio: bool = False  # takes a sound track ({"type": "audio"} parts; Qwen2.5-Omni)
     max_audios: int = 0
+    audio_rate: int = 16000  # Hz the sound track is resampled to (the model's audio feature extractor)
     max_model_len: int = 4096
     dtype: str = "auto"
     trust_remote_code: bool = False

@@ -175,6 +175,7 @@ class VLLMBackend:
         from transformers import AutoProcessor
 
         self._vllm_version = vllm.__version__
+        self._audio_sent: dict[str, list[tuple[Any, int]]] = {}  # DEBUG logging only (_log_audio)
         self._processor = AutoProcessor.from_pretrained(
             self.spec.path, revision=self.spec.revision, trust_remote_code=self.spec.trust_remote_code
         )
@@ -243,6 +244,7 @@ class VLLMBackend:
                     found = _pop_running(running, out.request_id) if out.finished else None
                     if found is not None:
                         req, start = found
+                        self._log_audio(req, out)
                         first = out.outputs[0]
                         yield Response(
                             key=req.key,
@@ -308,6 +310,7 @@ class VLLMBackend:
             return
         per_request = (time.perf_counter() - start) / len(batch)
         for (req, _, _), out in zip(batch, outputs, strict=True):
+            self._log_audio(req, out)
             first = out.outputs[0]
             yield Response(
                 key=req.key, text=first.text, seconds=per_request, finish_reason=first.finish_reason
@@ -336,6 +339,8 @@ class VLLMBackend:
             mm["video"] = videos
         if audios:
             mm["audio"] = audios
+            if log.isEnabledFor(logging.DEBUG):
+                self._audio_sent[req.key] = audios
         if mm:
             prompt["multi_modal_data"] = mm
         return prompt
@@ -362,6 +367,19 @@ class VLLMBackend:
                 "(resample when reading)"
             )
         return int(part["sampling_rate"])
+
+    def _log_audio(self, req: Request, out: Any) -> None:
+        """DEBUG: the audio positions in the prompt the engine ran (after its own processing) beside
+        the samples sent, so a run's log shows the sound reached the model (tests/test_audio.py)."""
+        audios = self._audio_sent.pop(req.key, None)
+        token = getattr(self._processor, "audio_token", None)
+        if not audios or token is None:
+            return
+        tokenizer = getattr(self._processor, "tokenizer", self._processor)
+        token_id = tokenizer.convert_tokens_to_ids(token)
+        positions = sum(1 for t in out.prompt_token_ids or [] if t == token_id)
+        sent = ", ".join(f"{len(a)} samples at {rate} Hz" for a, rate in audios)
+        log.debug("audio in the engine's prompt %s: %s -> %d audio tokens", req.key, sent, positions)
 
     def _check_audio(self, n_audios: int) -> None:
         spec = self.spec

@@ -75,6 +75,9 @@ class DatasetSpec:
     reference: Reference | None = None
     paper: Paper = field(default_factory=Paper)
     demo: bool = False
+    # The media carry the speakers' voices (video files with a sound track): the audio modalities
+    # (`modality=audio|audio_video|audio_text|audio_video_text`) are offered for this set.
+    speech: bool = False
     # Ground-truth spellings that are valid classes but not offered to the model (MER2023's
     # label list says `surprise` where the prompt says `surprised`; the paper scored them apart).
     gt_only_labels: list[str] = field(default_factory=list)
@@ -133,6 +136,7 @@ def spec_from_dict(data: dict[str, Any]) -> DatasetSpec:
             **{**paper, "gpt4v": paper.get("gpt4v") or {}, "supervised": paper.get("supervised") or {}}
         ),
         demo=bool(data.get("demo", False)),
+        speech=bool(data.get("speech", False)),
         gt_only_labels=list(data.get("gt_only_labels") or []),
         lenient_equivalents=_equivalents(data, key),
         aliases=_aliases(data, key),

@@ -1,7 +1,9 @@
 """A small, licence-free demo dataset drawn on the fly, so `ger run dataset=demo` works anywhere.
 
 The real test sets cannot be redistributed; these cartoon faces (PIL drawings, clips
-written with OpenCV) exercise the whole pipeline: image, video and video+transcript.
+written with OpenCV) exercise the whole pipeline: image, video and video+transcript, and the
+multimodal clips carry a synthetic voice-like sound track (numpy tones, muxed in with PyAV, which
+ger already reads audio with; OpenCV writes no sound) so the audio modalities run on demo data.
 Generation is deterministic and takes about a second.
 """
 
@@ -11,17 +13,21 @@ import csv
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from PIL import Image, ImageDraw
 
 MARKER = ".ger-demo-complete"
-VERSION = "1"  # bump when the generated files change, so old copies are regenerated
+VERSION = "2"  # bump when the generated files change, so old copies are regenerated
 DEMO_KEYS = ("demo", "demo_video", "demo_multimodal")
 FACIAL_LABELS = ("anger", "disgust", "fear", "happy", "neutral", "sad", "surprise")
 MULTIMODAL_LABELS = ("worried", "happy", "neutral", "angry", "surprised", "sad")  # as MER2023
 FPS = 25
+SOUND_RATE, SOUND_LAYOUT = 44100, "stereo"  # as datasets ship sound: ger resamples and downmixes it
+# A voice-like tone per label: fundamental (Hz) and syllables per second (happy high and quick, sad low).
+VOICES = {"worried": (260, 5.0), "happy": (300, 4.0), "neutral": (180, 3.0), "angry": (220, 6.0),
+          "surprised": (340, 3.5), "sad": (140, 2.0)}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -155,6 +161,45 @@ def _write_clip(
         writer.release()
 
 
+def voice(label: str, seconds: float, rate: int = SOUND_RATE) -> Any:
+    """A synthetic voice for `label`: a fundamental with three harmonics, gated into syllables.
+
+    Stereo float32 (channels x samples), the right channel a little quieter, so a downmix matters."""
+    import numpy as np
+
+    f0, syllables = VOICES[label]
+    t = np.arange(int(round(seconds * rate))) / rate
+    tone = sum(np.sin(2 * np.pi * f0 * k * t) / k for k in range(1, 5))
+    gate = np.clip(np.sin(np.pi * syllables * t), 0, None) ** 2
+    mono = (0.3 * tone * gate).astype(np.float32)
+    return np.stack([mono, 0.8 * mono])
+
+
+def _add_sound(path: Path, label: str, n_frames: int) -> None:
+    """Mux a voice as long as the clip into OpenCV's file (video packets copied, not re-encoded)."""
+    import av
+
+    samples = voice(label, n_frames / FPS)
+    tmp = path.with_name(path.stem + ".sound" + path.suffix)
+    with av.open(str(path)) as src, av.open(str(tmp), "w") as dst:
+        v_in = src.streams.video[0]
+        v_out = dst.add_stream_from_template(v_in)
+        a_out = dst.add_stream("aac", rate=SOUND_RATE, layout=SOUND_LAYOUT)
+        for packet in src.demux(v_in):
+            if packet.dts is None:  # the demuxer's flush packet
+                continue
+            packet.stream = v_out
+            dst.mux(packet)
+        step = 1024  # AAC frame size
+        for start in range(0, samples.shape[1], step):
+            chunk = samples[:, start : start + step]
+            frame = av.AudioFrame.from_ndarray(chunk.copy(), format="fltp", layout=SOUND_LAYOUT)
+            frame.sample_rate, frame.pts = SOUND_RATE, start
+            dst.mux(a_out.encode(frame))
+        dst.mux(a_out.encode(None))
+    tmp.replace(path)
+
+
 def _make_image_set(folder: Path) -> None:
     (folder / "images").mkdir(parents=True, exist_ok=True)
     pairs = [(label, k) for label in FACIAL_LABELS for k in range(2)]
@@ -187,6 +232,7 @@ def _make_multimodal_set(folder: Path) -> None:
     for i, label in enumerate(_shuffled(list(MULTIMODAL_LABELS), seed=3), start=1):
         name = f"sample_{i:04d}"
         _write_clip(folder / "videos" / f"{name}.mp4", label, n_frames=28 + 2 * i, variant=200 + i)
+        _add_sound(folder / "videos" / f"{name}.mp4", label, n_frames=28 + 2 * i)
         np.save(folder / "transcripts" / f"{name}.npy", np.array(TRANSCRIPTS[label]))
         rows.append((name, label))
     _write_labels(folder, rows)

@@ -346,13 +346,15 @@ def describe_sample(
     greyscale: bool = False,
     with_text: bool = False,
     with_visual: bool = True,
+    audio_rate: int = 0,
 ) -> LoadedSample:
     """A sample as far as its prompt and cache key need, without decoding a pixel.
 
     content_hash covers the media files' bytes (sha256, remembered per path/size/mtime by
     ger/data/digests.py) and everything that turns them into the pixels sent: frame count, sampler,
-    greyscale and the reader's version; the transcript (cheap text) is read here. Raises
-    MediaError for what can be told without decoding (missing, empty, not a folder).
+    greyscale and the reader's version; the transcript (cheap text) is read here. `audio_rate` > 0
+    adds the clip's sound track at that rate (its file digest and ger/data/audio.py's transform).
+    Raises MediaError for what can be told without decoding (missing, empty, not a folder).
     """
     if media_kind not in MEDIA_KINDS:
         raise ValueError(f"unknown media kind {media_kind!r}; expected one of {list(MEDIA_KINDS)}")
@@ -386,6 +388,11 @@ def describe_sample(
             raise MediaError(f"sample {sample.name!r} of {sample.dataset!r} has no transcript path")
         shell.text = load_transcript(sample.transcript)
         h.update(b"|text:" + shell.text.encode("utf-8"))
+    if audio_rate:
+        from ger.data.audio import sound_key
+
+        h.update(sound_key(sample, media_kind, audio_rate).encode())
+        shell.audio_rate = audio_rate
     shell.content_hash = h.hexdigest()
     return shell
 
@@ -393,8 +400,12 @@ def describe_sample(
 def decode(
     shell: LoadedSample, media_kind: str, *, frames: int, sampler: str, greyscale: bool
 ) -> LoadedSample:
-    """describe_sample's shell with its pixels decoded; raises MediaError when they cannot be."""
-    if not shell.n_images:  # nothing visual to show (the text ablation)
+    """describe_sample's shell with its pixels (and sound) decoded; raises MediaError when they cannot be."""
+    if shell.audio_rate:
+        from ger.data.audio import decode_sound
+
+        decode_sound(shell)
+    if not shell.n_images:  # nothing visual to show (the text and audio ablations)
         return shell
     media = Path(shell.sample.media)  # type: ignore[arg-type]  # describe_sample checked it
     if media_kind == "image":
@@ -417,6 +428,7 @@ def load_sample(
     greyscale: bool = False,
     with_text: bool = False,
     with_visual: bool = True,
+    audio_rate: int = 0,
 ) -> LoadedSample:
     """Decode what the prompt will show of one sample; raises MediaError when it cannot."""
     shell = describe_sample(
@@ -427,5 +439,6 @@ def load_sample(
         greyscale=greyscale,
         with_text=with_text,
         with_visual=with_visual,
+        audio_rate=audio_rate,
     )
     return decode(shell, media_kind, frames=frames, sampler=sampler, greyscale=greyscale)

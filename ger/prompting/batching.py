@@ -70,6 +70,14 @@ class BatchPlan:
 
 def media_cap(model: ModelSpec, loaded: list[LoadedSample], frames_as: str) -> tuple[int | None, str]:
     """Most samples the model's media limits allow in one prompt (None: no limit), and why."""
+    cap, why = visual_cap(model, loaded, frames_as)
+    if any(ls.audio_rate for ls in loaded) and (cap is None or model.max_audios < cap):  # one track a sample
+        return model.max_audios, f"model {model.name} takes max_audios={model.max_audios} per prompt"
+    return cap, why
+
+
+def visual_cap(model: ModelSpec, loaded: list[LoadedSample], frames_as: str) -> tuple[int | None, str]:
+    """Most samples the model's image and video limits allow in one prompt (None: no limit), and why."""
     per_sample = max((ls.image_count for ls in loaded), default=0)
     if per_sample == 0:
         return None, ""  # text only

@@ -39,9 +39,21 @@ _PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 FRAMES_AS = ("images", "grid", "video")
 MODES = ("single", "batch")
-MODALITIES = ("visual", "text", "multi")
+# What a request gives the model: visual = images or frames, text = the transcript, multi = both;
+# the audio_* choices add the clip's sound track (after the sample's frames, if any).
+MODALITIES = ("visual", "text", "multi", "audio", "audio_visual", "audio_text", "audio_multi")
 # Dataset/config spellings of a modality, accepted so callers need not translate.
 _MODALITY_ALIASES = {"image": "visual", "video": "visual", "video+text": "multi"}
+
+
+def modality_inputs(modality: str) -> tuple[bool, bool, bool]:
+    """(visual, transcript, audio): what a prompt modality sends of each sample."""
+    modality = _MODALITY_ALIASES.get(modality, modality)
+    if modality not in MODALITIES:
+        raise ValueError(f"unknown modality {modality!r}; expected one of {list(MODALITIES)}")
+    base = modality.removeprefix("audio_") if modality != "audio" else ""
+    return base in ("visual", "multi"), base in ("text", "multi"), modality.startswith("audio")
+
 
 # Which placeholders each part of a template may use.
 _ALLOWED: dict[str, frozenset[str]] = {
@@ -272,6 +284,24 @@ def _media_parts(loaded: LoadedSample, frames_as: str, key_only: bool = False) -
     return [part], descs
 
 
+def _audio_parts(loaded: LoadedSample, key_only: bool = False) -> Segment:
+    """One sample's sound track as a message part (none when key_only) and its key description.
+
+    content_hash covers the clip's bytes and how they become samples (rate, downmix, reader); samples
+    built without one are keyed by the digest of the samples themselves."""
+    name, track = loaded.sample.name, loaded.audio
+    if key_only and not (loaded.content_hash and loaded.audio_rate):
+        raise ValueError(f"sample {name!r} has no audio description; a key without samples needs one")
+    if not key_only and track is None:
+        raise ValueError(f"sample {name!r} has no sound track to send; was it loaded with audio_rate?")
+    if loaded.content_hash and loaded.audio_rate:
+        desc = {"type": "audio", "media": loaded.content_hash, "sampling_rate": loaded.audio_rate}
+    else:
+        digest = hashlib.sha256(track.samples.astype("<f4").tobytes()).hexdigest()
+        desc = {"type": "audio", "sha256": digest, "sampling_rate": track.sampling_rate}
+    return ([] if key_only else [track.part()]), [desc]
+
+
 def _merge_texts(segments: list[Segment]) -> list[Segment]:
     """Join adjacent text parts with a blank line: fewer parts, same prompt, simpler for every backend."""
     merged: list[Segment] = []
@@ -285,19 +315,18 @@ def _merge_texts(segments: list[Segment]) -> list[Segment]:
 
 
 def _check_modality(template: PromptTemplate, modality: str, samples: list[LoadedSample]) -> str:
+    visual, wants_text, _ = modality_inputs(modality)
     modality = _MODALITY_ALIASES.get(modality, modality)
-    if modality not in MODALITIES:
-        raise ValueError(f"unknown modality {modality!r}; expected one of {list(MODALITIES)}")
-    wants_text = modality in ("text", "multi")
     if wants_text != template.uses_transcript:
         raise ValueError(
             f"prompt template {template.name!r} {'uses' if template.uses_transcript else 'has no'} "
             f"{{transcript}} but modality {modality!r} {'sends' if wants_text else 'does not send'} one; "
             f"pick a template that fits (available: {available_templates()})"
         )
-    if modality == "text" and template.uses_media:
+    if not visual and template.uses_media:
         raise ValueError(
-            f"prompt template {template.name!r} describes frames ({{media}}) but modality is 'text'"
+            f"prompt template {template.name!r} describes frames ({{media}}) "
+            f"but modality {modality!r} sends none"
         )
     if wants_text:
         lacking = [s.sample.name for s in samples if not (s.text or "").strip()]
@@ -344,9 +373,10 @@ def build_request(
     if constrained and mode == "batch":
         raise ValueError("structured_output constrains a single answer to one label; it needs mode=single")
     modality = _check_modality(template, modality, samples)
+    visual, _, audio = modality_inputs(modality)
 
     names = [s.sample.name for s in samples]
-    frames = max(s.image_count for s in samples) if modality != "text" else 0
+    frames = max(s.image_count for s in samples) if visual else 0
     still = all(not s.is_clip for s in samples)
     media_kind = "images" if still else frames_as
     ids = sample_ids(template, len(samples))
@@ -364,8 +394,10 @@ def build_request(
     if mode == "single":
         form = template.constrained if constrained and template.constrained else template.single
         pairs.append(_text(render(form, values)))
-        if modality != "text":
+        if visual:
             pairs.append(_media_parts(samples[0], frames_as, key_only))
+        if audio:
+            pairs.append(_audio_parts(samples[0], key_only))
     else:
         pairs.append(_text(render(template.batch, values)))
         for index, loaded in enumerate(samples, start=1):
@@ -377,8 +409,10 @@ def build_request(
             }
             if template.item:
                 pairs.append(_text(render(template.item, item_values)))
-            if modality != "text":
+            if visual:
                 pairs.append(_media_parts(loaded, frames_as, key_only))
+            if audio:
+                pairs.append(_audio_parts(loaded, key_only))
     pairs = _merge_texts(pairs)
 
     choices = list(labels) if constrained else None

@@ -23,13 +23,15 @@ from ger.backends import check_backend, create_backend
 from ger.backends.base import key_settings, settings_class
 from ger.backends.models import ModelSpec, resolve_model
 from ger.config import plain
+from ger.data.audio import DEFAULT_RATE
 from ger.data.datasets import DatasetSpec, load_samples, spec_from_dict
 from ger.data.digests import DigestTable, use_table
 from ger.data.media import MediaError, decode, describe_sample
 from ger.data.validate import check_dataset
+from ger.errors import UserError
 from ger.options import check_option, check_options
 from ger.prompting.batching import batch_order, plan_batches, summarise, write_order
-from ger.prompting.prompts import build_request
+from ger.prompting.prompts import build_request, modality_inputs
 from ger.prompting.release_prompts import select_template
 from ger.records import ERROR, LoadedSample, Prediction, Request, Response, Sample
 from ger.run.ask import Asker, ask_batches
@@ -87,18 +89,68 @@ def select(samples: list[Sample], limit: int | None, shard: str | None) -> list[
     return samples if limit is None else samples[:limit]
 
 
+# `modality=` choices -> what the prompt sends (ger/prompting/prompts.py MODALITIES). The audio
+# choices add the clip's sound track for models with `supports_audio` and sets with `speech: true`.
+MODALITY_CHOICES = {
+    "video": "visual",
+    "text": "text",
+    "multi": "multi",
+    "audio": "audio",
+    "audio_video": "audio_visual",
+    "audio_text": "audio_text",
+    "audio_video_text": "audio_multi",
+}
+
+
 def modality_plan(cfg: DictConfig, spec: DatasetSpec) -> tuple[str, str]:
-    """(prompt modality, template name): the multimodal ablations swap the template with the inputs."""
-    if spec.modality != "video+text":
+    """(prompt modality, template name): the multimodal ablations swap the template with the inputs.
+
+    Every refusal here comes before a model is built or a file decoded: a set without transcripts or
+    speech, or a model without audio input, is a one-line user error naming the fix."""
+    transcripts = spec.modality == "video+text"
+    choice = cfg.modality or ("multi" if transcripts else "video")
+    if choice not in MODALITY_CHOICES:
+        raise UserError(f"unknown modality {choice!r}; expected one of {list(MODALITY_CHOICES)} (or null)")
+    prompt_modality = MODALITY_CHOICES[choice]
+    _, text, audio = modality_inputs(prompt_modality)
+    if text and not transcripts:
+        raise UserError(f"dataset {spec.key} has no transcripts; modality must not be {choice!r}")
+    if audio:
+        check_audio_choice(cfg, spec, choice)
+    if not audio and not transcripts:
         if cfg.modality not in (None, "video"):
-            raise ValueError(
+            raise UserError(
                 f"dataset {spec.key} has no transcripts; modality must stay null, not {cfg.modality!r}"
             )
         return "visual", cfg.prompt or spec.prompt
-    modality = cfg.modality or "multi"
-    if modality not in cfg.modality_prompts:
-        raise ValueError(f"unknown modality {modality!r}; expected one of {list(cfg.modality_prompts)}")
-    return ("visual" if modality == "video" else modality), cfg.prompt or cfg.modality_prompts[modality]
+    if choice not in cfg.modality_prompts:
+        raise UserError(f"modality {choice!r} has no template in modality_prompts (conf/config.yaml)")
+    return prompt_modality, cfg.prompt or cfg.modality_prompts[choice]
+
+
+def check_audio_choice(cfg: DictConfig, spec: DatasetSpec, choice: str) -> None:
+    """An audio modality needs a set whose clips carry speech and a model that takes audio."""
+    if not spec.speech:
+        raise UserError(
+            f"dataset {spec.key} has no speech in its media (no `speech: true` in its conf/dataset YAML); "
+            f"modality={choice} needs a set with speech, e.g. ravdess, enterface, cmumosi, sims, mer2023"
+        )
+    if not cfg.model.get("supports_audio"):
+        raise UserError(
+            f"model {cfg.model.name} takes no audio (supports_audio is false in its config); "
+            f"modality={choice} needs an audio model, e.g. model=qwen2_5_omni_7b, or choose modality=video"
+            + (", text or multi" if spec.modality == "video+text" else "")
+        )
+
+
+def audio_rate(cfg: DictConfig, modality: str) -> int:
+    """The sampling rate the sound track is resampled to (the model's `audio_rate`); 0 without audio."""
+    if not modality_inputs(modality)[2]:
+        return 0
+    rate = cfg.model.get("audio_rate") or DEFAULT_RATE
+    if isinstance(rate, bool) or not isinstance(rate, int) or rate < 1:
+        raise UserError(f"model {cfg.model.name}: audio_rate={rate!r} is not valid; expected Hz, e.g. 16000")
+    return rate
 
 
 def load_media(cfg: DictConfig, spec: DatasetSpec, samples: list[Sample], modality: str):
@@ -119,6 +171,8 @@ def describe_media(cfg: DictConfig, spec: DatasetSpec, samples: list[Sample], mo
     """Every sample as far as its cache key needs, no pixels decoded; failures become error rows."""
     shells: dict[str, LoadedSample] = {}
     errors: dict[str, str] = {}
+    with_visual, with_text, _ = modality_inputs(modality)
+    rate = audio_rate(cfg, modality)
     for s in samples:
         try:
             shells[s.name] = describe_sample(
@@ -127,8 +181,9 @@ def describe_media(cfg: DictConfig, spec: DatasetSpec, samples: list[Sample], mo
                 frames=cfg.frames,
                 sampler=cfg.sampler,
                 greyscale=cfg.greyscale,
-                with_text=modality in ("text", "multi"),
-                with_visual=modality != "text",
+                with_text=with_text,
+                with_visual=with_visual,
+                audio_rate=rate,
             )
         except (MediaError, OSError) as exc:
             errors[s.name] = f"{type(exc).__name__}: {exc}"
@@ -167,8 +222,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
     out = Path(HydraConfig.get().runtime.output_dir)
     check_options(cfg)
+    # refused input choices (no transcripts, no speech, a model without audio) before any data is made
+    modality, template_name = modality_plan(cfg, spec_from_dict(plain(cfg.dataset)))
     spec, data_root = resolve_spec(cfg)
-    modality, template_name = modality_plan(cfg, spec)
     template = select_template(template_name, spec.labels, cfg.prompt_source, cfg.release_dir)
     samples = read_samples(cfg, spec, data_root)
     check_dataset(spec, samples, media=False, label_file=label_file(spec, data_root)).raise_for_labels()
