@@ -31,9 +31,7 @@ log = logging.getLogger(__name__)
 class HFSettings(BackendSettings):
     """conf/backend/hf.yaml, typed. The device and attention kernel change the numerics, so they key."""
 
-    device: str = setting(
-        "auto", answers=True
-    )  # cpu | cuda | auto (device_map over GPUs, else cpu)
+    device: str = setting("auto", answers=True)  # cpu | cuda | auto (device_map over GPUs, else cpu)
     dtype: str | None = setting(None, answers=True)  # None = the model config's dtype
     batch_size: int = setting(4, answers=False)  # requests per generate() call, left-padded
     attn_implementation: str = setting("sdpa", answers=True)
