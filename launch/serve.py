@@ -62,6 +62,8 @@ def engine_command() -> list[str]:
 def build_command(model_cfg: dict[str, Any], args: argparse.Namespace, weights: str) -> list[str]:
     """The vLLM server command line for one model config and the parsed flags."""
     limits = {"image": int(model_cfg.get("max_images", 1)), "video": int(model_cfg.get("max_videos", 0))}
+    if model_cfg.get("supports_audio"):  # one sound track per sample (input_audio parts)
+        limits["audio"] = int(model_cfg.get("max_audios", 0))
     cmd = [*engine_command(), weights]
     cmd += ["--served-model-name", model_cfg["name"], "--host", args.host, "--port", str(args.port)]
     cmd += ["--max-model-len", str(model_cfg.get("max_model_len", 4096))]

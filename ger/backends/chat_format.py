@@ -6,6 +6,8 @@ A video part (sampled frames) goes either as several images, which every server
 and GPT-4V accept, or as one vLLM `video_url` whose data URL is a JPEG frame
 sequence (`data:video/jpeg;base64,<frame>,<frame>,...`): vLLM decodes that
 without a video codec, so no video file has to be encoded on our side.
+A sound track (models with `supports_audio`) goes as an `input_audio` part holding a base64
+16-bit PCM WAV at the model's rate (OpenAI's format; `vllm serve` reads it with its audio loader).
 """
 
 from __future__ import annotations
@@ -39,6 +41,22 @@ def video_data_url(frames: list[Any], quality: int = 90) -> str:
     return "data:video/jpeg;base64," + ",".join(jpeg_base64(f.convert("RGB"), quality) for f in frames)
 
 
+def wav_base64(samples: Any, rate: int) -> str:
+    """Mono float samples in [-1, 1] as base64 16-bit PCM WAV (stdlib `wave`; no audio codec needed)."""
+    import wave
+
+    import numpy as np
+
+    pcm = np.round(np.clip(np.asarray(samples, dtype=np.float32), -1.0, 1.0) * 32767).astype("<i2")
+    buf = io.BytesIO()
+    with wave.open(buf, "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(int(rate))
+        w.writeframes(pcm.tobytes())
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
 def _image_part(image: Any, quality: int, detail: str | None) -> dict[str, Any]:
     url: dict[str, Any] = {"url": image_data_url(image, quality)}
     if detail:
@@ -56,9 +74,12 @@ def _convert_part(part: dict[str, Any], video_as: str, quality: int, detail: str
         if video_as == "images":
             return [_image_part(f, quality, detail) for f in part["frames"]]
         return [{"type": "video_url", "video_url": {"url": video_data_url(part["frames"], quality)}}]
-    if kind in ("image_url", "video_url"):
+    if kind == "audio":
+        wav = wav_base64(part["audio"], part["sampling_rate"])
+        return [{"type": "input_audio", "input_audio": {"data": wav, "format": "wav"}}]
+    if kind in ("image_url", "video_url", "input_audio"):
         return [part]  # already in wire format
-    raise ValueError(f"unknown content part type {kind!r}; expected one of text, image, video")
+    raise ValueError(f"unknown content part type {kind!r}; expected one of text, image, video, audio")
 
 
 def to_openai_messages(

@@ -4,7 +4,7 @@ Turns a `Sample` (paths) into a `LoadedSample` (decoded PIL images and text) plu
 hash of exactly what will be sent, so the response cache notices when media change.
 Videos are read frame-exactly by ger/data/video.py: decord's random access where seeking is
 exact, an in-order PyAV decode elsewhere; never the whole clip in memory as the paper's
-release did.
+release did. A clip's sound track (the audio modalities) is keyed and read by ger/data/audio.py.
 """
 
 from __future__ import annotations

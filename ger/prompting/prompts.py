@@ -19,8 +19,10 @@ batch text can list them (`{ids}`), and the answer is read back by those ids
 
 The request key hashes everything that reaches the model (the text; for each sample its
 content hash, which covers the media files' bytes and how they become pixels, and how it is
-shown: images, grid or video) plus the caller's `key_parts` (model, backend, sampling), and
-nothing else. So a key needs no decoded pixels (`key_only=True`): a cached rerun decodes nothing.
+shown: images, grid or video; with an audio modality, the sound track's rate, its content hash
+covering the clip and how it becomes samples) plus the caller's `key_parts` (model, backend,
+sampling), and nothing else. So a key needs no decoded pixels (`key_only=True`): a cached rerun
+decodes nothing.
 Samples built without a content hash are keyed by the digest of their pixels.
 """
 
