@@ -83,6 +83,11 @@ def _backend_class(name: str) -> type:
     return getattr(importlib.import_module(module_name), cls_name)
 
 
+def backend_class(name: str) -> type:
+    """The class registered as `name` (imported now), for checks that need no instance."""
+    return _backend_class(name)
+
+
 def check_backend(name: str, backend_cfg: Any) -> None:
     """Refuse bad settings (a retired model, an unknown key) before any media is decoded.
 
