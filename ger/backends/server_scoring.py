@@ -140,10 +140,7 @@ def label_logprobs(backend: Any, requests: list[Request]) -> Iterator[Response]:
             for task in done:
                 yield task.result()
     finally:  # also when the caller stops early or a fatal error ends the run
-        for task in pending:
-            task.cancel()
-        loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
-        loop.run_until_complete(
-            asyncio.gather(*(c.close() for c in clients.values()), return_exceptions=True)
-        )
+        from ger.backends.server import _shutdown
+
+        loop.run_until_complete(_shutdown(pending, clients))  # inside the loop: gather binds to it
         loop.close()
