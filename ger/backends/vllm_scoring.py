@@ -7,11 +7,12 @@ the last tokens of the prompt the engine saw.
 
 The prompt and media are encoded once per sample through vLLM's prefix cache (its block hashes
 cover the media by content): a sample's first label runs alone, and its other labels are sent
-after it, so they find its blocks cached. vLLM skips prefix-cache reads for prompt-logprob requests
-by default, because a cached token gets no log-probability; here only the label tokens need one,
-so reads are allowed (`skip_reading_prefix_cache=False`) and `num_cached_tokens` is checked: a label
-whose own tokens came from the cache is scored again without it. `detokenize=False` keeps vLLM from
-decoding the (unset) rows of cached tokens.
+after it, so they find its blocks cached (whole KV blocks: the prompt up to the last full block;
+vLLM's encoder cache holds the media's embeddings for the rest). vLLM skips prefix-cache reads
+for prompt-logprob requests by default, because a cached token gets no log-probability; here only
+the label tokens need one, so reads are allowed (`skip_reading_prefix_cache=False`) and
+`num_cached_tokens` is checked: a label whose own tokens came from the cache is scored again
+without it. `detokenize=False` keeps vLLM from decoding the (unset) rows of cached tokens.
 """
 
 from __future__ import annotations
@@ -110,9 +111,9 @@ def _score(backend: Any, jobs: list[tuple[_Sample, str]], reuse: bool) -> list[t
         if cached > first - 1:
             stale.append((sample, label))
             continue
-        rows = out.prompt_logprobs
+        rows = out.prompt_logprobs  # indexed from the end: some runners return no rows for cached tokens
         try:
-            sample.logprobs[label] = sum(rows[p][ids[p]].logprob for p in range(first, len(ids)))
+            sample.logprobs[label] = sum(rows[p - len(ids)][ids[p]].logprob for p in range(first, len(ids)))
         except (TypeError, KeyError, IndexError) as exc:
             sample.error = f"vLLM returned no prompt log-probability for label {label!r} ({exc!r})"
         sample.cached[label] = cached
