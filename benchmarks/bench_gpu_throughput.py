@@ -201,6 +201,7 @@ def engine_side(out: Path, overrides: list[str]) -> None:
     """The engine alone: ger's requests and prompt conversion, then one `LLM.generate` call, timed."""
     from hydra import compose, initialize_config_dir
 
+    from ger.answers.modes import answer_mode
     from ger.backends import create_backend
     from ger.backends.models import resolve_model
     from ger.config import conf_dir
@@ -218,7 +219,7 @@ def engine_side(out: Path, overrides: list[str]) -> None:
     loaded, errors = pipeline.load_media(cfg, spec, samples, modality)
     if errors:
         raise SystemExit(f"unreadable images: {errors}")
-    parts = pipeline.key_parts(cfg, model.identity())
+    parts = pipeline.key_parts(cfg, model.identity(), answer_mode(cfg))
     requests = [
         build_request(
             [ls],

@@ -76,6 +76,8 @@ class Request:
     names: tuple[str, ...]  # samples this request answers, in prompt order
     messages: list[dict[str, Any]]
     choices: list[str] | None = None  # constrained output (single mode), or None
+    # answer=likelihood: score each of these labels as the whole answer (Backend.label_logprobs), or None
+    candidates: list[str] | None = None
     max_tokens: int = 512
     ids: tuple[str, ...] = ()  # batch mode: the positional ids the prompt gives `names` ("Sample 1", ...)
 

@@ -83,6 +83,8 @@ class StubServer:
         self.model: Model = model or (lambda body: ("[]", "stop"))
         self.bodies: list[dict[str, Any]] = []
         self.cut_by_budget = 0  # answers the stub cut at the request's max_tokens
+        # vLLM's `prompt_logprobs` answer field (answer=likelihood): body -> rows, or None to leave it out
+        self.prompt_logprobs: Callable[[dict[str, Any]], list | None] | None = None
         self._lock = threading.Lock()
         self._httpd = _Server(("127.0.0.1", 0), self._handler())
         self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
@@ -118,7 +120,10 @@ class StubServer:
             with self._lock:
                 self.cut_by_budget += 1
         prompt_tokens = tokens(request_text(body))
-        return {
+        extra = {}
+        if self.prompt_logprobs is not None and body.get("prompt_logprobs") is not None:
+            extra["prompt_logprobs"] = self.prompt_logprobs(body)
+        return extra | {
             "id": f"chatcmpl-{len(self.bodies)}",
             "object": "chat.completion",
             "created": int(time.time()),

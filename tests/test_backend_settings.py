@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 from hydra import compose, initialize_config_dir
 
+from ger.answers.modes import answer_mode
 from ger.backends.base import _REGISTRY, ANSWERS, key_settings, read_settings, settings_class
 from ger.backends.cost import load_pricing
 from ger.config import conf_dir, load_group_yaml, plain
@@ -34,6 +35,11 @@ KEYS_BEFORE = {
     "server": "48d62a4e1995b986cf822bbb79cd9d3f2f76eb2c17b876475da1b8988e83d7a1",
     "openai": "9a82c03da703bf31a93d5a8589b7101f70fa72ca83580ec49fa645ad7392a292",
 }
+
+
+def parts_of(cfg) -> dict:
+    """The pipeline's key parts of a composed config, for a stand-in model identity."""
+    return key_parts(cfg, {"model": "m"}, answer_mode(cfg))
 
 
 def composed(*overrides: str) -> Any:
@@ -121,10 +127,10 @@ def test_transport_settings_keep_the_key_through_the_pipeline() -> None:
     """The server moved to another port, with other retries and concurrency, keys as before;
     another temperature does not (`ger run` overrides, composed as the CLI composes them)."""
     base = ["backend=server", "backend.model=served"]
-    here = key_parts(composed(*base), {"model": "m"})
+    here = parts_of(composed(*base))
     transport = ["backend.base_url=http://10.1.2.3:8123/v1", "backend.timeout=5", "backend.concurrency=2"]
-    moved = key_parts(composed(*base, *transport), {"model": "m"})
-    warmer = key_parts(composed(*base, "sampling.temperature=0.7"), {"model": "m"})
+    moved = parts_of(composed(*base, *transport))
+    warmer = parts_of(composed(*base, "sampling.temperature=0.7"))
     assert request_key(moved) == request_key(here) != request_key(warmer)
 
 
@@ -160,7 +166,7 @@ def test_keys_are_those_written_before_settings_were_typed(config: str) -> None:
 
 
 def test_engine_versions_key_the_engine_packages() -> None:
-    parts = key_parts(composed("backend=hf"), {"model": "m"})
+    parts = parts_of(composed("backend=hf"))
     assert set(parts["engine"]) == {"transformers", "torch"}
 
 

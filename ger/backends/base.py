@@ -143,7 +143,8 @@ def _number(value: Any, hint: Any, key: str, backend: str) -> Any:
     raise ValueError(f"backend {backend!r}: {key} must be a number, got {value!r}")
 
 
-def _backend_class(name: str) -> type:
+def backend_class(name: str) -> type:
+    """The class registered as `name` (imported now), for checks that need no instance."""
     if name not in _REGISTRY:
         raise ValueError(f"unknown backend {name!r}; expected one of {sorted(_REGISTRY)}")
     module_name, cls_name = _REGISTRY[name].split(":")
@@ -152,7 +153,7 @@ def _backend_class(name: str) -> type:
 
 def settings_class(name: str) -> type[BackendSettings]:
     """The settings dataclass of the backend registered as `name`."""
-    return _backend_class(name).settings_class
+    return backend_class(name).settings_class
 
 
 def check_backend(name: str, backend_cfg: Any) -> None:
@@ -168,4 +169,4 @@ def key_settings(name: str, backend_cfg: Any) -> dict[str, Any]:
 
 def create_backend(name: str, backend_cfg: Any, model_cfg: Any) -> Backend:
     """Instantiate the backend registered as `name`."""
-    return _backend_class(name)(backend_cfg, model_cfg)
+    return backend_class(name)(backend_cfg, model_cfg)

@@ -16,11 +16,12 @@ import gc
 import logging
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ger.backends.base import BackendSettings, read_settings, setting
 from ger.backends.chat_format import clip_positions
+from ger.backends.label_scores import LabelScores, seam_error, tail_matches
 from ger.backends.models import ModelSpec, resolve_model
 from ger.records import Request, Response
 
@@ -215,6 +216,50 @@ class HFBackend:
                 yield Response(key=request.key, error=f"prepare: {type(exc).__name__}: {exc}")
         for batch in self._batches(ready):
             yield from self._run_batch(batch)
+
+    def label_logprobs(self, requests: list[Request]) -> Iterator[Response]:
+        """answer=likelihood: each candidate label's summed token log-probability as the whole answer.
+
+        One forward pass per sample over one row per label (prompt + label, left-padded so every row
+        ends at the same position; only the last logits are kept), log-softmax, and the label tokens
+        gathered. A sample that cannot be scored fails alone.
+        """
+        for request in requests:
+            start = time.perf_counter()
+            try:
+                scores = self._score_labels(self._prepare(request), list(request.candidates or []))
+                yield Response(request.key, scores.to_text(), seconds=time.perf_counter() - start)
+            except Exception as exc:
+                yield Response(key=request.key, error=f"label_logprobs: {type(exc).__name__}: {exc}")
+
+    def _score_labels(self, prepared: Prepared, labels: list[str]) -> LabelScores:
+        import torch
+
+        if not labels:
+            raise ValueError("no candidate labels to score")
+        label_ids = [self.tokenizer(label, add_special_tokens=False)["input_ids"] for label in labels]
+        logprobs: dict[str, float] = {}
+        rows = max(1, self.batch_size)
+        for lo in range(0, len(labels), rows):
+            part = list(range(lo, min(lo + rows, len(labels))))
+            inputs = self._encode([replace(prepared, text=prepared.text + labels[i]) for i in part])
+            ids = inputs["input_ids"]
+            if ids.shape[1] >= self.spec.max_model_len:
+                raise ValueError(
+                    f"prompt of {ids.shape[1]} tokens exceeds max_model_len={self.spec.max_model_len}"
+                )
+            keep = 1 + max(len(label_ids[i]) for i in part)
+            with torch.inference_mode():
+                logits = self.model(**inputs, logits_to_keep=keep).logits[:, -keep:].float()
+            table = torch.log_softmax(logits, dim=-1)
+            for row, i in enumerate(part):
+                n = len(label_ids[i])
+                if not tail_matches(ids[row].tolist(), label_ids[i]):
+                    raise ValueError(seam_error(labels[i]))
+                # the logits at position p predict token p + 1: the label's n tokens are the last n
+                picked = table[row, keep - 1 - n : keep - 1].gather(-1, ids[row, -n:].unsqueeze(-1))
+                logprobs[labels[i]] = float(picked.sum())
+        return LabelScores(logprobs, {label: len(t) for label, t in zip(labels, label_ids, strict=True)})
 
     def close(self) -> None:
         import torch

@@ -95,6 +95,9 @@ class OpenAIBackend(ServerBackend):
     backend_name = "openai"
     settings_class = OpenAISettings
     settings: OpenAISettings
+    # answer=likelihood is refused before anything is decoded (ger/answers/modes.py backend_refusal)
+    label_logprobs = None  # type: ignore[assignment]
+    no_label_logprobs = "the OpenAI API returns no prompt log-probabilities"
 
     def __init__(self, backend_cfg: Any, model_cfg: Any = None) -> None:
         super().__init__(backend_cfg, model_cfg)

@@ -198,6 +198,13 @@ class ServerBackend:
             loop.run_until_complete(_shutdown(pending | unread, clients))
             loop.close()
 
+    def label_logprobs(self, requests: list[Request]) -> Iterator[Response]:
+        """answer=likelihood where the server returns prompt log-probs (ger/backends/server_scoring.py)."""
+        from ger.backends.server_scoring import label_logprobs
+
+        self.before_run(requests)
+        return label_logprobs(self, requests)
+
     def before_run(self, requests: list[Request]) -> None:
         """Hook for checks before anything is sent (the OpenAI backend's cost guard)."""
 

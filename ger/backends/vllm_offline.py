@@ -259,6 +259,12 @@ class VLLMBackend:
                 except Exception as exc:
                     log.warning("could not abort %d vLLM requests: %s", len(running), exc)
 
+    def label_logprobs(self, requests: list[Request]) -> Iterator[Response]:
+        """answer=likelihood: every candidate label's log-probability (ger/backends/vllm_scoring.py)."""
+        from ger.backends.vllm_scoring import label_logprobs
+
+        return label_logprobs(self, requests)
+
     def close(self) -> None:
         """Stop the engine's worker processes (vLLM has no public shutdown; dropping it does it)."""
         llm, self.llm = getattr(self, "llm", None), None

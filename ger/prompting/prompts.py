@@ -69,7 +69,7 @@ _ALLOWED: dict[str, frozenset[str]] = {
 # Placeholders that would put file names into the prompt (see the module docstring).
 _NAME_PLACEHOLDERS = frozenset({"name", "names"})
 _KEYS = ("description", "single", "constrained", "batch", "item", "id", "media")
-_RESERVED_KEY_PARTS = ("messages", "choices", "max_tokens")
+_RESERVED_KEY_PARTS = ("messages", "choices", "max_tokens", "candidates")
 
 
 def placeholders(text: str) -> set[str]:
@@ -348,6 +348,7 @@ def build_request(
     max_tokens: int,
     modality: str = "visual",
     key_only: bool = False,
+    candidates: list[str] | None = None,
 ) -> Request:
     """One user message asking about `samples` (one in single mode), keyed for the cache.
 
@@ -356,7 +357,9 @@ def build_request(
 
     `key_parts` holds everything outside the prompt that changes the answer (model,
     revision, backend settings, sampling); a truthy `structured_output` in it
-    constrains a single-mode answer to one of `labels`.
+    constrains a single-mode answer to one of `labels`. `candidates` (answer=likelihood): the labels
+    the backend scores as the whole answer; the prompt takes the constrained form (answer with one
+    label) and the key the candidates.
     """
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; expected one of {list(MODES)}")
@@ -374,6 +377,8 @@ def build_request(
     constrained = bool(key_parts.get("structured_output"))
     if constrained and mode == "batch":
         raise ValueError("structured_output constrains a single answer to one label; it needs mode=single")
+    if candidates is not None and mode == "batch":
+        raise ValueError("candidates (answer=likelihood) score one sample's answer; they need mode=single")
     modality = _check_modality(template, modality, samples)
     visual, _, audio = modality_inputs(modality)
 
@@ -394,7 +399,8 @@ def build_request(
 
     pairs: list[Segment] = []
     if mode == "single":
-        form = template.constrained if constrained and template.constrained else template.single
+        one_label = (constrained or candidates) and template.constrained
+        form = template.constrained if one_label else template.single
         pairs.append(_text(render(form, values)))
         if visual:
             pairs.append(_media_parts(samples[0], frames_as, key_only))
@@ -418,20 +424,22 @@ def build_request(
     pairs = _merge_texts(pairs)
 
     choices = list(labels) if constrained else None
-    key = request_key(
-        {
-            **key_parts,
-            "messages": [{"role": "user", "content": [d for _, descs in pairs for d in descs]}],
-            "choices": choices,
-            "max_tokens": max_tokens,
-        }
-    )
+    keyed = {
+        **key_parts,
+        "messages": [{"role": "user", "content": [d for _, descs in pairs for d in descs]}],
+        "choices": choices,
+        "max_tokens": max_tokens,
+    }
+    if candidates is not None:  # only likelihood keys carry them: the other keys stay as they were
+        keyed["candidates"] = list(candidates)
+    key = request_key(keyed)
     messages = [] if key_only else [{"role": "user", "content": [p for parts, _ in pairs for p in parts]}]
     return Request(
         key=key,
         names=tuple(names),
         messages=messages,
         choices=choices,
+        candidates=list(candidates) if candidates is not None else None,
         max_tokens=max_tokens,
         ids=tuple(ids) if mode == "batch" else (),
     )

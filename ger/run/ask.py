@@ -108,8 +108,12 @@ class Asker:
             self._backend = self._make_backend()
         return self._backend
 
-    def ask(self, requests: list[Request], desc: str = "requests") -> dict[str, Response]:
-        """Answer every request (by key); failures come back as Response.error, never raised."""
+    def ask(
+        self, requests: list[Request], desc: str = "requests", call: str = "generate"
+    ) -> dict[str, Response]:
+        """Answer every request (by key); failures come back as Response.error, never raised.
+
+        `call` is the backend method that answers (the answer mode's: `generate`, `label_logprobs`)."""
         unique = list({r.key: r for r in requests}.values())
         answers = self.cache.get_many([r.key for r in unique])
         self.stats.cached += len(answers)
@@ -119,7 +123,7 @@ class Asker:
             if self._writer is None:
                 self._writer = CacheWriter(self.cache)
             try:
-                for response in self.backend.generate(todo):
+                for response in getattr(self.backend, call)(todo):
                     self._writer.put(response)  # committed within milliseconds, off this thread
                     answers[response.key] = response
                     self.stats.sent += 1

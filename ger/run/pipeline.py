@@ -18,9 +18,10 @@ from typing import Any
 from omegaconf import DictConfig
 from tqdm import tqdm
 
-from ger.answers.parse import LabelMatcher, parse_ranked
+from ger.answers.modes import AnswerMode, answer_mode, backend_refusal
+from ger.answers.parse import LabelMatcher
 from ger.backends import check_backend, create_backend
-from ger.backends.base import key_settings, settings_class
+from ger.backends.base import backend_class, key_settings, settings_class
 from ger.backends.models import ModelSpec, resolve_model
 from ger.config import plain
 from ger.data.audio import DEFAULT_RATE
@@ -34,14 +35,13 @@ from ger.prompting.batching import batch_order, plan_batches, summarise, write_o
 from ger.prompting.prompts import build_request, modality_inputs
 from ger.prompting.release_prompts import select_template
 from ger.records import ERROR, LoadedSample, Prediction, Request, Response, Sample
-from ger.run.ask import Asker, ask_batches
+from ger.run.ask import Asker
 from ger.run.cache import ResponseCache
 from ger.run.run_files import write_run_files
 from ger.run.stream import (
     Decoder,
     DecodeSpec,
     StreamStats,
-    answered_from_cache,
     decoded_chunks,
     window_size,
     worker_count,
@@ -201,7 +201,7 @@ def engine_versions(packages: list[str]) -> dict[str, str]:
     return versions
 
 
-def key_parts(cfg: DictConfig, model_identity: dict[str, Any]) -> dict[str, Any]:
+def key_parts(cfg: DictConfig, model_identity: dict[str, Any], mode: AnswerMode) -> dict[str, Any]:
     """Everything outside the prompt that changes an answer; the cache key hashes it.
 
     The backend's part is what its settings class declares answer-changing (ger/backends/base.py).
@@ -212,7 +212,7 @@ def key_parts(cfg: DictConfig, model_identity: dict[str, Any]) -> dict[str, Any]
         "backend": key_settings(cfg.backend.name, cfg.backend),
         # the batch budget reaches the key as the request's max_tokens; single-mode keys stay as they were
         "sampling": {k: v for k, v in plain(cfg.sampling).items() if k != "max_tokens_per_record"},
-        "structured_output": bool(cfg.structured_output and cfg.mode == "single"),
+        **mode.key_parts(),  # free/batch/choice keys as before; likelihood adds the mode
     }
 
 
@@ -222,6 +222,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
     out = Path(HydraConfig.get().runtime.output_dir)
     check_options(cfg)
+    mode = answer_mode(cfg)  # how answers are obtained and read (ger/answers/modes.py)
+    cfg.answer = mode.name  # config.yaml and metrics.json name the mode, however it was spelled
     # refused input choices (no transcripts, no speech, a model without audio) before any data is made
     modality, template_name = modality_plan(cfg, spec_from_dict(plain(cfg.dataset)))
     spec, data_root = resolve_spec(cfg)
@@ -229,11 +231,14 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     samples = read_samples(cfg, spec, data_root)
     check_dataset(spec, samples, media=False, label_file=label_file(spec, data_root)).raise_for_labels()
     label_rank = {s.name: i for i, s in enumerate(samples)}  # predictions.csv keeps the label file's order
-    if cfg.mode == "batch":  # one fixed shuffle, so batches (and `limit` runs) are class-mixed
+    if mode.layout == "batch":  # one fixed shuffle, so batches (and `limit` runs) are class-mixed
         by_name = {s.name: s for s in samples}
         samples = [by_name[n] for n in batch_order(list(by_name), cfg.batch_seed, cfg.get("batch_order"))]
     samples = select(samples, cfg.limit, cfg.shard)
     check_backend(cfg.backend.name, cfg.backend)  # a refused model stops the run before any decoding
+    refusal = backend_refusal(mode, cfg.backend.name, backend_class(cfg.backend.name))
+    if refusal:
+        raise UserError(refusal)
     model = resolve_model(cfg.model, cfg.cache_dir)
     cache_dir = Path(str(cfg.cache_dir)).expanduser()
     table = DigestTable(cache_dir / "file_digests.sqlite")
@@ -244,19 +249,20 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         use_table(None)
         table.close()
 
-    parts = key_parts(cfg, model.identity())
+    parts = key_parts(cfg, model.identity(), mode)
 
     def request_for(by_name: dict[str, LoadedSample], names: tuple[str, ...], key_only: bool) -> Request:
         return build_request(
             [by_name[n] for n in names],
             template,
             spec.labels,
-            mode=cfg.mode,
+            mode=mode.layout,
             frames_as=cfg.frames_as,
             key_parts=parts,
-            max_tokens=answer_budget(cfg, len(names)),
+            max_tokens=mode.max_tokens(cfg.sampling, len(names)),
             modality=modality,
             key_only=key_only,
+            candidates=mode.candidates(spec.labels),
         )
 
     stream_cfg = cfg.get("stream") or {}
@@ -267,7 +273,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     asker = Asker(cache, lambda: create_backend(cfg.backend.name, cfg.backend, model), cfg.progress)
     try:
         preds, batching = predict(
-            cfg, spec, shells, request_for, asker, model, modality, out, decoder, errors
+            cfg, spec, shells, request_for, asker, model, modality, out, decoder, errors, mode
         )
     finally:
         decoder.close()
@@ -293,12 +299,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
 
 def answer_budget(cfg: DictConfig, n_samples: int) -> int:
-    """max_tokens of one request: single mode's budget, or per record x records (never less) in batch mode."""
-    base = int(cfg.sampling.max_tokens)
-    if cfg.mode != "batch":
-        return base
-    per_record = cfg.sampling.get("max_tokens_per_record")
-    return max(base, int(per_record) * n_samples) if per_record else base
+    """max_tokens of one request in the run's answer mode (batch: per record x records, never less)."""
+    return answer_mode(cfg).max_tokens(cfg.sampling, n_samples)
 
 
 def paper_batch_size(cfg: DictConfig, spec: DatasetSpec, modality: str) -> int:
@@ -319,16 +321,17 @@ def predict(
     out: Path | None,
     decoder: Decoder,
     errors: dict[str, str],
+    mode: AnswerMode | None = None,
 ) -> tuple[list[Prediction], dict[str, Any] | None]:
-    """Prompt, ask and parse, in single or batch mode, streamed (ger/run/stream.py); also what batch mode
-    did (None in single mode). Samples whose media fail to decode are added to `errors`."""
-    if cfg.mode not in ("single", "batch"):
-        raise ValueError(f"unknown mode {cfg.mode!r}; expected one of ['single', 'batch']")
-    batch = cfg.mode == "batch"
+    """Prompt, ask and read in the answer mode (ger/answers/modes.py), streamed (ger/run/stream.py);
+    also what batch mode did (None otherwise). Samples whose media fail to decode go to `errors`."""
+    mode = mode or answer_mode(cfg)
     names = list(shells)
     gts = {n: ls.sample.gt for n, ls in shells.items()}
     matcher = LabelMatcher(spec.labels, spec.aliases)
-    if batch:
+    plan = None
+    groups = [(n,) for n in names]
+    if mode.layout == "batch":  # the paper's batches: a fixed shuffle cut at the (capped) batch size
         size = paper_batch_size(cfg, spec, modality)
         order = (int(cfg.batch_seed), cfg.get("batch_order"))
         plan = plan_batches(size, cfg.batch_size, model, list(shells.values()), cfg.frames_as, order)
@@ -337,37 +340,25 @@ def predict(
             write_order(out / "order.csv", groups)
         if plan.cap:
             log.warning("batch mode: %s (the paper used %d)", plan.cap, plan.paper_size)
-    else:
-        groups = [(n,) for n in names]
 
     def key_for(group: tuple[str, ...]) -> Request:
         return request_for(shells, group, True)
 
-    cached = [g for g in groups if answered_from_cache(g, key_for, asker.cache, matcher, batch)]
+    cached = [g for g in groups if mode.cached(g, key_for, asker.cache, matcher)]
     done = set(cached)
     todo = [g for g in groups if g not in done]
     answered: dict[str, tuple[Request, Response, Any]] = {}
     decoder.stats.from_cache = sum(len(g) for g in cached)
     if cached:
-        answered.update(answer_groups(asker, cached, shells, request_for, matcher, batch, key_only=True))
+        answered.update(answer_groups(asker, mode, cached, shells, request_for, matcher, key_only=True))
     for part, loaded, failed in decoded_chunks(todo, shells, decoder, decoder.stats.window):
         errors.update(failed)
-        answered.update(answer_groups(asker, part, loaded, request_for, matcher, batch, key_only=False))
+        answered.update(answer_groups(asker, mode, part, loaded, request_for, matcher, key_only=False))
         del loaded  # this chunk's pixels go before the next chunk is decoded
 
-    preds = []
-    for name in names:
-        if name not in answered:
-            continue  # its media failed to decode: an error row
-        req, resp, parsed = answered[name]
-        if not resp.ok:
-            preds.append(Prediction(name, gts[name], [], ERROR, req.key, resp.error or "empty"))
-        elif batch:
-            r = parsed.results[name]
-            preds.append(Prediction(name, gts[name], r.ranked, r.status, req.key, r.detail))
-        else:
-            preds.append(Prediction(name, gts[name], parsed.ranked, parsed.status, req.key, parsed.detail))
-    if not batch:
+    # a sample not answered had media that failed to decode: it becomes an error row
+    preds = [mode.predict(n, gts[n], *answered[n]) for n in names if n in answered]
+    if plan is None:
         return preds, None
     counts = asdict(asker.batch)
     final = [answered[n][0] for n in names if n in answered]
@@ -377,23 +368,16 @@ def predict(
 
 def answer_groups(
     asker: Asker,
+    mode: AnswerMode,
     groups: list[tuple[str, ...]],
     by_name: dict[str, LoadedSample],
     request_for: Callable[[dict[str, LoadedSample], tuple[str, ...], bool], Request],
     matcher: LabelMatcher,
-    batch: bool,
     key_only: bool,
 ) -> dict[str, tuple[Request, Response, Any]]:
-    """Per sample name: the request that answered it, its response and its parse."""
+    """Per sample name: the request that answered it, its response and the mode's reading of it."""
     requests = [request_for(by_name, g, key_only) for g in groups]
-    if batch:
-        out = ask_batches(asker, requests, matcher, lambda names: request_for(by_name, names, key_only))
-    else:
-        answers = asker.ask(requests)
-        out = {}
-        for req in requests:
-            resp = answers[req.key]
-            out[req.names[0]] = (req, resp, parse_ranked(resp.text, matcher) if resp.ok else None)
+    out = mode.answer(asker, requests, lambda names: request_for(by_name, names, key_only), matcher)
     light: dict[int, Request] = {}  # the requests without their images, which must not outlive the chunk
     return {n: (light.setdefault(id(r), replace(r, messages=[])), a, p) for n, (r, a, p) in out.items()}
 

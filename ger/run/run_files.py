@@ -122,6 +122,7 @@ def write_run_files(
         **result.to_dict(),
         "model": cfg.model.name,
         "backend": cfg.backend.name,
+        "answer": cfg.get("answer"),  # the answer mode (ger/answers/modes.py), resolved by the pipeline
         "overrides": overrides,
         "requests": asdict(stats),
     }
