@@ -147,8 +147,11 @@ def engine_versions(packages: list[str]) -> dict[str, str]:
     return versions
 
 
-def key_parts(cfg: DictConfig, model_identity: dict[str, Any], mode: AnswerMode) -> dict[str, Any]:
+def key_parts(
+    cfg: DictConfig, model_identity: dict[str, Any], mode: AnswerMode | None = None
+) -> dict[str, Any]:
     """Everything outside the prompt that changes an answer; the cache key hashes it."""
+    mode = mode or answer_mode(cfg)
     skip = set(cfg.backend.get("not_in_key", []))
     backend = {k: v for k, v in plain(cfg.backend).items() if k not in skip}
     return {
