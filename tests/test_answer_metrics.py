@@ -237,7 +237,7 @@ def test_run_files_add_answer_metrics_beside_the_existing_keys(tmp_path):
         "overrides",
         "requests",
     }
-    assert set(saved) == old | {"answer_metrics"}
+    assert set(saved) == old | {"answer_metrics", "answer"}  # answer: the mode (ger/answers/modes.py)
     assert [r["metric"] for r in saved["scores"]] == ["acc"]  # the set's metrics only, as before
     am = saved["answer_metrics"]
     assert (am["n"], am["with_probs"], am["without_probs"], am["top1"]) == (5, 4, 1, 40.0)

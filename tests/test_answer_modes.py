@@ -174,6 +174,29 @@ def test_server_likelihood_sums_every_label_token_and_reruns_from_cache(
     assert meta["answer"] == "likelihood" and meta["requests"]["sent"] == 0
 
 
+@pytest.mark.parametrize("spelling", [["answer=batch"], ["answer=choice"]])
+def test_new_and_older_spellings_ask_the_same_requests(spelling, stub_server, demo_root, cache, tmp_path):
+    """answer=batch / answer=choice send exactly what mode=batch / structured_output=true send: the
+    older spelling, run second on the same cache, finds every answer there."""
+    args = [a for a in server_args(stub_server.url, demo_root, tmp_path / "run") if a != "answer=likelihood"]
+    run_ger([*args, *spelling], cache, REPO)
+    meta = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    batched = "batch" in spelling[0]
+    assert meta["answer"] == ("batch" if batched else "choice")
+    assert ("batching" in meta) == batched and (tmp_path / "run" / "order.csv").exists() == batched
+    bodies = stub_server.bodies
+    if batched:
+        assert len(sample_groups(bodies[0])) == LIMIT  # one request holds every sample
+    else:
+        assert all(b["structured_outputs"] == {"choice": LABELS} for b in bodies) and len(bodies) == LIMIT
+    keys = sorted(r["response_key"] for r in rows(tmp_path / "run"))
+    twin = tmp_path / "twin"  # the other spelling, same cache: every answer is found there
+    other = "mode=batch" if batched else "structured_output=true"
+    run_ger([*[a.replace(str(tmp_path / "run"), str(twin)) for a in args], other], cache, REPO)
+    assert json.loads((twin / "metrics.json").read_text())["requests"]["sent"] == 0
+    assert sorted(r["response_key"] for r in rows(twin)) == keys
+
+
 def test_server_without_prompt_logprobs_stops_after_the_first_sample(stub_server, demo_root, cache, tmp_path):
     stub_server.prompt_logprobs = None  # an OpenAI-compatible server that ignores prompt_logprobs
     proc = run_ger(server_args(stub_server.url, demo_root, tmp_path / "run"), cache, REPO, check=False)
