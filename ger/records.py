@@ -48,6 +48,9 @@ class LoadedSample:
     # Known before decoding (ger/data/media.py describe_sample), so prompts and keys need no pixels:
     n_images: int = 0  # images the prompt will show (0: count `images`)
     clip: bool = False  # frames of a clip, not a still image (False: look at `frame_indices`)
+    # A still image's own file (MIME type, bytes), where it can travel as it is: decoded to exactly
+    # `images[0]` with nothing changed (no greyscale, no EXIF turn) in a format servers accept.
+    source: tuple[str, bytes] | None = None
 
     @property
     def image_count(self) -> int:
@@ -62,7 +65,8 @@ class LoadedSample:
 class Request:
     """One chat request: one or more samples, in OpenAI-style messages.
 
-    Content parts are {"type": "text", "text": str}, {"type": "image", "image": PIL.Image}
+    Content parts are {"type": "text", "text": str}, {"type": "image", "image": PIL.Image} (a still
+    may add "source": (MIME type, its file's bytes), which HTTP backends send instead of re-encoding)
     or {"type": "video", "frames": [PIL.Image], "fps": float, "total_frames": int}, and for
     models with `supports_audio` {"type": "audio", "audio": 1-D float32 numpy array (mono),
     "sampling_rate": int, the model's own rate}. Each backend converts these to its own input format.

@@ -11,6 +11,7 @@ loopback stub server (tests/stub_server.py):
 
 from __future__ import annotations
 
+import base64
 import csv
 import hashlib
 from pathlib import Path
@@ -19,9 +20,8 @@ import pytest
 from conftest import rows, run_on_stub
 from stub_server import PerfectModel
 
-from ger.backends.chat_format import jpeg_base64
 from ger.data import digests
-from ger.data.media import describe_sample, load_sample
+from ger.data.media import describe_sample
 from ger.records import Sample
 
 LABELS = ["anger", "disgust", "fear", "happy", "neutral", "sad", "surprise"]  # demo.yaml's label set
@@ -49,13 +49,11 @@ def many_faces(tmp_path_factory) -> Path:
 
 
 def truth(root: Path) -> dict[str, str]:
-    """JPEG payload digest -> label, as the stub receives the images (quality 90)."""
+    """Image payload digest -> label, as the stub receives the images (the PNG files as they are)."""
     table = {}
     with (root / "label.csv").open() as f:
         for row in csv.DictReader(f):
-            sample = Sample("demo", row["name"], row["gt"], media=root / "images" / f"{row['name']}.png")
-            image = load_sample(sample, "image").images[0]
-            table[hashlib.sha256(jpeg_base64(image, 90).encode("ascii")).hexdigest()] = row["gt"]
+            table[file_payload(root / "images" / f"{row['name']}.png")] = row["gt"]
     return table
 
 
@@ -156,10 +154,9 @@ def test_batch_mode_drops_an_undecodable_sample_from_its_batch(stub_server, tmp_
 
 
 def truth_of(root: Path, pairs: list[tuple[str, str]]) -> dict[str, str]:
-    table = {}
-    for name, label in pairs:
-        image = load_sample(
-            Sample("demo", name, label, media=root / "images" / f"{name}.png"), "image"
-        ).images[0]
-        table[hashlib.sha256(jpeg_base64(image, 90).encode("ascii")).hexdigest()] = label
-    return table
+    return {file_payload(root / "images" / f"{name}.png"): label for name, label in pairs}
+
+
+def file_payload(path: Path) -> str:
+    """The stub's digest of an image sent as its file's own bytes (a still PNG is never re-encoded)."""
+    return hashlib.sha256(base64.b64encode(path.read_bytes())).hexdigest()
