@@ -78,6 +78,7 @@ class OpenAIBackend(ServerBackend):
 
     backend_name = "openai"
     settings_class = OpenAISettings
+    takes_stream = False  # the cost guard prices every request of a call before it sends one
     settings: OpenAISettings
 
     def __init__(self, backend_cfg: Any, model_cfg: Any = None) -> None:

@@ -31,15 +31,16 @@ from ger.prompting.batching import batch_order, plan_batches, summarise, write_o
 from ger.prompting.prompts import build_request
 from ger.prompting.release_prompts import select_template
 from ger.records import ERROR, LoadedSample, Prediction, Request, Response, Sample
-from ger.run.ask import Asker, ask_batches
+from ger.run.ask import Asker, ask_batches, settle_batch
 from ger.run.cache import ResponseCache
+from ger.run.predictions import PartialPredictions
 from ger.run.run_files import write_run_files
 from ger.run.stream import (
     Decoder,
     DecodeSpec,
+    Feed,
     StreamStats,
     answered_from_cache,
-    decoded_chunks,
     window_size,
     worker_count,
 )
@@ -207,14 +208,16 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     decoder = Decoder(decode_spec, stats, cfg.progress)
     cache = ResponseCache(cache_dir / "responses.sqlite")
     asker = Asker(cache, lambda: create_backend(cfg.backend.name, cfg.backend, model), cfg.progress)
+    partial = PartialPredictions(out)  # rows as they are parsed; predictions.csv replaces it at the end
     try:
         preds, batching = predict(
-            cfg, spec, shells, request_for, asker, model, modality, out, decoder, errors
+            cfg, spec, shells, request_for, asker, model, modality, out, decoder, errors, partial.add
         )
     finally:
         decoder.close()
         asker.close()
         cache.close()
+        partial.close(remove=False)
     preds += [Prediction(s.name, s.gt, [], ERROR, "", errors[s.name]) for s in samples if s.name in errors]
     preds.sort(key=lambda p: label_rank[p.name])
     log.info("stream: %s", stats.to_dict())
@@ -224,6 +227,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     meta = write_run_files(
         out, cfg, spec, preds, result, overrides, asker.stats, batching=batching, stream=stats.to_dict()
     )
+    partial.close(remove=True)
     print(
         f"{spec.key}: "
         + ", ".join(f"{m} {v:.2f}" for m, v in result.values.items())
@@ -261,9 +265,11 @@ def predict(
     out: Path | None,
     decoder: Decoder,
     errors: dict[str, str],
+    on_rows: Callable[[list[Prediction]], None] = lambda preds: None,
 ) -> tuple[list[Prediction], dict[str, Any] | None]:
     """Prompt, ask and parse, in single or batch mode, streamed (ger/run/stream.py); also what batch mode
-    did (None in single mode). Samples whose media fail to decode are added to `errors`."""
+    did (None in single mode). Samples whose media fail to decode are added to `errors`; each sample's
+    prediction goes to on_rows as soon as its answer is parsed."""
     if cfg.mode not in ("single", "batch"):
         raise ValueError(f"unknown mode {cfg.mode!r}; expected one of ['single', 'batch']")
     batch = cfg.mode == "batch"
@@ -290,31 +296,61 @@ def predict(
     todo = [g for g in groups if g not in done]
     answered: dict[str, tuple[Request, Response, Any]] = {}
     decoder.stats.from_cache = sum(len(g) for g in cached)
-    if cached:
-        answered.update(answer_groups(asker, cached, shells, request_for, matcher, batch, key_only=True))
-    for part, loaded, failed in decoded_chunks(todo, shells, decoder, decoder.stats.window):
-        errors.update(failed)
-        answered.update(answer_groups(asker, part, loaded, request_for, matcher, batch, key_only=False))
-        del loaded  # this chunk's pixels go before the next chunk is decoded
 
-    preds = []
-    for name in names:
-        if name not in answered:
-            continue  # its media failed to decode: an error row
-        req, resp, parsed = answered[name]
-        if not resp.ok:
-            preds.append(Prediction(name, gts[name], [], ERROR, req.key, resp.error or "empty"))
-        elif batch:
-            r = parsed.results[name]
-            preds.append(Prediction(name, gts[name], r.ranked, r.status, req.key, r.detail))
-        else:
-            preds.append(Prediction(name, gts[name], parsed.ranked, parsed.status, req.key, parsed.detail))
+    def settled(req: Request, resp: Response, parsed: Any) -> None:
+        """`req` answers its samples for good: keep (without its images) and show their rows."""
+        light = replace(req, messages=[])
+        for name in req.names:
+            answered[name] = (light, resp, parsed)
+        on_rows([prediction(name, gts[name], light, resp, parsed, batch) for name in req.names])
+
+    if cached:
+        for name, (req, resp, parsed) in answer_groups(
+            asker, cached, shells, request_for, matcher, batch, key_only=True
+        ).items():
+            answered[name] = (req, resp, parsed)
+            on_rows([prediction(name, gts[name], req, resp, parsed, batch)])
+
+    def on_answer(req: Request, resp: Response) -> None:
+        if not batch:
+            settled(req, resp, parse_ranked(resp.text, matcher) if resp.ok else None)
+            feed.done(req.names)
+            return
+        parsed, halves = settle_batch(asker, req, resp, matcher)
+        for half in halves:  # a split batch: its halves are asked again, from the same decoded samples
+            feed.retry(half)
+        if not halves:
+            settled(req, resp, parsed)
+        feed.done(() if halves else req.names)
+
+    build = lambda loaded, group: request_for(loaded, group, False)  # noqa: E731
+    feed = Feed(todo, shells, decoder, decoder.stats.window, build)
+    try:
+        if todo:
+            keys = [key_for(g).key for g in todo]  # first asks: cached or not, known now in one lookup
+            fresh = frozenset(keys) - set(asker.cache.get_many(keys))
+            asker.answer_feed(feed, on_answer, max(1, decoder.stats.window // 2), fresh)
+    finally:
+        feed.close()
+    errors.update(feed.errors)
+
+    preds = [prediction(n, gts[n], *answered[n], batch) for n in names if n in answered]  # else: error rows
     if not batch:
         return preds, None
     counts = asdict(asker.batch)
     final = [answered[n][0] for n in names if n in answered]
     summary = summarise(plan, len(groups), final, asker.stats.splits, counts)
     return preds, summary.to_dict()
+
+
+def prediction(name: str, gt: str, req: Request, resp: Response, parsed: Any, batch: bool) -> Prediction:
+    """One sample's row from the request that answered it, the answer and its parse."""
+    if not resp.ok:
+        return Prediction(name, gt, [], ERROR, req.key, resp.error or "empty")
+    if batch:
+        r = parsed.results[name]
+        return Prediction(name, gt, r.ranked, r.status, req.key, r.detail)
+    return Prediction(name, gt, parsed.ranked, parsed.status, req.key, parsed.detail)
 
 
 def answer_groups(
