@@ -96,6 +96,20 @@ def base_url(configured: str | None) -> str:
     return (configured or os.environ.get("OPENAI_BASE_URL") or OPENAI_URL).rstrip("/")
 
 
+def _proxy_for(root: str) -> str | None:
+    """The proxy HTTP(S)_PROXY / NO_PROXY give for the API root, as the SDK's client honoured them.
+
+    Looked up once per session: aiohttp's trust_env would scan the environment on every request.
+    """
+    import urllib.parse
+    import urllib.request
+
+    url = urllib.parse.urlsplit(root)
+    if urllib.request.proxy_bypass_environment(url.hostname or ""):
+        return None
+    return urllib.request.getproxies_environment().get(url.scheme)
+
+
 class Session:
     """One key's HTTP session: created inside the run's event loop on first use, closed with close()."""
 
@@ -108,14 +122,14 @@ class Session:
             if os.environ.get(variable):  # as the SDK sends them
                 self.headers[header] = os.environ[variable]
         self._session: Any = None
+        self.proxy = _proxy_for(root)
 
     def _open(self) -> Any:
         import aiohttp
 
         if self._session is None:
-            # trust_env: HTTP(S)_PROXY and NO_PROXY apply, as they did with the SDK's client
             timeout = aiohttp.ClientTimeout(total=self.timeout)
-            self._session = aiohttp.ClientSession(headers=self.headers, timeout=timeout, trust_env=True)
+            self._session = aiohttp.ClientSession(headers=self.headers, timeout=timeout)
         return self._session
 
     async def request(self, method: str, path: str, data: bytes | None = None, timeout: float | None = None):
@@ -123,7 +137,7 @@ class Session:
         import aiohttp
 
         url = f"{self.root}{path}"
-        kwargs: dict[str, Any] = {"data": data}
+        kwargs: dict[str, Any] = {"data": data, "proxy": self.proxy}
         if timeout is not None:
             kwargs["timeout"] = aiohttp.ClientTimeout(total=timeout)
         try:

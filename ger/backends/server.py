@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from ger.backends.base import PIPELINE_KEYS, FatalBackendError, read_settings
-from ger.backends.chat_format import VIDEO_AS, to_openai_messages, video_io_kwargs
+from ger.backends.chat_format import VIDEO_AS, iter_parts, to_openai_messages, video_io_kwargs
 from ger.backends.http_client import NotFoundError, RateLimitError, Session, base_url, retryable
 from ger.backends.keys import KeyPool, read_keys, scrub
 from ger.config import plain
@@ -88,6 +88,12 @@ class ServerSettings:
             )
         if self.concurrency < 1:
             raise ValueError(f"concurrency must be >= 1, got {self.concurrency}")
+
+
+def _encodes(request: Request) -> bool:
+    """Whether building the request's body encodes images (frames, or stills not sent as their file)."""
+    kinds = {"image", "video"}
+    return any(p.get("type") in kinds and "source" not in p for p in iter_parts(request.messages))
 
 
 async def _close_all(sessions: list[Session]) -> None:
@@ -254,7 +260,10 @@ class ServerBackend:
         start = time.monotonic()
         async with semaphore:
             try:
-                body = await asyncio.to_thread(self._payload, request)  # JPEG encoding, JSON off the loop
+                if _encodes(request):
+                    body = await asyncio.to_thread(self._payload, request)  # JPEG encoding off the loop
+                else:
+                    body = self._payload(request)  # text, and files sent as they are: quick
                 text, finish = await self._send_with_retries(body, request.choices, clients)
                 return Response(
                     key=request.key, text=text, seconds=time.monotonic() - start, finish_reason=finish

@@ -45,11 +45,13 @@ class PartialPredictions:
         folder.mkdir(parents=True, exist_ok=True)
         self.path = folder / PARTIAL
         self._file = self.path.open("w", newline="", encoding="utf-8")
+        self._rows = [COLUMNS]  # the header goes out with the first add()
         self.add([])
 
     def add(self, preds: list[Prediction]) -> None:
         buf = io.StringIO()
-        csv.writer(buf).writerows(([COLUMNS] if self._file.tell() == 0 else []) + [_row(p) for p in preds])
+        csv.writer(buf).writerows(self._rows + [_row(p) for p in preds])
+        self._rows = []
         self._file.write(buf.getvalue())
         self._file.flush()
 
