@@ -52,6 +52,9 @@ class LoadedSample:
     # decoded, the samples (ger/data/audio.py AudioTrack).
     audio_rate: int = 0
     audio: Any = None
+    # A still image's own file (MIME type, bytes), where it can travel as it is: decoded to exactly
+    # `images[0]` with nothing changed (no greyscale, no EXIF turn) in a format servers accept.
+    source: tuple[str, bytes] | None = None
 
     @property
     def image_count(self) -> int:
@@ -66,7 +69,8 @@ class LoadedSample:
 class Request:
     """One chat request: one or more samples, in OpenAI-style messages.
 
-    Content parts are {"type": "text", "text": str}, {"type": "image", "image": PIL.Image}
+    Content parts are {"type": "text", "text": str}, {"type": "image", "image": PIL.Image} (a still
+    may add "source": (MIME type, its file's bytes), which HTTP backends send instead of re-encoding)
     or {"type": "video", "frames": [PIL.Image], "fps": float, "total_frames": int}, and for
     models with `supports_audio` {"type": "audio", "audio": 1-D float32 numpy array (mono),
     "sampling_rate": int, the model's own rate}. Each backend converts these to its own input format.

@@ -19,7 +19,7 @@ import pytest
 from conftest import rows, run_on_stub
 from stub_server import BATCH_STYLES, PerfectModel, StubServer
 
-from ger.backends.chat_format import jpeg_base64
+from ger.backends.chat_format import image_base64
 from ger.config import load_group_yaml
 from ger.data.datasets import spec_from_dict
 from ger.data.media import load_sample
@@ -81,8 +81,8 @@ SETS = {"image": ("demo", "face_set"), "video": ("demo_video", "clip_set")}
 def truth_table(dataset: str, root: Path) -> tuple[dict[str, str], list[str]]:
     """image payload digest -> label for every image ger will send, and the sample names.
 
-    Made with ger's own loader and JPEG encoder (quality 90, the server backend's default), so the
-    digests are those of the data URLs the stub receives.
+    Made with ger's own loader and encoder (a still's file as it is, a frame's JPEG at quality 90, the
+    server backend's default), so the digests are those of the data URLs the stub receives.
     """
     from ger.data.datasets import load_samples
 
@@ -93,7 +93,8 @@ def truth_table(dataset: str, root: Path) -> tuple[dict[str, str], list[str]]:
     for sample in load_samples(spec, root):
         loaded = load_sample(sample, spec.layout.media_kind, frames=3, sampler="paper")
         for image in loaded.images:
-            table[hashlib.sha256(jpeg_base64(image, 90).encode("ascii")).hexdigest()] = sample.gt
+            payload = image_base64(image, 90, loaded.source)  # a still's own file, a frame's JPEG
+            table[hashlib.sha256(payload.encode("ascii")).hexdigest()] = sample.gt
         names.append(sample.name)
     return table, names
 

@@ -11,6 +11,7 @@ loopback stub server (tests/stub_server.py):
 
 from __future__ import annotations
 
+import base64
 import csv
 import hashlib
 from pathlib import Path
@@ -19,9 +20,8 @@ import pytest
 from conftest import rows, run_on_stub
 from stub_server import PerfectModel
 
-from ger.backends.chat_format import jpeg_base64
 from ger.data import digests
-from ger.data.media import describe_sample, load_sample
+from ger.data.media import describe_sample
 from ger.records import Sample
 
 LABELS = ["anger", "disgust", "fear", "happy", "neutral", "sad", "surprise"]  # demo.yaml's label set
@@ -49,13 +49,11 @@ def many_faces(tmp_path_factory) -> Path:
 
 
 def truth(root: Path) -> dict[str, str]:
-    """JPEG payload digest -> label, as the stub receives the images (quality 90)."""
+    """Image payload digest -> label, as the stub receives the images (the PNG files as they are)."""
     table = {}
     with (root / "label.csv").open() as f:
         for row in csv.DictReader(f):
-            sample = Sample("demo", row["name"], row["gt"], media=root / "images" / f"{row['name']}.png")
-            image = load_sample(sample, "image").images[0]
-            table[hashlib.sha256(jpeg_base64(image, 90).encode("ascii")).hexdigest()] = row["gt"]
+            table[file_payload(root / "images" / f"{row['name']}.png")] = row["gt"]
     return table
 
 
@@ -156,10 +154,92 @@ def test_batch_mode_drops_an_undecodable_sample_from_its_batch(stub_server, tmp_
 
 
 def truth_of(root: Path, pairs: list[tuple[str, str]]) -> dict[str, str]:
-    table = {}
-    for name, label in pairs:
-        image = load_sample(
-            Sample("demo", name, label, media=root / "images" / f"{name}.png"), "image"
-        ).images[0]
-        table[hashlib.sha256(jpeg_base64(image, 90).encode("ascii")).hexdigest()] = label
-    return table
+    return {file_payload(root / "images" / f"{name}.png"): label for name, label in pairs}
+
+
+def file_payload(path: Path) -> str:
+    """The stub's digest of an image sent as its file's own bytes (a still PNG is never re-encoded)."""
+    return hashlib.sha256(base64.b64encode(path.read_bytes())).hexdigest()
+
+
+def test_predictions_are_written_as_answers_arrive(many_faces, stub_server, tmp_path):
+    """A server that stops answering after 10 requests: their rows are on disk (predictions.partial.csv,
+    readable as predictions) while the run still waits; once it answers again the run ends with
+    predictions.csv in label-file order, the same rows, and the partial file gone."""
+    import os
+    import subprocess
+    import sys
+    import threading
+    import time
+
+    from conftest import REPO, STUB_MODEL
+
+    from ger.run.predictions import read_predictions
+
+    gate, lock, count = threading.Event(), threading.Lock(), [0]
+
+    def model(body: dict) -> tuple[str, str]:
+        with lock:
+            count[0] += 1
+            late = count[0] > 10
+        if late:
+            gate.wait(120)
+        return "happy", "stop"
+
+    stub_server.model = model
+    out = tmp_path / "run"
+    args = ["run", "dataset=demo", f"dataset.layout.root={many_faces}", "dataset.demo=false", "limit=40",
+            f"model={STUB_MODEL}", "backend=server", f"backend.base_url={stub_server.url}", "progress=false",
+            "backend.concurrency=4", f"hydra.run.dir={out}"]  # fmt: skip
+    env = {**os.environ, "GER_CACHE_DIR": str(tmp_path / "cache")}
+    proc = subprocess.Popen([sys.executable, "-m", "ger.cli", *args], cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    partial = out / "predictions.partial.csv"
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and proc.poll() is None:
+            if partial.exists() and len(read_predictions(partial)) >= 10:
+                break
+            time.sleep(0.05)
+        early = read_predictions(partial)
+        assert proc.poll() is None, proc.stderr.read()
+        assert len(early) == 10, early
+        assert not (out / "predictions.csv").exists()  # the run's result comes only at its end
+    finally:
+        gate.set()
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-3000:]
+    final = rows(out)
+    assert len(final) == 40 and not partial.exists()
+    by_name = {r["name"]: r for r in final}
+    assert all(by_name[p.name]["response_key"] == p.response_key and by_name[p.name]["top1"] == p.top1
+               for p in early)  # fmt: skip
+    with (many_faces / "label.csv").open() as f:
+        assert [r["name"] for r in final] == [r["name"] for r in csv.DictReader(f)][:40]
+
+
+def test_a_still_travels_as_its_file_only_when_nothing_changes_its_pixels(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from ger.data.media import load_still
+
+    rgb = Image.fromarray(np.random.default_rng(0).integers(0, 255, (24, 32, 3), dtype=np.uint8))
+    rgb.save(tmp_path / "a.png")
+    rgb.save(tmp_path / "a.jpg", quality=90)
+    rgb.save(tmp_path / "a.webp")
+    rgb.convert("L").save(tmp_path / "grey.png")
+    rgb.convert("RGBA").save(tmp_path / "alpha.png")
+    rgb.save(tmp_path / "a.bmp")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90": servers differ on whether they apply it
+    rgb.save(tmp_path / "turned.jpg", exif=exif)
+
+    for name, mime in [("a.png", "image/png"), ("a.jpg", "image/jpeg"), ("a.webp", "image/webp"),
+                       ("grey.png", "image/png")]:  # fmt: skip
+        image, source = load_still(tmp_path / name)
+        assert source == (mime, (tmp_path / name).read_bytes()), name
+        assert np.array_equal(np.asarray(Image.open(tmp_path / name).convert("RGB")), np.asarray(image))
+    for name in ["alpha.png", "a.bmp", "turned.jpg"]:
+        assert load_still(tmp_path / name)[1] is None, name
+    assert load_still(tmp_path / "a.png", greyscale=True)[1] is None  # changed pixels: re-encoded

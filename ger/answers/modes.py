@@ -27,7 +27,7 @@ from ger.answers.parse import LabelMatcher, parse_ranked
 from ger.backends.label_scores import LabelScores
 from ger.errors import UserError
 from ger.records import ERROR, OK, Prediction, Request, Response
-from ger.run.ask import Asker, ask_batches
+from ger.run.ask import Asker, ask_batches, settle_batch
 from ger.run.cache import ResponseCache
 
 Group = tuple[str, ...]
@@ -72,6 +72,12 @@ class AnswerMode:
 
     desc = "requests"
 
+    def settle(
+        self, asker: Asker, req: Request, resp: Response, matcher: LabelMatcher
+    ) -> tuple[Any, list[Group]]:
+        """One streamed answer's reading, and the groups to ask again instead (only batches split)."""
+        return (self.read(resp, req, matcher) if resp.ok else None), []
+
     def read(self, resp: Response, req: Request, matcher: LabelMatcher) -> Any:
         return parse_ranked(resp.text, matcher)
 
@@ -104,6 +110,12 @@ class Batch(AnswerMode):
     def answer(self, asker: Asker, requests: list[Request], rebuild: Callable[[Group], Request],
                matcher: LabelMatcher) -> Answered:  # fmt: skip
         return ask_batches(asker, requests, matcher, rebuild)
+
+    def settle(
+        self, asker: Asker, req: Request, resp: Response, matcher: LabelMatcher
+    ) -> tuple[Any, list[Group]]:
+        """A batch that failed, was cut or missed a sample comes back as its two halves to ask again."""
+        return settle_batch(asker, req, resp, matcher)
 
     def predict(self, name: str, gt: str, req: Request, resp: Response, reading: Any) -> Prediction:
         if not resp.ok:

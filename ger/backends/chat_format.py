@@ -1,7 +1,9 @@
 """Request messages -> OpenAI chat-completions content, shared by the HTTP backends.
 
 A Request holds PIL images (see ger/records.py). Over HTTP they travel as base64
-JPEG data URLs, the one image format every OpenAI-compatible server accepts.
+JPEG data URLs, the one image format every OpenAI-compatible server accepts; a still
+image whose part carries its file (`source`: a JPEG, PNG or WebP decoded with nothing
+changed, ger/data/media.py load_still) travels as the file's own bytes, not re-encoded.
 A video part (sampled frames) goes either as several images, which every server
 and GPT-4V accept, or as one vLLM `video_url` whose data URL is a JPEG frame
 sequence (`data:video/jpeg;base64,<frame>,<frame>,...`): vLLM decodes that
@@ -29,8 +31,18 @@ def jpeg_base64(image: Any, quality: int = 90) -> str:
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def image_data_url(image: Any, quality: int = 90) -> str:
+def image_data_url(image: Any, quality: int = 90, source: tuple[str, bytes] | None = None) -> str:
+    """A data URL of the image's own file where the part carries one (a still sent as it is), else JPEG."""
+    if source is not None:
+        return f"data:{source[0]};base64,{image_base64(image, quality, source)}"
     return f"data:image/jpeg;base64,{jpeg_base64(image, quality)}"
+
+
+def image_base64(image: Any, quality: int = 90, source: tuple[str, bytes] | None = None) -> str:
+    """The base64 payload an image travels as: its file's bytes (`source`) when given, else a JPEG."""
+    if source is not None:
+        return base64.b64encode(source[1]).decode("ascii")
+    return jpeg_base64(image, quality)
 
 
 def video_data_url(frames: list[Any], quality: int = 90) -> str:
@@ -57,8 +69,10 @@ def wav_base64(samples: Any, rate: int) -> str:
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def _image_part(image: Any, quality: int, detail: str | None) -> dict[str, Any]:
-    url: dict[str, Any] = {"url": image_data_url(image, quality)}
+def _image_part(
+    image: Any, quality: int, detail: str | None, source: tuple[str, bytes] | None = None
+) -> dict[str, Any]:
+    url: dict[str, Any] = {"url": image_data_url(image, quality, source)}
     if detail:
         url["detail"] = detail  # OpenAI: low | high | auto; vLLM ignores it
     return {"type": "image_url", "image_url": url}
@@ -69,7 +83,7 @@ def _convert_part(part: dict[str, Any], video_as: str, quality: int, detail: str
     if kind == "text":
         return [{"type": "text", "text": part["text"]}]
     if kind == "image":
-        return [_image_part(part["image"], quality, detail)]
+        return [_image_part(part["image"], quality, detail, part.get("source"))]
     if kind == "video":
         if video_as == "images":
             return [_image_part(f, quality, detail) for f in part["frames"]]

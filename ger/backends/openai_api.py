@@ -94,6 +94,7 @@ class OpenAIBackend(ServerBackend):
 
     backend_name = "openai"
     settings_class = OpenAISettings
+    takes_stream = False  # the cost guard prices every request of a call before it sends one
     settings: OpenAISettings
     # answer=likelihood is refused before anything is decoded (ger/answers/modes.py backend_refusal)
     label_logprobs = None  # type: ignore[assignment]

@@ -1,12 +1,13 @@
 """Backend `server`: any OpenAI-compatible chat endpoint, first of all `vllm serve`.
 
-Requests go out concurrently (an asyncio.Semaphore bounds how many are in
-flight) through the official `openai` SDK's AsyncOpenAI client. Rate limits (429),
-server errors (5xx), timeouts and dropped connections are retried with
+Requests go out concurrently (at most `concurrency` in flight) as JSON POSTs on one
+persistent HTTP session per key for the whole run (ger/backends/http_client.py). Rate
+limits (429), server errors (5xx), timeouts and dropped connections are retried with
 exponential backoff by tenacity; what still fails comes back as Response.error,
 never as an exception, so one bad request does not end a run of thousands.
-`generate()` is a plain iterator: it drives its own event loop and yields each
-Response as soon as it arrives.
+`generate()` is a plain iterator: it drives the backend's event loop and yields each
+Response as soon as it arrives. It takes a list, or any iterable, which it reads only as
+room frees up, so requests go out as soon as they are built (the streamed run's feed).
 
 The OpenAI backend (openai_api.py) is this class with a cost guard and a pool
 of keys; see docs/SCALING.md for how to start a server with launch/serve.py.
@@ -18,12 +19,14 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Any
 
 from ger.backends.base import BackendSettings, FatalBackendError, read_settings, setting
-from ger.backends.chat_format import VIDEO_AS, to_openai_messages, video_io_kwargs
+from ger.backends.chat_format import VIDEO_AS, iter_parts, to_openai_messages, video_io_kwargs
+from ger.backends.http_client import NotFoundError, RateLimitError, Session, base_url, retryable
 from ger.backends.keys import KeyPool, read_keys, scrub
 from ger.config import plain
 from ger.records import Request, Response
@@ -81,27 +84,28 @@ class ServerSettings(BackendSettings):
             raise ValueError(f"concurrency must be >= 1, got {self.concurrency}")
 
 
+def _encodes(request: Request) -> bool:
+    """Whether building the request's body encodes images (frames, or stills not sent as their file)."""
+    kinds = {"image", "video"}
+    return any(p.get("type") in kinds and "source" not in p for p in iter_parts(request.messages))
+
+
+async def _close_all(sessions: list[Session]) -> None:
+    await asyncio.gather(*(c.close() for c in sessions), return_exceptions=True)
+
+
 class ModelNotFoundError(FatalBackendError):
     """The server answered 404 for the model: it does not serve it (or it was retired)."""
 
 
-def _retryable(exc: BaseException) -> bool:
-    """Worth another attempt: rate limits, server errors, timeouts and dropped connections."""
-    import openai
-
-    if isinstance(exc, openai.APIConnectionError):  # includes APITimeoutError
-        return True
-    if isinstance(exc, openai.APIStatusError):
-        return exc.status_code in (408, 409, 429) or exc.status_code >= 500
-    return False
+_END = object()  # the end of a request iterable
 
 
-async def _shutdown(pending: set[asyncio.Task], clients: dict[str, Any]) -> None:
-    """Cancel what is still in flight and close the HTTP clients, inside the run's own loop."""
+async def _cancel(pending: set[asyncio.Task]) -> None:
+    """Cancel what is still in flight, inside the backend's own loop."""
     for task in pending:
         task.cancel()
     await asyncio.gather(*pending, return_exceptions=True)
-    await asyncio.gather(*(client.close() for client in clients.values()), return_exceptions=True)
 
 
 class ServerBackend:
@@ -109,6 +113,7 @@ class ServerBackend:
 
     backend_name = "server"
     settings_class: type[ServerSettings] = ServerSettings
+    takes_stream = True  # generate() reads an iterable as it goes (the streamed run feeds it continuously)
 
     def __init__(self, backend_cfg: Any, model_cfg: Any = None) -> None:
         self.settings = read_settings(self.settings_class, backend_cfg, self.backend_name)
@@ -116,6 +121,9 @@ class ServerBackend:
         self.model = self._model_name(model_cfg)
         self.keys = KeyPool(self._read_keys(), rest_seconds=self.settings.key_rest_seconds)
         self.usage = {"prompt_tokens": 0, "completion_tokens": 0, "requests": 0}
+        self._loop: asyncio.AbstractEventLoop | None = None  # one loop and one session per key per run
+        self._clients: dict[str, Session] = {}
+        self._reader: ThreadPoolExecutor | None = None  # reads a request iterable off the loop
 
     # -- configuration -------------------------------------------------------------------------
 
@@ -168,35 +176,61 @@ class ServerBackend:
 
     # -- the run ---------------------------------------------------------------------------------
 
-    def generate(self, requests: list[Request]) -> Iterator[Response]:
+    def generate(self, requests: Iterable[Request]) -> Iterator[Response]:
         """Answer all requests concurrently, yielding each Response as it completes.
 
-        The checks in before_run() happen here, at the call, before anything is sent.
+        The checks in before_run() happen here, at the call, before anything is sent: a backend
+        with such checks (the OpenAI backend's cost guard) takes no stream, so it sees every request.
         """
-        self.before_run(requests)
+        if not self.takes_stream:
+            requests = list(requests)
+        if isinstance(requests, list):
+            self.before_run(requests)
         return self._stream(requests)
 
-    def _stream(self, requests: list[Request]) -> Iterator[Response]:
-        if not requests:
-            return
-        loop = asyncio.new_event_loop()
-        clients: dict[str, Any] = {}
-        pending: set[asyncio.Task] = set()
-        unread: set[asyncio.Task] = set()  # finished but not yielded when a fatal error ends the run
+    def _stream(self, requests: Iterable[Request]) -> Iterator[Response]:
+        """Keep `concurrency` requests in flight, taking the next one from `requests` as one finishes."""
+        if self._loop is None:
+            self._loop = asyncio.new_event_loop()
+        loop, source = self._loop, iter(requests)
+        direct = isinstance(requests, (list, tuple))  # nothing to wait for: no reading thread
+        semaphore = asyncio.Semaphore(self.settings.concurrency)
+        pending: set[asyncio.Future] = set()
+        unread: set[asyncio.Future] = set()  # finished but not yielded when a fatal error ends the run
+        feeding: asyncio.Future | None = None  # the next request, being read (built) off the loop
         try:
-            semaphore = asyncio.Semaphore(self.settings.concurrency)
-            pending = {loop.create_task(self._answer(r, semaphore, clients)) for r in requests}
-            while pending:
-                done, pending = loop.run_until_complete(
-                    asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-                )
+            while True:
+                while feeding is None and source is not None and len(pending) < self.settings.concurrency:
+                    if not direct:
+                        feeding = self._next(loop, source)
+                    elif (request := next(source, _END)) is _END:
+                        source = None
+                    else:
+                        pending.add(loop.create_task(self._answer(request, semaphore, self._clients)))
+                waiting = pending | ({feeding} if feeding is not None else set())
+                if not waiting:
+                    return
+                done, _ = loop.run_until_complete(asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED))
+                if feeding in done:
+                    done.discard(feeding)
+                    request, feeding = feeding.result(), None  # raises what building the request raised
+                    if request is _END:
+                        source = None
+                    else:
+                        pending.add(loop.create_task(self._answer(request, semaphore, self._clients)))
+                pending -= done
                 unread = set(done)
                 for task in done:
                     unread.discard(task)
                     yield task.result()  # raises a FatalBackendError (404: no such model)
         finally:  # also when the caller stops iterating early
-            loop.run_until_complete(_shutdown(pending | unread, clients))
-            loop.close()
+            loop.run_until_complete(_cancel(pending | unread))
+
+    def _next(self, loop: asyncio.AbstractEventLoop, source: Iterator[Request]) -> asyncio.Future:
+        """The next request of `source` (or _END), read in a thread: a feed may wait for decoding."""
+        if self._reader is None:
+            self._reader = ThreadPoolExecutor(1, thread_name_prefix="ger-feed")
+        return loop.run_in_executor(self._reader, next, source, _END)
 
     def label_logprobs(self, requests: list[Request]) -> Iterator[Response]:
         """answer=likelihood where the server returns prompt log-probs (ger/backends/server_scoring.py)."""
@@ -209,22 +243,30 @@ class ServerBackend:
         """Hook for checks before anything is sent (the OpenAI backend's cost guard)."""
 
     def close(self) -> None:
-        """Nothing to release: clients live only as long as one generate() call."""
+        """Close the HTTP sessions and the event loop (a later generate() opens new ones)."""
+        if self._reader is not None:
+            self._reader.shutdown(wait=False, cancel_futures=True)
+            self._reader = None
+        if self._loop is not None:
+            self._loop.run_until_complete(_close_all(list(self._clients.values())))
+            self._loop.close()
+            self._loop, self._clients = None, {}
 
     async def _answer(self, request: Request, semaphore: asyncio.Semaphore, clients: dict) -> Response:
-        import openai
-
         start = time.monotonic()
         async with semaphore:
             try:
-                body = await asyncio.to_thread(self._body, request)  # JPEG encoding off the loop
+                if _encodes(request):
+                    body = await asyncio.to_thread(self._payload, request)  # JPEG encoding off the loop
+                else:
+                    body = self._payload(request)  # text, and files sent as they are: quick
                 text, finish = await self._send_with_retries(body, request.choices, clients)
                 return Response(
                     key=request.key, text=text, seconds=time.monotonic() - start, finish_reason=finish
                 )
             except asyncio.CancelledError:
                 raise
-            except openai.NotFoundError as exc:  # every request would get it: stop, do not fill error rows
+            except NotFoundError as exc:  # every request would get it: stop, do not fill error rows
                 raise ModelNotFoundError(await self._not_found_message(exc, clients)) from None
             except Exception as exc:  # every failure becomes a Response, never an exception
                 log.warning("request %s failed: %s", request.key[:12], self._describe(exc))
@@ -250,8 +292,8 @@ class ServerBackend:
         try:
             key = self.keys.current()
             client = clients.get(key) or clients.setdefault(key, self._client(key))
-            page = await asyncio.wait_for(client.models.list(), timeout=10)
-            return sorted(m.id for m in page.data)[:20]
+            page = await client.request("GET", "/models", timeout=10)
+            return sorted(str(m["id"]) for m in page["data"])[:20]
         except Exception:  # a listing is a courtesy: the 404 message stands without it
             return []
 
@@ -259,6 +301,12 @@ class ServerBackend:
         """A one-line error for Response.error, with anything key-shaped removed."""
         text = f"{type(exc).__name__}: {exc}".replace("\n", " ")
         return scrub(text, self.keys.keys)[:MAX_ERROR_CHARS]
+
+    def _payload(self, request: Request) -> bytes:
+        """The JSON POSTed for one request: the arguments, extra_body's keys merged in (as the SDK did)."""
+        body = self._body(request)
+        body.update(body.pop("extra_body", {}))
+        return json.dumps(body).encode()
 
     def _body(self, request: Request) -> dict[str, Any]:
         """The chat-completions arguments for one request."""
@@ -301,9 +349,7 @@ class ServerBackend:
                 "json_schema": {"name": "label", "strict": True, "schema": schema},
             }
 
-    async def _send_with_retries(
-        self, body: dict[str, Any], choices: Any, clients: dict
-    ) -> tuple[str, str | None]:
+    async def _send_with_retries(self, body: bytes, choices: Any, clients: dict) -> tuple[str, str | None]:
         """(answer text, finish reason) after retries; "length" means the answer was cut."""
         from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt
 
@@ -312,7 +358,7 @@ class ServerBackend:
         async for attempt in AsyncRetrying(
             stop=stop_after_attempt(s.max_retries + 1),
             wait=self._wait,
-            retry=retry_if_exception(_retryable),
+            retry=retry_if_exception(retryable),
             reraise=True,
         ):
             with attempt:
@@ -329,39 +375,33 @@ class ServerBackend:
         )
         delay = backoff(retry_state)
         exc = retry_state.outcome.exception() if retry_state.outcome else None
-        response = getattr(exc, "response", None)
+        headers = getattr(exc, "headers", None)
         try:
-            after = float(response.headers.get("retry-after", 0)) if response is not None else 0.0
+            after = float(headers.get("retry-after", 0)) if headers is not None else 0.0
         except (TypeError, ValueError):
             after = 0.0
         return min(max(delay, after), s.retry_max)
 
-    async def _send_once(self, body: dict[str, Any], clients: dict) -> tuple[str, str | None]:
-        import openai
-
+    async def _send_once(self, body: bytes, clients: dict) -> tuple[str, str | None]:
         key = self.keys.current()
         client = clients.get(key) or clients.setdefault(key, self._client(key))
         try:
-            completion = await client.chat.completions.create(**body)
-        except openai.RateLimitError:
+            completion = await client.request("POST", "/chat/completions", body)
+        except RateLimitError:
             self.keys.rate_limited(key)  # the retry goes out with the next key, if there is one
             raise
-        if completion.usage is not None:
-            self.usage["prompt_tokens"] += completion.usage.prompt_tokens or 0
-            self.usage["completion_tokens"] += completion.usage.completion_tokens or 0
+        usage = completion.get("usage") or {}
+        self.usage["prompt_tokens"] += usage.get("prompt_tokens") or 0
+        self.usage["completion_tokens"] += usage.get("completion_tokens") or 0
         self.usage["requests"] += 1
-        if not completion.choices:
+        if not completion.get("choices"):
             raise RuntimeError("the server answered with no choices")
-        choice = completion.choices[0]
-        return choice.message.content or "", choice.finish_reason
+        choice = completion["choices"][0]
+        return (choice.get("message") or {}).get("content") or "", choice.get("finish_reason")
 
-    def _client(self, key: str) -> Any:
-        from openai import AsyncOpenAI
-
-        kwargs: dict[str, Any] = {"api_key": key, "timeout": self.settings.timeout, "max_retries": 0}
-        if self.settings.base_url:
-            kwargs["base_url"] = self.settings.base_url
-        return AsyncOpenAI(**kwargs)  # max_retries=0: tenacity does the retrying, with key rotation
+    def _client(self, key: str) -> Session:
+        """One key's session (no retries of its own: tenacity does the retrying, with key rotation)."""
+        return Session(base_url(self.settings.base_url), key, self.settings.timeout)
 
     def _text(self, text: str, choices: Any) -> str:
         """The answer text; a json_schema answer is unwrapped to its label."""

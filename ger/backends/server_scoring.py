@@ -15,13 +15,16 @@ the prompt; the offline backend (backend=vllm) encodes it once per sample.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from collections.abc import Iterator
 from typing import Any
 
 from ger.backends.base import FatalBackendError
+from ger.backends.http_client import NotFoundError, RateLimitError, retryable
 from ger.backends.label_scores import LabelScores
+from ger.backends.server import _cancel
 from ger.records import Request, Response
 
 log = logging.getLogger(__name__)
@@ -33,13 +36,13 @@ class NoPromptLogprobs(FatalBackendError):
     """The server answered without prompt log-probabilities: it cannot do answer=likelihood."""
 
 
-def label_body(backend: Any, request: Request, label: str) -> dict[str, Any]:
-    """The chat-completions arguments that score `label` as the answer to `request`."""
+def label_body(backend: Any, request: Request, label: str) -> bytes:
+    """The chat-completions JSON that scores `label` as the answer to `request`."""
     body = backend._body(request)
     body["messages"] = [*body["messages"], {"role": "assistant", "content": label}]
     body[backend.settings.max_tokens_param] = 1
-    body["extra_body"] = {**body.get("extra_body", {}), **EXTRA}
-    return body
+    body.update({**body.pop("extra_body", {}), **EXTRA})  # vLLM's extra parameters sit at the top level
+    return json.dumps(body).encode()
 
 
 def label_tail(rows: list[Any], label: str) -> tuple[float, int]:
@@ -63,23 +66,25 @@ def label_tail(rows: list[Any], label: str) -> tuple[float, int]:
     return total, count
 
 
-async def _score_one(backend: Any, body: dict[str, Any], label: str, clients: dict) -> tuple[float, int]:
+async def _score_one(backend: Any, body: bytes, label: str) -> tuple[float, int]:
     from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt
-
-    from ger.backends.server import _retryable
 
     s = backend.settings
     async for attempt in AsyncRetrying(
         stop=stop_after_attempt(s.max_retries + 1),
         wait=backend._wait,
-        retry=retry_if_exception(_retryable),
+        retry=retry_if_exception(retryable),
         reraise=True,
     ):
         with attempt:
             key = backend.keys.current()
-            client = clients.get(key) or clients.setdefault(key, backend._client(key))
-            completion = await client.chat.completions.create(**body)
-    rows = (completion.model_extra or {}).get("prompt_logprobs")
+            client = backend._clients.get(key) or backend._clients.setdefault(key, backend._client(key))
+            try:
+                completion = await client.request("POST", "/chat/completions", body)
+            except RateLimitError:
+                backend.keys.rate_limited(key)  # the retry goes out with the next key, if there is one
+                raise
+    rows = completion.get("prompt_logprobs")
     if not rows:
         where = s.base_url or "the OpenAI API"
         raise NoPromptLogprobs(
@@ -90,11 +95,7 @@ async def _score_one(backend: Any, body: dict[str, Any], label: str, clients: di
     return label_tail(rows, label)
 
 
-async def _score_request(
-    backend: Any, request: Request, semaphore: asyncio.Semaphore, clients: dict
-) -> Response:
-    import openai
-
+async def _score_request(backend: Any, request: Request, semaphore: asyncio.Semaphore) -> Response:
     start = time.monotonic()
     labels = list(request.candidates or [])
     try:
@@ -102,14 +103,14 @@ async def _score_request(
             raise ValueError("no candidate labels to score")
         bodies = await asyncio.to_thread(lambda: [label_body(backend, request, label) for label in labels])
 
-        async def one(body: dict[str, Any], label: str) -> tuple[float, int]:
+        async def one(body: bytes, label: str) -> tuple[float, int]:
             async with semaphore:
-                return await _score_one(backend, body, label, clients)
+                return await _score_one(backend, body, label)
 
         found = await asyncio.gather(*(one(b, label) for b, label in zip(bodies, labels, strict=True)))
     except (asyncio.CancelledError, FatalBackendError):
         raise
-    except openai.NotFoundError as exc:
+    except NotFoundError as exc:
         raise FatalBackendError(f"model {backend.model!r} not served: {backend._describe(exc)}") from None
     except Exception as exc:  # this sample fails alone
         return Response(key=request.key, error=backend._describe(exc), seconds=time.monotonic() - start)
@@ -123,16 +124,20 @@ async def _score_request(
 
 
 def label_logprobs(backend: Any, requests: list[Request]) -> Iterator[Response]:
-    """Score every request's candidates; the first request alone, then the rest concurrently."""
+    """Score every request's candidates; the first request alone, then the rest concurrently.
+
+    Runs on the backend's own event loop and HTTP sessions (closed by backend.close()).
+    """
     if not requests:
         return
-    loop = asyncio.new_event_loop()
-    clients: dict[str, Any] = {}
+    if backend._loop is None:
+        backend._loop = asyncio.new_event_loop()
+    loop = backend._loop
     pending: set[asyncio.Task] = set()
     try:
         semaphore = asyncio.Semaphore(backend.settings.concurrency)
-        yield loop.run_until_complete(_score_request(backend, requests[0], semaphore, clients))
-        pending = {loop.create_task(_score_request(backend, r, semaphore, clients)) for r in requests[1:]}
+        yield loop.run_until_complete(_score_request(backend, requests[0], semaphore))
+        pending = {loop.create_task(_score_request(backend, r, semaphore)) for r in requests[1:]}
         while pending:
             done, pending = loop.run_until_complete(
                 asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
@@ -140,7 +145,4 @@ def label_logprobs(backend: Any, requests: list[Request]) -> Iterator[Response]:
             for task in done:
                 yield task.result()
     finally:  # also when the caller stops early or a fatal error ends the run
-        from ger.backends.server import _shutdown
-
-        loop.run_until_complete(_shutdown(pending, clients))  # inside the loop: gather binds to it
-        loop.close()
+        loop.run_until_complete(_cancel(pending))

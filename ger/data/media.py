@@ -92,18 +92,38 @@ def _high_depth_to_8bit(im: Image.Image, path: Path) -> Image.Image:
 
 def load_image(path: Path | str, greyscale: bool = False) -> Image.Image:
     """Decode an image fully (truncation surfaces here, not inside a backend) as 8-bit RGB."""
+    return load_still(path, greyscale)[0]
+
+
+# Formats every OpenAI-compatible server (vLLM, OpenAI) reads; their decoded modes that servers and
+# ger turn into the same RGB pixels (RGB as is, L as grey in 3 channels).
+_SENT_AS_IS = {"JPEG": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp"}
+_EXIF_ORIENTATION = 0x0112
+
+
+def load_still(path: Path | str, greyscale: bool = False) -> tuple[Image.Image, tuple[str, bytes] | None]:
+    """load_image, and the file itself as (MIME type, bytes) where it can be sent as it is.
+
+    The file is read once. It travels as it is only when nothing was changed on the way to the pixels:
+    no greyscale, no EXIF orientation (servers differ on whether they apply it), an 8-bit RGB or grey
+    image in JPEG, PNG or WebP; otherwise (None) a backend sends the decoded pixels re-encoded.
+    """
     from PIL import Image
 
     p = _require_file(path, "image")
     try:
-        with Image.open(p) as im:
+        data = p.read_bytes()
+        with Image.open(io.BytesIO(data)) as im:
             im.load()  # Image.open is lazy; force the full decode so truncated files fail now
+            as_is = _SENT_AS_IS.get(im.format or "") if im.mode in ("RGB", "L") and not greyscale else None
+            if as_is and im.getexif().get(_EXIF_ORIENTATION, 1) != 1:
+                as_is = None
             if im.mode.startswith("I") or im.mode == "F":
                 im = _high_depth_to_8bit(im, p)
             rgb = im.convert("RGB")
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise MediaError(f"cannot decode image {p}: {e}") from e
-    return to_greyscale(rgb) if greyscale else rgb
+    return (to_greyscale(rgb) if greyscale else rgb), ((as_is, data) if as_is else None)
 
 
 # ---------------------------------------------------------------- frame sampling
@@ -409,7 +429,8 @@ def decode(
         return shell
     media = Path(shell.sample.media)  # type: ignore[arg-type]  # describe_sample checked it
     if media_kind == "image":
-        shell.images = [load_image(media, greyscale)]
+        image, shell.source = load_still(media, greyscale)
+        shell.images = [image]
         return shell
     imgs, idx, n, fps = sample_frames(media, frames, sampler)
     shell.images = [to_greyscale(im) for im in imgs] if greyscale else imgs

@@ -270,6 +270,8 @@ def _media_parts(loaded: LoadedSample, frames_as: str, key_only: bool = False) -
     if key_only:
         return [], descs
     kind, images = _media_kind(loaded, frames_as), loaded.images
+    if kind == "image" and loaded.source and len(images) == 1:  # a still: its file travels as it is
+        return [{"type": "image", "image": images[0], "source": loaded.source}], descs
     if kind in ("image", "images"):
         return [{"type": "image", "image": img} for img in images], descs
     if kind == "grid":

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 from tqdm import tqdm
 
@@ -136,6 +137,64 @@ class Asker:
             answers.setdefault(r.key, Response(r.key, error="the backend returned no response"))
         return answers
 
+    def answer_feed(
+        self,
+        feed: Any,
+        on_answer: Callable[[Request, Response], None],
+        chunk: int,
+        fresh: frozenset[str] = frozenset(),
+        call: str = "generate",
+    ) -> None:
+        """Answer a Feed's requests (ger/run/stream.py) as they are built, calling on_answer for each.
+
+        A backend that takes a stream (the server backend) reads the feed as room frees up; any
+        other gets chunks of at most `chunk` requests through ask(). Cached answers (a batch's
+        halves, say) are served without the backend; keys in `fresh` are known not to be cached
+        and are not looked up (a lookup waits for the cache writer's commit). on_answer runs in one
+        thread at a time.
+        """
+        if call != "generate" or not getattr(self.backend, "takes_stream", False):
+            while requests := feed.take(chunk):
+                answers = self.ask(requests, call=call)
+                for req in requests:
+                    on_answer(req, answers[req.key])
+            return
+        lock = threading.Lock()  # cached answers are handed over from the thread reading the feed
+        flying: dict[str, list[Request]] = {}
+        if self._writer is None:
+            self._writer = CacheWriter(self.cache)
+        bar = tqdm(desc="requests", unit="req", disable=not self.progress)
+
+        def uncached() -> Iterator[Request]:
+            for req in feed:
+                with lock:
+                    if req.key in flying:  # the same request already on its way: one answer for both
+                        flying[req.key].append(req)
+                        continue
+                    hit = None if req.key in fresh else self.cache.get_many([req.key]).get(req.key)
+                    if hit is not None:
+                        self.stats.cached += 1
+                        on_answer(req, hit)
+                        continue
+                    flying[req.key] = [req]
+                yield req
+
+        try:
+            for response in self.backend.generate(uncached()):
+                self._writer.put(response)  # committed within milliseconds, off this thread
+                self.stats.sent += 1
+                self.stats.failed += not response.ok
+                bar.update()
+                with lock:
+                    for req in flying.pop(response.key, []):
+                        on_answer(req, response)
+        finally:
+            self._writer.flush()
+            bar.close()
+        for key, reqs in flying.items():  # a backend that drops a request must not lose the sample
+            for req in reqs:
+                on_answer(req, Response(key, error="the backend returned no response"))
+
     def close(self) -> None:
         if self._writer is not None:
             self._writer.close()
@@ -164,21 +223,32 @@ def ask_batches(
         retry: list[Request] = []
         for req in pending:
             resp = answers[req.key]
-            parsed = parse_batch(resp.text if resp.ok else "", list(req.names), labels, list(req.ids) or None)
-            reason = split_reason(resp, parsed)
-            if len(req.names) > 1 and reason:
-                half = (len(req.names) + 1) // 2
-                retry += [rebuild(req.names[:half]), rebuild(req.names[half:])]
-                asker.stats.splits += 1
-                setattr(asker.batch, reason, getattr(asker.batch, reason) + 1)
-                continue
-            asker.batch.duplicate_records += parsed.duplicates
-            asker.batch.records_by_position += parsed.by_position
-            asker.batch.unmatched_records += len(parsed.unmatched)
-            for name in req.names:
+            parsed, halves = settle_batch(asker, req, resp, labels)
+            retry += [rebuild(h) for h in halves]
+            for name in req.names if not halves else ():
                 out[name] = (req, resp, parsed)
         pending = retry
     return out
+
+
+def settle_batch(
+    asker: Asker, req: Request, resp: Response, labels: list[str] | LabelMatcher
+) -> tuple[BatchParse, list[tuple[str, ...]]]:
+    """One batch answer's parse, and the halves to ask again when it must be split (else none).
+
+    Counts the split and its reason, or what the final answer met, in asker.stats and asker.batch.
+    """
+    parsed = parse_batch(resp.text if resp.ok else "", list(req.names), labels, list(req.ids) or None)
+    reason = split_reason(resp, parsed)
+    if len(req.names) > 1 and reason:
+        half = (len(req.names) + 1) // 2
+        asker.stats.splits += 1
+        setattr(asker.batch, reason, getattr(asker.batch, reason) + 1)
+        return parsed, [req.names[:half], req.names[half:]]
+    asker.batch.duplicate_records += parsed.duplicates
+    asker.batch.records_by_position += parsed.by_position
+    asker.batch.unmatched_records += len(parsed.unmatched)
+    return parsed, []
 
 
 def split_reason(resp: Response, parsed: BatchParse) -> str | None:

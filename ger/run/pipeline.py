@@ -37,12 +37,13 @@ from ger.prompting.release_prompts import select_template
 from ger.records import ERROR, LoadedSample, Prediction, Request, Response, Sample
 from ger.run.ask import Asker
 from ger.run.cache import ResponseCache
+from ger.run.predictions import PartialPredictions
 from ger.run.run_files import write_run_files
 from ger.run.stream import (
     Decoder,
     DecodeSpec,
+    Feed,
     StreamStats,
-    decoded_chunks,
     window_size,
     worker_count,
 )
@@ -250,19 +251,24 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         table.close()
 
     parts = key_parts(cfg, model.identity(), mode)
+    frames_as = str(cfg.frames_as)  # read once: a config lookup costs ~0.1 ms
+    budgets: dict[int, int] = {}
+    candidates = mode.candidates(spec.labels)
 
     def request_for(by_name: dict[str, LoadedSample], names: tuple[str, ...], key_only: bool) -> Request:
+        if len(names) not in budgets:
+            budgets[len(names)] = mode.max_tokens(cfg.sampling, len(names))
         return build_request(
             [by_name[n] for n in names],
             template,
             spec.labels,
             mode=mode.layout,
-            frames_as=cfg.frames_as,
+            frames_as=frames_as,
             key_parts=parts,
-            max_tokens=mode.max_tokens(cfg.sampling, len(names)),
+            max_tokens=budgets[len(names)],
             modality=modality,
             key_only=key_only,
-            candidates=mode.candidates(spec.labels),
+            candidates=candidates,
         )
 
     stream_cfg = cfg.get("stream") or {}
@@ -271,14 +277,16 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     decoder = Decoder(decode_spec, stats, cfg.progress)
     cache = ResponseCache(cache_dir / "responses.sqlite")
     asker = Asker(cache, lambda: create_backend(cfg.backend.name, cfg.backend, model), cfg.progress)
+    partial = PartialPredictions(out)  # rows as they are parsed; predictions.csv replaces it at the end
     try:
         preds, batching = predict(
-            cfg, spec, shells, request_for, asker, model, modality, out, decoder, errors, mode
+            cfg, spec, shells, request_for, asker, model, modality, out, decoder, errors, mode, partial.add
         )
     finally:
         decoder.close()
         asker.close()
         cache.close()
+        partial.close(remove=False)
     preds += [Prediction(s.name, s.gt, [], ERROR, "", errors[s.name]) for s in samples if s.name in errors]
     preds.sort(key=lambda p: label_rank[p.name])
     log.info("stream: %s", stats.to_dict())
@@ -288,6 +296,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     meta = write_run_files(
         out, cfg, spec, preds, result, overrides, asker.stats, batching=batching, stream=stats.to_dict()
     )
+    partial.close(remove=True)
     print(
         f"{spec.key}: "
         + ", ".join(f"{m} {v:.2f}" for m, v in result.values.items())
@@ -321,11 +330,12 @@ def predict(
     out: Path | None,
     decoder: Decoder,
     errors: dict[str, str],
-    mode: AnswerMode | None = None,
+    mode: AnswerMode,
+    on_rows: Callable[[list[Prediction]], None] = lambda preds: None,
 ) -> tuple[list[Prediction], dict[str, Any] | None]:
     """Prompt, ask and read in the answer mode (ger/answers/modes.py), streamed (ger/run/stream.py);
-    also what batch mode did (None otherwise). Samples whose media fail to decode go to `errors`."""
-    mode = mode or answer_mode(cfg)
+    also what batch mode did (None otherwise). Samples whose media fail to decode are added to
+    `errors`; each sample's prediction goes to on_rows as soon as its answer is read."""
     names = list(shells)
     gts = {n: ls.sample.gt for n, ls in shells.items()}
     matcher = LabelMatcher(spec.labels, spec.aliases)
@@ -349,12 +359,39 @@ def predict(
     todo = [g for g in groups if g not in done]
     answered: dict[str, tuple[Request, Response, Any]] = {}
     decoder.stats.from_cache = sum(len(g) for g in cached)
+
+    def settled(req: Request, resp: Response, reading: Any) -> None:
+        """`req` answers its samples for good: keep (without its images) and show their rows."""
+        light = replace(req, messages=[])
+        for name in req.names:
+            answered[name] = (light, resp, reading)
+        on_rows([mode.predict(name, gts[name], light, resp, reading) for name in req.names])
+
     if cached:
-        answered.update(answer_groups(asker, mode, cached, shells, request_for, matcher, key_only=True))
-    for part, loaded, failed in decoded_chunks(todo, shells, decoder, decoder.stats.window):
-        errors.update(failed)
-        answered.update(answer_groups(asker, mode, part, loaded, request_for, matcher, key_only=False))
-        del loaded  # this chunk's pixels go before the next chunk is decoded
+        for name, (req, resp, reading) in answer_groups(
+            asker, mode, cached, shells, request_for, matcher, key_only=True
+        ).items():
+            answered[name] = (req, resp, reading)
+            on_rows([mode.predict(name, gts[name], req, resp, reading)])
+
+    def on_answer(req: Request, resp: Response) -> None:
+        reading, halves = mode.settle(asker, req, resp, matcher)
+        for half in halves:  # a split batch: its halves are asked again, from the same decoded samples
+            feed.retry(half)
+        if not halves:
+            settled(req, resp, reading)
+        feed.done(() if halves else req.names)
+
+    build = lambda loaded, group: request_for(loaded, group, False)  # noqa: E731
+    feed = Feed(todo, shells, decoder, decoder.stats.window, build)
+    try:
+        if todo:
+            keys = [key_for(g).key for g in todo]  # first asks: cached or not, known now in one lookup
+            fresh = frozenset(keys) - set(asker.cache.get_many(keys))
+            asker.answer_feed(feed, on_answer, max(1, decoder.stats.window // 2), fresh, call=mode.call)
+    finally:
+        feed.close()
+    errors.update(feed.errors)
 
     # a sample not answered had media that failed to decode: it becomes an error row
     preds = [mode.predict(n, gts[n], *answered[n]) for n in names if n in answered]

@@ -1,13 +1,15 @@
-"""The streaming stage of `ger run`: keys first, then decode -> ask -> parse a window at a time.
+"""The streaming stage of `ger run`: keys first, then decode -> request -> engine -> parse, continuously.
 
 Every sample is first described without decoding (ger/data/media.py describe_sample: file digests,
 frame count, transcript), which is enough to build its request's cache key. Groups (a sample in
 single mode, a batch in batch mode) whose answers are all cached are answered from the shells:
-a fully cached rerun decodes nothing and starts no engine. The others are cut into chunks of at
-most half the window; while one chunk is being asked, the next one decodes in a pool of worker
-processes, so the engine starts as soon as the first chunk is decoded and at most `window`
-decoded samples (two chunks; at least two whole batches) are alive at once, whatever the size of
-the test set. Answers are cached as they arrive (ger/run/ask.py), so a kill loses only what is in flight.
+a fully cached rerun decodes nothing and starts no engine. The others flow through a Feed: their
+samples decode in a pool of worker processes, ahead of the engine as far as the window allows (at
+most `window` decoded samples alive at once, whatever the size of the test set), and each request
+is built as soon as its samples are decoded. The server backend reads the feed as room frees up,
+so requests stream out as they are built; engines that take lists get it in chunks of half the
+window while the next chunk decodes. Answers are cached as they arrive (ger/run/ask.py), so a kill
+loses only what is in flight.
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ import logging
 import os
 import threading
 import weakref
-from collections.abc import Callable, Iterator
+from collections import deque
+from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from multiprocessing import get_context
@@ -26,11 +29,12 @@ from tqdm import tqdm
 
 from ger.answers.parse import LabelMatcher, parse_batch
 from ger.data.media import MediaError, decode
-from ger.records import LoadedSample
+from ger.records import LoadedSample, Request
 from ger.run.cache import ResponseCache
 
 log = logging.getLogger("ger")
 Group = tuple[str, ...]
+_END = object()  # a feed with nothing more to give
 
 
 @dataclass
@@ -101,10 +105,13 @@ class Decoder:
         self._pool: ProcessPoolExecutor | None = None
         self._lock = threading.Lock()
         self.bar: tqdm | None = None
+        self.on_free: Callable[[], None] | None = None
 
     def _freed(self) -> None:
         with self._lock:
             self.stats._alive -= 1
+        if self.on_free is not None:
+            self.on_free()  # a feed waiting for room
 
     def start(self, shells: list[LoadedSample], total: int) -> list[Future | LoadedSample | str]:
         """Begin decoding `shells` (in order); counted as alive from now until their pixels are freed."""
@@ -179,23 +186,128 @@ def chunks(groups: list[Group], size: int) -> list[list[Group]]:
     return out
 
 
-def decoded_chunks(
-    groups: list[Group], shells: dict[str, LoadedSample], decoder: Decoder, window: int
-) -> Iterator[tuple[list[Group], dict[str, LoadedSample], dict[str, str]]]:
-    """Each chunk's groups (decode failures dropped from them), decoded samples and errors, while
-    the next chunk decodes; the caller must drop a chunk's samples before it asks for the next one."""
-    parts = chunks(groups, max(1, window // 2))
-    total = sum(len(g) for g in groups)
-    handles = decoder.start([shells[n] for g in parts[0] for n in g], total) if parts else []
-    for i, part in enumerate(parts):
-        names = [n for g in part for n in g]
-        results = decoder.collect(handles)
-        handles = (
-            decoder.start([shells[n] for g in parts[i + 1] for n in g], total) if i + 1 < len(parts) else []
-        )
-        loaded = {n: r for n, r in zip(names, results, strict=True) if isinstance(r, LoadedSample)}
-        errors = {n: r for n, r in zip(names, results, strict=True) if isinstance(r, str)}
-        kept = [tuple(n for n in g if n in loaded) for g in part]
-        del results
-        yield [g for g in kept if g], loaded, errors
-        del loaded
+class Feed:
+    """The requests of `groups`, built as their samples decode, never more than `window` decoded alive.
+
+    An iterator (the server backend reads it from its own thread as room frees up) that also hands
+    out chunks (take(), for engines that take lists). Decoding runs ahead in the worker pool as far
+    as the window allows: a group is submitted only while the decoded samples alive (Decoder's
+    count, until the garbage collector frees their pixels) leave room for it, so answered requests
+    must be dropped by whoever holds them. The consumer reports each answered request with done(),
+    and a batch it splits with retry() before that, so the iterator ends only when nothing it gave
+    out can come back. Samples whose media fail to decode end up in `errors`.
+    """
+
+    def __init__(
+        self,
+        groups: list[Group],
+        shells: dict[str, LoadedSample],
+        decoder: Decoder,
+        window: int,
+        build: Callable[[dict[str, LoadedSample], Group], Request],
+    ) -> None:
+        self._groups, self._shells, self.decoder, self.window = deque(groups), shells, decoder, window
+        self._build = build
+        self._total = sum(len(g) for g in groups)
+        self._decoding: deque[tuple[Group, list]] = deque()
+        self._retries: deque[Request] = deque()
+        self._samples: dict[str, LoadedSample] = {}  # decoded, held until their answers are final
+        self._outstanding = 0  # requests given out or queued for retry, not yet done()
+        self._closed = False
+        self._cond = threading.Condition(threading.RLock())  # re-entrant: a finalizer may run inside
+        decoder.on_free = self._wake
+        self.errors: dict[str, str] = {}
+
+    def _wake(self) -> None:
+        with self._cond:
+            self._cond.notify_all()
+
+    def _room(self, size: int) -> bool:
+        alive = self.decoder.stats._alive
+        return not alive or alive + size <= self.window
+
+    def _top_up(self, force: bool = False) -> None:
+        """Submit the next groups for decoding while the window leaves room (one anyway when `force`)."""
+        while self._groups and (force or self._room(len(self._groups[0]))):
+            group = self._groups.popleft()
+            self._decoding.append((group, self.decoder.start([self._shells[n] for n in group], self._total)))
+            force = False
+
+    def _pull(self, block: bool) -> Request | None | object:
+        """The next request; None when one would have to wait (block=False); _END when all are done."""
+        while True:
+            with self._cond:
+                head = None
+                while head is None:
+                    if self._closed:
+                        return _END
+                    if self._retries:
+                        return self._retries.popleft()
+                    self._top_up()
+                    if self._decoding:
+                        head = self._decoding.popleft()
+                        self._top_up()
+                    elif not self._groups and not self._outstanding:
+                        return _END
+                    elif not self._outstanding and self._groups:  # only unfreed pixels block: never stall
+                        self._top_up(force=True)
+                    elif not block:
+                        return None
+                    else:
+                        self._cond.wait(0.5)
+            group, handles = head
+            results = self.decoder.collect(handles)  # waits for the workers, outside the lock
+            with self._cond:
+                kept = []
+                for name, result in zip(group, results, strict=True):
+                    if isinstance(result, str):
+                        self.errors[name] = result
+                    else:
+                        self._samples[name] = result
+                        kept.append(name)
+                del results
+                if kept:
+                    self._outstanding += 1
+                    return self._build(self._samples, tuple(kept))
+
+    def __iter__(self) -> Feed:
+        return self
+
+    def __next__(self) -> Request:
+        request = self._pull(block=True)
+        if request is _END:
+            raise StopIteration
+        return request  # type: ignore[return-value]
+
+    def take(self, most: int) -> list[Request]:
+        """At most `most` requests, at least one unless all are done (a chunk for list-taking engines)."""
+        first = self._pull(block=True)
+        out: list[Request] = []
+        while first is not _END and first is not None:
+            out.append(first)  # type: ignore[arg-type]
+            first = self._pull(block=False) if len(out) < most else None
+        return out
+
+    def retry(self, names: Group) -> None:
+        """Ask again for `names` (half of a split batch), before done() of the request they were in."""
+        with self._cond:
+            self._retries.append(self._build(self._samples, names))
+            self._outstanding += 1
+            self._cond.notify_all()
+
+    def done(self, final: Group) -> None:
+        """One request given out is answered; the samples of `final` are answered for good."""
+        with self._cond:
+            for name in final:
+                self._samples.pop(name, None)
+            self._outstanding -= 1
+            self._cond.notify_all()
+
+    def close(self) -> None:
+        """Stop: a reader waiting in the feed returns, and nothing more is built."""
+        with self._cond:
+            self._closed = True
+            self._samples.clear()
+            self._decoding.clear()
+            self._cond.notify_all()
+        self.decoder.on_free = None
