@@ -46,6 +46,7 @@ class PartialPredictions:
         self.path = folder / PARTIAL
         self._file = self.path.open("w", newline="", encoding="utf-8")
         self._rows = [COLUMNS]  # the header goes out with the first add()
+        self.added = 0
         self.add([])
 
     def add(self, preds: list[Prediction]) -> None:
@@ -54,11 +55,12 @@ class PartialPredictions:
         self._rows = []
         self._file.write(buf.getvalue())
         self._file.flush()
+        self.added += len(preds)
 
     def close(self, remove: bool) -> None:
-        """Close; remove the file once predictions.csv holds the run's result."""
-        self._file.close()
-        if remove:
+        """Close; remove the file once predictions.csv holds the run's result (or when it holds no row)."""
+        self._file.close()  # closing twice is fine
+        if remove or not self.added:
             self.path.unlink(missing_ok=True)
 
 
