@@ -269,7 +269,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     stats = StreamStats(window_size(stream_cfg, cfg.backend), worker_count(stream_cfg))
     decode_spec = DecodeSpec(spec.layout.media_kind, int(cfg.frames), str(cfg.sampler), bool(cfg.greyscale))
     decoder = Decoder(decode_spec, stats, cfg.progress)
-    cache = ResponseCache(cache_dir / "responses.sqlite")
+    cache = ResponseCache(cache_dir / "responses.sqlite", identity=parts)  # readable beside each answer
     asker = Asker(cache, lambda: create_backend(cfg.backend.name, cfg.backend, model), cfg.progress)
     try:
         preds, batching = predict(
