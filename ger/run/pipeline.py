@@ -298,11 +298,6 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     return meta
 
 
-def answer_budget(cfg: DictConfig, n_samples: int) -> int:
-    """max_tokens of one request in the run's answer mode (batch: per record x records, never less)."""
-    return answer_mode(cfg).max_tokens(cfg.sampling, n_samples)
-
-
 def paper_batch_size(cfg: DictConfig, spec: DatasetSpec, modality: str) -> int:
     """The paper's batch size; the multimodal sets' text and video ablations used other sizes."""
     sizes = cfg.get("modality_batch_sizes") or {}
