@@ -1,22 +1,22 @@
-"""The answer modes side by side on the demo data: the README's answer-mode ablation table.
+"""The answer modes side by side on the demo data: the README's answer-mode ablation tables.
 
 Run by hand:  python benchmarks/ablate_answer_modes.py [--backend hf|vllm_cpu] [--model tiny-random-qwen2vl]
 
 In a fresh GER_CACHE_DIR (the tiny model and the demo data are built by the first run), runs
-`ger run dataset=demo answer=<mode>` for every mode of ger/answers/modes.py as subprocesses, as a
-user would, and prints one markdown row per mode from each run's metrics.json and predictions.csv:
-top-1 accuracy, top-2 accuracy (the true label among the first two of the ranking), parse failures,
-mean negative log-likelihood of the true label (likelihood mode: its probabilities), requests sent
-and wall time. With a tiny random model the numbers measure the harness (what each mode costs and
-how often its answer can be read), not emotion recognition.
+`ger run dataset=demo answer=<mode>` once per mode of ger/answers/modes.py (free, batch, choice,
+likelihood) as subprocesses, as a user would, then `ger report` over the runs. It computes nothing
+itself: the first table is each run's metrics.json (`answer_metrics`: top-1, top-2, label
+probabilities' coverage, NLL, ECE, macro one-vs-rest AUC; `parse_failure_rate`; `requests.sent`)
+beside the run's wall time; the second is `ger report`'s answer-mode comparison (report.json
+"modes", ger/report/modes.py): McNemar's paired test on top-1 correctness between every two modes.
+With a tiny random model the numbers measure the harness (what each mode costs, how often its answer
+can be read), not emotion recognition.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import json
-import math
 import os
 import platform
 import subprocess
@@ -27,48 +27,59 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-MODES = ("free", "choice", "batch", "likelihood")
+MODES = ("free", "batch", "choice", "likelihood")
+
+
+def ger(args: list[str], cache: Path) -> float:
+    """One `ger` command as a user runs it; its wall time in seconds (exits with its stderr on failure)."""
+    env = {**os.environ, "GER_CACHE_DIR": str(cache), "PYTHONPATH": str(REPO)}
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "ger.cli", *args], cwd=REPO, env=env, capture_output=True,
+                          text=True)  # fmt: skip
+    if proc.returncode != 0:
+        raise SystemExit(f"ger {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return time.perf_counter() - start
 
 
 def run_mode(mode: str, args: argparse.Namespace, cache: Path, out: Path) -> dict:
-    """One `ger run` in `mode`; its metrics, per-row figures and wall time."""
-    env = {**os.environ, "GER_CACHE_DIR": str(cache), "PYTHONPATH": str(REPO)}
-    cmd = [sys.executable, "-m", "ger.cli", "run", "dataset=demo", f"answer={mode}", f"model={args.model}",
-           f"backend={args.backend}", f"sampling.max_tokens={args.max_tokens}", "progress=false",
-           f"hydra.run.dir={out}"]  # fmt: skip
-    start = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
-    seconds = time.perf_counter() - start
-    if proc.returncode != 0:
-        raise SystemExit(f"answer={mode} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-    meta = json.loads((out / "metrics.json").read_text())
-    with (out / "predictions.csv").open(newline="") as f:
-        rows = list(csv.DictReader(f))
-    top2 = sum(r["gt"] in r["prediction"].split(",")[:2] for r in rows)
-    probs = [(json.loads(r["probs"]), r["gt"]) for r in rows if r.get("probs")]
-    nll = -sum(math.log(max(p.get(gt, 0.0), 1e-300)) for p, gt in probs)
-    return {
-        "mode": mode,
-        "n": meta["n"],
-        "acc": meta["scores"][0]["value"],
-        "top2": 100.0 * top2 / len(rows),
-        "parse_failures": meta["parse_failure_rate"],
-        "nll": nll / len(probs) if probs else None,
-        "sent": meta["requests"]["sent"],
-        "seconds": seconds,
-    }
+    """`ger run` in `mode`; its metrics.json and wall time."""
+    seconds = ger(["run", "dataset=demo", f"answer={mode}", f"model={args.model}", f"backend={args.backend}",
+                   f"sampling.max_tokens={args.max_tokens}", "progress=false", f"hydra.run.dir={out}"],
+                  cache)  # fmt: skip
+    return {"mode": mode, "seconds": seconds, **json.loads((out / "metrics.json").read_text())}
 
 
-def table(results: list[dict]) -> str:
+def _num(value: float | None, digits: int = 2) -> str:
+    return "–" if value is None else f"{value:.{digits}f}"
+
+
+def runs_table(results: list[dict]) -> str:
+    """One row per mode, every figure as the run's metrics.json states it."""
     lines = [
-        "| answer | n | top-1 acc % | top-2 acc % | parse failures % | mean NLL | requests | wall s |",
-        "|---|---|---|---|---|---|---|---|",
+        "| answer | n | top-1 % | top-2 % | parse failures % | probs | NLL | ECE % | AUC % | requests "
+        "| wall s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
-        nll = f"{r['nll']:.3f}" if r["nll"] is not None else "–"
+        a = r["answer_metrics"]
         lines.append(
-            f"| {r['mode']} | {r['n']} | {r['acc']:.2f} | {r['top2']:.2f} | {r['parse_failures']:.2f} | "
-            f"{nll} | {r['sent']} | {r['seconds']:.1f} |"
+            f"| {r['mode']} | {a['n']} | {a['top1']:.2f} | {a['top2']:.2f} | {r['parse_failure_rate']:.2f} | "
+            f"{a['with_probs']}/{a['n']} | {_num(a['nll'], 3)} | {_num(a['ece'])} | {_num(a['auc_macro'])} | "
+            f"{r['requests']['sent']} | {r['seconds']:.1f} |"
+        )
+    return "\n".join(lines)
+
+
+def mcnemar_table(report: dict) -> str:
+    """`ger report`'s paired tests between the modes (report.json "modes": one group here)."""
+    groups = report["modes"]
+    if len(groups) != 1:
+        raise SystemExit(f"expected one answer-mode group in ger report's output, got {len(groups)}")
+    lines = ["| A | B | paired n | only A right | only B right | McNemar p |", "|---|---|---|---|---|---|"]
+    for t in groups[0]["mcnemar"]:
+        lines.append(
+            f"| {t['a']} | {t['b']} | {t['n']} | {t['only_a_right']} | {t['only_b_right']} | "
+            f"{t['p_value']:.3g} ({t['method']}) |"
         )
     return "\n".join(lines)
 
@@ -81,13 +92,17 @@ def main() -> None:
     parser.add_argument("--modes", default=",".join(MODES))
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="ger-ablate-") as tmp:
-        cache = Path(tmp) / "cache"
-        results = [run_mode(m, args, cache, Path(tmp) / m) for m in args.modes.split(",")]
+        cache, runs = Path(tmp) / "cache", Path(tmp) / "runs"
+        results = [run_mode(m, args, cache, runs / m) for m in args.modes.split(",")]
+        ger(["report", str(runs), "--out", str(Path(tmp) / "report"), "--bootstrap", "0"], cache)
+        report = json.loads((Path(tmp) / "report" / "report.json").read_text())
     when = datetime.now(UTC).strftime("%Y-%m-%d")
     machine = f"{platform.machine()}, {os.cpu_count()} cores, {platform.system()}"
     n = results[0]["n"]
     print(f"demo data ({n} samples), model {args.model}, backend {args.backend}; {when}, {machine}\n")
-    print(table(results))
+    print(runs_table(results))
+    print()
+    print(mcnemar_table(report))
 
 
 if __name__ == "__main__":

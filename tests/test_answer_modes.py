@@ -19,7 +19,7 @@ from omegaconf import OmegaConf
 from stub_server import sample_groups
 
 from ger.answers.modes import MODES, answer_mode, backend_refusal
-from ger.backends.base import backend_class
+from ger.backends.base import backend_class, key_settings
 from ger.backends.label_scores import LabelScores
 from ger.errors import UserError
 
@@ -174,6 +174,34 @@ def test_server_likelihood_sums_every_label_token_and_reruns_from_cache(
     assert meta["answer"] == "likelihood" and meta["requests"]["sent"] == 0
 
 
+def test_report_puts_a_likelihood_run_and_a_free_run_side_by_side(stub_server, demo_root, cache, tmp_path):
+    """`ger report` over two runs of the same set that differ only in answer mode: one table, and the
+    paired test counted from the two runs' predictions.csv."""
+    stub_server.prompt_logprobs = stub_prompt_logprobs
+    stub_server.model = lambda body: (json.dumps(LABELS), "stop")  # free text: the labels in list order
+    lik, free = tmp_path / "runs" / "lik", tmp_path / "runs" / "free"
+    run_ger(server_args(stub_server.url, demo_root, lik), cache, REPO)
+    args = [a for a in server_args(stub_server.url, demo_root, free) if a != "answer=likelihood"]
+    run_ger([*args, "answer=free"], cache, REPO)
+    out = tmp_path / "report"
+    run_ger(["report", str(tmp_path / "runs"), "--out", str(out), "--bootstrap", "0"], cache, REPO)
+    (group,) = json.loads((out / "report.json").read_text())["modes"]
+    assert [r["answer"] for r in group["runs"]] == ["free", "likelihood"]
+    free_m, lik_m = (r["answer_metrics"] for r in group["runs"])
+    assert (free_m["with_probs"], free_m["nll"], lik_m["with_probs"]) == (0, None, LIMIT)
+    assert lik_m["nll"] is not None and lik_m["ece"] is not None and lik_m["auc_macro"] is not None
+    right = {run: {p["name"]: p["top1"] == p["gt"] for p in rows(run)} for run in (free, lik)}
+    assert any(right[free].values())  # the stub's fixed answer is right on the anger face
+    (test,) = group["mcnemar"]
+    assert (test["a"], test["b"], test["n"]) == ("free", "likelihood", LIMIT)
+    assert test["only_a_right"] == sum(right[free][n] and not right[lik][n] for n in right[free])
+    assert test["only_b_right"] == sum(right[lik][n] and not right[free][n] for n in right[free])
+    markdown = (out / "report.md").read_text()
+    assert "## Answer modes side by side" in markdown
+    assert f"| likelihood | {LIMIT} |" in markdown and f"| {LIMIT}/{LIMIT} | {lik_m['nll']:.4f} |" in markdown
+    assert f"| free | likelihood | {LIMIT} | {test['only_a_right']} | {test['only_b_right']} |" in markdown
+
+
 @pytest.mark.parametrize("spelling", [["answer=batch"], ["answer=choice"]])
 def test_new_and_older_spellings_ask_the_same_requests(spelling, stub_server, demo_root, cache, tmp_path):
     """answer=batch / answer=choice send exactly what mode=batch / structured_output=true send: the
@@ -255,6 +283,40 @@ def test_likelihood_run_writes_probabilities_over_the_label_set(engine, request)
     assert {s["metric"] for s in meta["scores"]} == {"acc"}
     scores = cached_scores(run)
     assert all(s.tokens[label] > 0 for s in scores.values() for label in LABELS)
+
+
+@pytest.mark.parametrize("engine", ["hf_run", pytest.param("vllm_run", marks=pytest.mark.vllm)])
+def test_likelihood_run_reports_nll_ece_and_auc(engine, request):
+    """metrics.json's answer_metrics and report.md, checked against predictions.csv's probs column."""
+    run = request.getfixturevalue(engine)
+    preds = rows(run)
+    metrics = json.loads((run / "metrics.json").read_text())["answer_metrics"]
+    assert metrics["n"] == metrics["with_probs"] == LIMIT and metrics["without_probs"] == 0
+    p_true = [json.loads(p["probs"])[p["gt"]] for p in preds]  # demo: one class per label
+    assert metrics["nll"] == pytest.approx(-sum(math.log(p) for p in p_true) / LIMIT, abs=1e-4)
+    assert metrics["top1"] == pytest.approx(100 * sum(p["top1"] == p["gt"] for p in preds) / LIMIT, abs=0.01)
+    top2 = sum(p["gt"] in p["prediction"].split(",")[:2] for p in preds)
+    assert metrics["top2"] == pytest.approx(100 * top2 / LIMIT, abs=0.01)
+    assert 0 <= metrics["ece"] <= 100 and 0 <= metrics["auc_macro"] <= 100
+    assert {c for c, v in metrics["auc"].items() if v is not None} == {p["gt"] for p in preds}
+    report = (run / "report.md").read_text()
+    assert f"label probabilities for {LIMIT} of {LIMIT} samples" in report
+    assert f"NLL {metrics['nll']:.4f} nats, ECE {metrics['ece']:.2f}%" in report
+    assert f"one-vs-rest AUC macro {metrics['auc_macro']:.2f}%" in report
+
+
+@pytest.mark.parametrize("engine", ["hf_run", pytest.param("vllm_run", marks=pytest.mark.vllm)])
+def test_the_cache_says_what_produced_each_answer(engine, request):
+    """Beside each answer the cache stores the key's parts outside the prompt: the backend's part is
+    what its settings class declares answer-changing (key_settings), with the model and the mode."""
+    run = request.getfixturevalue(engine)
+    cfg = OmegaConf.load(run / "config.yaml")
+    with sqlite3.connect(run.parent / "cache" / "responses.sqlite") as conn:
+        stored = dict(conn.execute("SELECT key, identity FROM answers").fetchall())
+    for p in rows(run):
+        ident = json.loads(stored[p["response_key"]])
+        assert ident["backend"] == key_settings(cfg.backend.name, cfg.backend)
+        assert ident["model"]["path"].startswith("tiny:qwen2_vl-") and ident["answer"] == "likelihood"
 
 
 @pytest.mark.vllm

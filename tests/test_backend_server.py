@@ -23,6 +23,7 @@ import pytest
 from conftest import cached_answers, require_vllm, rows, run_ger
 from PIL import Image
 
+from ger.backends.base import key_settings
 from ger.backends.keys import find_secret
 from ger.backends.openai_api import OpenAIBackend
 from ger.backends.server import ModelNotFoundError, ServerBackend
@@ -156,14 +157,6 @@ def test_answers_images_video_and_choices(server: VLLMServer) -> None:
         assert backend.usage["requests"] == len(requests)
 
 
-def test_identity_names_model_not_endpoint(server: VLLMServer) -> None:
-    model_cfg = {"name": SERVED, "tiny": "qwen2_vl", "max_images": 4}
-    ident = ServerBackend({"base_url": server.base_url}, model_cfg).identity()
-    assert ident["model"] == SERVED and ident["backend"] == "server"
-    assert ident["weights"]["path"].startswith("tiny:qwen2_vl")
-    assert str(server.port) not in repr(ident) and "127.0.0.1" not in repr(ident)
-
-
 def test_openai_adapter_on_local_server_leaks_no_key(server, tmp_path, monkeypatch) -> None:
     from omegaconf import OmegaConf
 
@@ -197,7 +190,7 @@ def test_openai_adapter_on_local_server_leaks_no_key(server, tmp_path, monkeypat
             list(wrong.generate([ask("c", img((1, 2, 3)))]))
         with ResponseCache(run / "cache.sqlite") as cache:
             for response in answers:
-                cache.put(response, backend.identity())
+                cache.put(response, key_settings("openai", cfg))  # the backend part of every key
         (run / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
         (run / "errors.txt").write_text(str(err.value))
     finally:

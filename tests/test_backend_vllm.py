@@ -152,14 +152,6 @@ def test_video_to_image_only_model_is_a_request_error(llava: dict[str, Any]) -> 
     assert "takes no video input" in bad["error"]
 
 
-def test_identity_names_what_changes_answers(qwen: dict[str, Any]) -> None:
-    ident = qwen["identity"]
-    assert ident["backend"] == "vllm"
-    assert ident["vllm"] == qwen["vllm"]
-    assert ident["path"].startswith("tiny:qwen2_vl-")
-    assert (ident["dtype"], ident["load_format"], ident["max_model_len"]) == ("float32", "auto", 4096)
-
-
 @pytest.fixture(scope="module", params=sorted(FAMILIES))
 def family(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, ger_cache: Path):
     """One engine per family twin, started once for all the family tests below."""

@@ -14,6 +14,7 @@ from conftest import REPO
 from omegaconf import OmegaConf
 from PIL import Image
 
+from ger.answers.modes import answer_mode
 from ger.backends.models import resolve_model
 from ger.config import load_group_yaml
 from ger.data.datasets import all_specs, load_spec
@@ -21,7 +22,7 @@ from ger.prompting.batching import batch_order, plan_batches, read_order, shuffl
 from ger.prompting.prompts import PromptTemplate, build_request, load_template
 from ger.records import LoadedSample, Response, Sample
 from ger.run.cache import ResponseCache
-from ger.run.pipeline import answer_budget, paper_batch_size
+from ger.run.pipeline import paper_batch_size
 
 KEY_PARTS = {"model": "m", "sampling": {"temperature": 0.0}}
 
@@ -160,9 +161,9 @@ def test_multimodal_ablations_use_the_papers_sizes():
 
 def test_the_answer_budget_grows_with_the_batch():
     cfg = OmegaConf.create({"mode": "batch", "sampling": {"max_tokens": 256, "max_tokens_per_record": 60}})
-    assert [answer_budget(cfg, n) for n in (1, 4, 20)] == [256, 256, 1200]
+    assert [answer_mode(cfg).max_tokens(cfg.sampling, n) for n in (1, 4, 20)] == [256, 256, 1200]
     cfg.mode = "single"
-    assert answer_budget(cfg, 1) == 256
+    assert answer_mode(cfg).max_tokens(cfg.sampling, 1) == 256
 
 
 def test_the_cache_keeps_the_finish_reason_and_upgrades_old_files(tmp_path):

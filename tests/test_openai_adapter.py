@@ -9,12 +9,14 @@ from __future__ import annotations
 import json
 import sys
 import threading
+from dataclasses import asdict
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
+from ger.backends.base import key_settings
 from ger.backends.cost import (
     OverBudgetError,
     UnknownModelError,
@@ -236,8 +238,8 @@ def test_config_and_repr_hold_no_key(monkeypatch, tmp_path) -> None:
     cfg = OmegaConf.load(Path(__file__).parent.parent / "conf/backend/openai.yaml")
     backend = OpenAIBackend(cfg)
     (tmp_path / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    (tmp_path / "settings.json").write_text(json.dumps(backend.settings_dict(), default=str))
-    (tmp_path / "identity.json").write_text(json.dumps(backend.identity()))
+    (tmp_path / "settings.json").write_text(json.dumps(asdict(backend.settings), default=str))
+    (tmp_path / "key.json").write_text(json.dumps(key_settings("openai", cfg)))  # cache keys' backend part
     (tmp_path / "repr.txt").write_text(repr(backend.keys) + repr(vars(backend)))
     for key in (GOOD, LIMITED):
         assert_no_secret(tmp_path, key)

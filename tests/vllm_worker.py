@@ -171,7 +171,6 @@ def main(model_name: str, out_path: Path, load_format: str = "auto") -> int:
     backend = create_backend(backend_cfg["name"], backend_cfg, model)
     result["start_seconds"] = round(time.perf_counter() - t0, 2)
     result["engine_seconds"] = round(backend.start_seconds, 2)
-    result["identity"] = backend.identity()
     by_case = cases(model)
     requests = [r for reqs in by_case.values() for r in reqs]
     t1 = time.perf_counter()

@@ -56,10 +56,6 @@ class Backend(Protocol):
 
     settings_class: ClassVar[type[BackendSettings]]  # its conf/backend/<name>.yaml, typed (see above)
 
-    def identity(self) -> dict[str, Any]:
-        """What about the engine can change an answer, for inspection; cache keys use key_settings."""
-        ...
-
     def generate(self, requests: list[Request]) -> Iterator[Response]:
         """Answer all requests, yielding each response as soon as it is ready.
 

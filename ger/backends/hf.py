@@ -197,16 +197,6 @@ class HFBackend:
             self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_ids[0]
         )
 
-    def identity(self) -> dict[str, Any]:
-        import transformers
-
-        ident = {"backend": "hf", "engine": f"transformers-{transformers.__version__}"}
-        ident |= self.spec.identity() | {"dtype": self.dtype_name, "temperature": self.temperature}
-        if self.temperature > 0:  # sampling settings matter only when sampling
-            ident |= {"top_p": float(self.settings.top_p), "seed": int(self.settings.seed)}
-        ident["choices"] = "logits-trie"
-        return ident
-
     def generate(self, requests: list[Request]) -> Iterator[Response]:
         ready: list[Prepared] = []
         for request in requests:

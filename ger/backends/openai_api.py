@@ -107,9 +107,6 @@ class OpenAIBackend(ServerBackend):
         self.pricing = with_model_price(self.model, pricing) if self.settings.allow_unknown_model else pricing
         self.last_estimate: CostEstimate | None = None
 
-    def _weights_identity(self, model_cfg: Any) -> None:
-        return None  # the model is the API's; conf/model does not apply
-
     def _model_name(self, model_cfg: Any) -> str:
         assert self.settings.model
         return self.settings.model

@@ -90,8 +90,6 @@ class RayDataBackend(VLLMBackend):
         ray.init(ignore_reinit_error=True, **self.ray_settings.ray_init)
         self.config = self._processor_config()
 
-    # identity(): inherited; same engine, prompts and sampling as the vllm backend.
-
     def generate(self, requests: list[Request]) -> Iterator[Response]:
         rows = []
         for req in requests:

@@ -21,7 +21,7 @@ import logging
 import time
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 from ger.backends.base import BackendSettings, FatalBackendError, read_settings, setting
@@ -117,7 +117,6 @@ class ServerBackend:
 
     def __init__(self, backend_cfg: Any, model_cfg: Any = None) -> None:
         self.settings = read_settings(self.settings_class, backend_cfg, self.backend_name)
-        self.weights = self._weights_identity(model_cfg)
         self.model = self._model_name(model_cfg)
         self.keys = KeyPool(self._read_keys(), rest_seconds=self.settings.key_rest_seconds)
         self.usage = {"prompt_tokens": 0, "completion_tokens": 0, "requests": 0}
@@ -135,13 +134,6 @@ class ServerBackend:
             raise ValueError("backend `server` needs `model` (the served model name) or a model config")
         return name  # launch/serve.py serves every model under its config name
 
-    def _weights_identity(self, model_cfg: Any) -> dict[str, Any] | None:
-        if model_cfg is None:
-            return None
-        from ger.backends.models import resolve_model
-
-        return resolve_model(model_cfg).identity()
-
     def _read_keys(self) -> list[str]:
         s = self.settings
         if not (s.api_key_env or s.api_keys_env):
@@ -151,28 +143,6 @@ class ServerBackend:
             names = " or ".join(n for n in (s.api_keys_env, s.api_key_env) if n)
             raise ValueError(f"no API key: set the environment variable {names}")
         return keys
-
-    def identity(self) -> dict[str, Any]:
-        """What changes an answer: model, weights, sampling, how media are encoded (no URL, no key)."""
-        s = self.settings
-        return {
-            "backend": self.backend_name,
-            "model": self.model,
-            "weights": self.weights,
-            "sampling": {"temperature": s.temperature, "top_p": s.top_p, "seed": s.seed},
-            "media": {
-                "video_as": s.video_as,
-                "video_metadata": s.video_metadata,
-                "jpeg_quality": s.jpeg_quality,
-                "image_detail": s.image_detail,
-            },
-            "structured_outputs": s.structured_outputs,
-            "extra_body": dict(sorted(s.extra_body.items())),
-        }
-
-    def settings_dict(self) -> dict[str, Any]:
-        """The settings, safe to log or save: they name key variables, never hold keys."""
-        return asdict(self.settings)
 
     # -- the run ---------------------------------------------------------------------------------
 

@@ -187,19 +187,6 @@ class VLLMBackend:
             "vLLM %s engine for %s ready in %.1f s", self._vllm_version, self.spec.name, self.start_seconds
         )
 
-    def identity(self) -> dict[str, Any]:
-        s = self.settings
-        return self.spec.identity() | {
-            "backend": "vllm",
-            "vllm": self._vllm_version,
-            "dtype": s.dtype or self.spec.dtype,
-            "load_format": s.load_format,
-            "max_model_len": s.max_model_len or self.spec.max_model_len,
-            "temperature": s.temperature,
-            "top_p": s.top_p,
-            "seed": s.seed,
-        }
-
     def generate(self, requests: list[Request]) -> Iterator[Response]:
         if callable(getattr(self.llm, "enqueue", None)):
             yield from self._feed(requests)

@@ -47,7 +47,7 @@ CREATE TABLE IF NOT EXISTS answers (
     key TEXT PRIMARY KEY,
     text TEXT NOT NULL,
     seconds REAL NOT NULL,
-    identity TEXT NOT NULL,   -- model/backend identity JSON, for inspection only
+    identity TEXT NOT NULL,   -- the key's parts outside the prompt (JSON), for inspection only
     created REAL NOT NULL,
     finish_reason TEXT        -- "length": the answer was cut at max_tokens (batch mode splits it)
 );
@@ -89,9 +89,10 @@ def _read_only(path: Path) -> bool:
 class ResponseCache:
     """A crash-safe, multi-process store of successful responses by request key.
 
-    `identity` (e.g. the backend's identity()) is stored beside each answer unless
-    `put` is given its own; it is for people inspecting the file, the key already
-    covers it.
+    `identity` is stored beside each answer unless `put` is given its own; it is for people
+    inspecting the file, the key already covers it. `ger run` stores the key's parts outside the
+    prompt (ger/run/pipeline.py key_parts: engine versions, model, the backend's answer-changing
+    settings, sampling, answer mode), so a cached answer says what produced it.
     """
 
     def __init__(

@@ -275,7 +275,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     stats = StreamStats(window_size(stream_cfg, cfg.backend), worker_count(stream_cfg))
     decode_spec = DecodeSpec(spec.layout.media_kind, int(cfg.frames), str(cfg.sampler), bool(cfg.greyscale))
     decoder = Decoder(decode_spec, stats, cfg.progress)
-    cache = ResponseCache(cache_dir / "responses.sqlite")
+    cache = ResponseCache(cache_dir / "responses.sqlite", identity=parts)  # readable beside each answer
     asker = Asker(cache, lambda: create_backend(cfg.backend.name, cfg.backend, model), cfg.progress)
     partial = PartialPredictions(out)  # rows as they are parsed; predictions.csv replaces it at the end
     try:
@@ -305,11 +305,6 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         file=sys.stderr,
     )
     return meta
-
-
-def answer_budget(cfg: DictConfig, n_samples: int) -> int:
-    """max_tokens of one request in the run's answer mode (batch: per record x records, never less)."""
-    return answer_mode(cfg).max_tokens(cfg.sampling, n_samples)
 
 
 def paper_batch_size(cfg: DictConfig, spec: DatasetSpec, modality: str) -> int:
