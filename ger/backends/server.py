@@ -222,13 +222,15 @@ class ServerBackend:
                 if not waiting:
                     return
                 done, _ = loop.run_until_complete(asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED))
-                if feeding in done:
+                if feeding in done:  # no local keeps the request: a feed counts its pixels alive until freed
                     done.discard(feeding)
-                    request, feeding = feeding.result(), None  # raises what building the request raised
-                    if request is _END:
+                    if feeding.result() is _END:  # raises what building the request raised
                         source = None
                     else:
-                        pending.add(loop.create_task(self._answer(request, semaphore, self._clients)))
+                        answer = self._answer(feeding.result(), semaphore, self._clients)
+                        pending.add(loop.create_task(answer))
+                        del answer
+                    feeding = None
                 pending -= done
                 unread = set(done)
                 for task in done:
