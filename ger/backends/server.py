@@ -258,6 +258,12 @@ class ServerBackend:
             self._loop.close()
             self._loop, self._clients = None, {}
 
+    def __del__(self) -> None:  # a backend used without close() (a script, a test) closes its sessions
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - at garbage collection, inside another loop: nothing to do
+            pass
+
     async def _answer(self, request: Request, semaphore: asyncio.Semaphore, clients: dict) -> Response:
         start = time.monotonic()
         async with semaphore:
