@@ -181,13 +181,15 @@ class ServerBackend:
                 if not waiting:
                     return
                 done, _ = loop.run_until_complete(asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED))
-                if feeding in done:
+                if feeding in done:  # no local keeps the request: a feed counts its pixels alive until freed
                     done.discard(feeding)
-                    request, feeding = feeding.result(), None  # raises what building the request raised
-                    if request is _END:
+                    if feeding.result() is _END:  # raises what building the request raised
                         source = None
                     else:
-                        pending.add(loop.create_task(self._answer(request, semaphore, self._clients)))
+                        answer = self._answer(feeding.result(), semaphore, self._clients)
+                        pending.add(loop.create_task(answer))
+                        del answer
+                    feeding = None
                 pending -= done
                 unread = set(done)
                 for task in done:
@@ -221,6 +223,12 @@ class ServerBackend:
             self._loop.run_until_complete(_close_all(list(self._clients.values())))
             self._loop.close()
             self._loop, self._clients = None, {}
+
+    def __del__(self) -> None:  # a backend used without close() (a script, a test) closes its sessions
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - at garbage collection, inside another loop: nothing to do
+            pass
 
     async def _answer(self, request: Request, semaphore: asyncio.Semaphore, clients: dict) -> Response:
         start = time.monotonic()

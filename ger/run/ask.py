@@ -154,10 +154,8 @@ class Asker:
         thread at a time.
         """
         if call != "generate" or not getattr(self.backend, "takes_stream", False):
-            while requests := feed.take(chunk):
-                answers = self.ask(requests, call=call)
-                for req in requests:
-                    on_answer(req, answers[req.key])
+            while self._answer_chunk(feed.take(chunk), on_answer, call):
+                pass  # a chunk's requests are let go of before the next one is taken
             return
         lock = threading.Lock()  # cached answers are handed over from the thread reading the feed
         flying: dict[str, list[Request]] = {}
@@ -165,19 +163,32 @@ class Asker:
             self._writer = CacheWriter(self.cache)
         bar = tqdm(desc="requests", unit="req", disable=not self.progress)
 
+        def sendable(req: Request) -> bool:
+            """Whether to send `req`; else it is answered here (from the cache) or rides on its twin."""
+            with lock:
+                if req.key in flying:  # the same request already on its way: one answer for both
+                    flying[req.key].append(req)
+                    return False
+                hit = None if req.key in fresh else self.cache.get_many([req.key]).get(req.key)
+                if hit is not None:
+                    self.stats.cached += 1
+                    on_answer(req, hit)
+                    return False
+                flying[req.key] = [req]
+                return True
+
         def uncached() -> Iterator[Request]:
-            for req in feed:
-                with lock:
-                    if req.key in flying:  # the same request already on its way: one answer for both
-                        flying[req.key].append(req)
-                        continue
-                    hit = None if req.key in fresh else self.cache.get_many([req.key]).get(req.key)
-                    if hit is not None:
-                        self.stats.cached += 1
-                        on_answer(req, hit)
-                        continue
-                    flying[req.key] = [req]
-                yield req
+            # no local keeps a request (and its pixels) past its yield: the feed counts them alive
+            box = [r for r in (next(feed, None),) if r is not None]
+            while box:
+                if sendable(box[0]):
+                    yield box.pop()
+                box = [r for r in (next(feed, None),) if r is not None]
+
+        def answered(response: Response) -> None:
+            with lock:
+                for req in flying.pop(response.key, []):
+                    on_answer(req, response)
 
         try:
             for response in self.backend.generate(uncached()):
@@ -185,15 +196,21 @@ class Asker:
                 self.stats.sent += 1
                 self.stats.failed += not response.ok
                 bar.update()
-                with lock:
-                    for req in flying.pop(response.key, []):
-                        on_answer(req, response)
+                answered(response)
         finally:
             self._writer.flush()
             bar.close()
         for key, reqs in flying.items():  # a backend that drops a request must not lose the sample
             for req in reqs:
                 on_answer(req, Response(key, error="the backend returned no response"))
+
+    def _answer_chunk(
+        self, requests: list[Request], on_answer: Callable[[Request, Response], None], call: str
+    ) -> bool:
+        answers = self.ask(requests, call=call)
+        for req in requests:
+            on_answer(req, answers[req.key])
+        return bool(requests)
 
     def close(self) -> None:
         if self._writer is not None:

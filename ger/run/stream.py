@@ -249,8 +249,12 @@ class Feed:
                         self._top_up()
                     elif not self._groups and not self._outstanding:
                         return _END
-                    elif not self._outstanding and self._groups:  # only unfreed pixels block: never stall
-                        self._top_up(force=True)
+                    elif not self._outstanding and self._groups:
+                        # only pixels not yet freed block (the consumer is letting go of its last answer):
+                        # give them a moment, then go on anyway (a holder that never lets go shows in
+                        # peak_decoded), so the feed never stalls
+                        if not self._cond.wait(0.2):
+                            self._top_up(force=True)
                     elif not block:
                         return None
                     else:
