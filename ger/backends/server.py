@@ -329,19 +329,30 @@ class ServerBackend:
 
     async def _send_with_retries(self, body: bytes, choices: Any, clients: dict) -> tuple[str, str | None]:
         """(answer text, finish reason) after retries; "length" means the answer was cut."""
+        completion = await self.post_with_retries(body, clients)
+        usage = completion.get("usage") or {}
+        self.usage["prompt_tokens"] += usage.get("prompt_tokens") or 0
+        self.usage["completion_tokens"] += usage.get("completion_tokens") or 0
+        self.usage["requests"] += 1
+        if not completion.get("choices"):
+            raise RuntimeError("the server answered with no choices")
+        choice = completion["choices"][0]
+        text = (choice.get("message") or {}).get("content") or ""
+        return self._text(text, choices), choice.get("finish_reason")
+
+    async def post_with_retries(self, body: bytes, clients: dict) -> dict[str, Any]:
+        """One chat completion's JSON, retried on 429 / 5xx / dropped connections, rotating keys."""
         from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt
 
-        s = self.settings
-        text, finish = "", None
         async for attempt in AsyncRetrying(
-            stop=stop_after_attempt(s.max_retries + 1),
+            stop=stop_after_attempt(self.settings.max_retries + 1),
             wait=self._wait,
             retry=retry_if_exception(retryable),
             reraise=True,
         ):
             with attempt:
-                text, finish = await self._send_once(body, clients)
-        return self._text(text, choices), finish
+                return await self._post_once(body, clients)
+        raise AssertionError("unreachable: tenacity reraises the last error")
 
     def _wait(self, retry_state: Any) -> float:
         """Exponential backoff with jitter, at least the server's Retry-After when it sends one."""
@@ -360,22 +371,14 @@ class ServerBackend:
             after = 0.0
         return min(max(delay, after), s.retry_max)
 
-    async def _send_once(self, body: bytes, clients: dict) -> tuple[str, str | None]:
+    async def _post_once(self, body: bytes, clients: dict) -> dict[str, Any]:
         key = self.keys.current()
         client = clients.get(key) or clients.setdefault(key, self._client(key))
         try:
-            completion = await client.request("POST", "/chat/completions", body)
+            return await client.request("POST", "/chat/completions", body)
         except RateLimitError:
             self.keys.rate_limited(key)  # the retry goes out with the next key, if there is one
             raise
-        usage = completion.get("usage") or {}
-        self.usage["prompt_tokens"] += usage.get("prompt_tokens") or 0
-        self.usage["completion_tokens"] += usage.get("completion_tokens") or 0
-        self.usage["requests"] += 1
-        if not completion.get("choices"):
-            raise RuntimeError("the server answered with no choices")
-        choice = completion["choices"][0]
-        return (choice.get("message") or {}).get("content") or "", choice.get("finish_reason")
 
     def _client(self, key: str) -> Session:
         """One key's session (no retries of its own: tenacity does the retrying, with key rotation)."""

@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from ger.backends.base import FatalBackendError
-from ger.backends.http_client import NotFoundError, RateLimitError, retryable
+from ger.backends.http_client import NotFoundError
 from ger.backends.label_scores import LabelScores
 from ger.backends.server import _cancel
 from ger.records import Request, Response
@@ -67,23 +67,8 @@ def label_tail(rows: list[Any], label: str) -> tuple[float, int]:
 
 
 async def _score_one(backend: Any, body: bytes, label: str) -> tuple[float, int]:
-    from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt
-
     s = backend.settings
-    async for attempt in AsyncRetrying(
-        stop=stop_after_attempt(s.max_retries + 1),
-        wait=backend._wait,
-        retry=retry_if_exception(retryable),
-        reraise=True,
-    ):
-        with attempt:
-            key = backend.keys.current()
-            client = backend._clients.get(key) or backend._clients.setdefault(key, backend._client(key))
-            try:
-                completion = await client.request("POST", "/chat/completions", body)
-            except RateLimitError:
-                backend.keys.rate_limited(key)  # the retry goes out with the next key, if there is one
-                raise
+    completion = await backend.post_with_retries(body, backend._clients)
     rows = completion.get("prompt_logprobs")
     if not rows:
         where = s.base_url or "the OpenAI API"
