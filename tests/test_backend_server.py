@@ -311,3 +311,41 @@ def test_ger_run_resumes_after_the_server_dies(server, tmp_path) -> None:
     assert all(r["status"] != "error" for r in second)
     meta = json.loads((tmp_path / "second" / "metrics.json").read_text())["requests"]
     assert meta["sent"] == len(errors) and meta["cached"] == 14 - len(errors)
+
+
+def test_likelihood_through_vllm_serve_matches_transformers(server: VLLMServer) -> None:
+    """answer=likelihood against a real `vllm serve`: its prompt log-probabilities give every label the
+    same summed log-probability (and token count) as transformers computes on the same model folder,
+    image (sent as its PNG file, so both see the same pixels) and prompt."""
+    import io
+
+    import yaml
+    from omegaconf import OmegaConf
+
+    from ger.backends import create_backend
+    from ger.backends.label_scores import LabelScores
+
+    picture = image((180, 60, 40))
+    png = io.BytesIO()
+    picture.save(png, format="PNG")
+    part = {"type": "image", "image": picture, "source": ("image/png", png.getvalue())}
+    request = ask("likelihood", part, max_tokens=1)
+    request.candidates = LABELS
+
+    backend = ServerBackend(server_cfg(server))
+    try:
+        (served,) = list(backend.label_logprobs([request]))
+    finally:
+        backend.close()
+    hf_cfg = OmegaConf.load(ROOT / "conf" / "backend" / "hf.yaml")
+    hf_cfg.device = "cpu"
+    hf = create_backend("hf", hf_cfg, yaml.safe_load(MODEL_YAML))
+    try:
+        (local,) = list(hf.label_logprobs([request]))
+    finally:
+        hf.close()
+    assert served.error is None and local.error is None, (served.error, local.error)
+    got, want = LabelScores.from_text(served.text), LabelScores.from_text(local.text)
+    assert got.tokens == want.tokens and max(want.tokens.values()) > 1  # multi-token labels summed whole
+    for label in LABELS:  # float32 on CPU both; a wrong token, position or image moves it by whole units
+        assert abs(got.logprobs[label] - want.logprobs[label]) < 1e-2, (label, got.logprobs, want.logprobs)
