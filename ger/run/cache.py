@@ -105,6 +105,7 @@ class ResponseCache:
     ) -> None:
         self.path = Path(path).expanduser()
         self.identity = identity or {}
+        self._identity_json = _as_json(self.identity)  # once: every stored answer carries it
         self._retries = retries
         self._busy_ms = int(1000 * busy_timeout_s)
         self._lock = threading.Lock()  # one connection, possibly used from backend threads
@@ -289,7 +290,7 @@ class ResponseCache:
 
     def _statements(self, response: Response, identity: dict[str, Any] | None) -> list[tuple[str, tuple]]:
         """The SQL that stores one answer (and clears its failure), or records one failure."""
-        ident = json.dumps(identity if identity is not None else self.identity, sort_keys=True, default=str)
+        ident = _as_json(identity) if identity is not None else self._identity_json
         now = time.time()
         if response.ok:
             return [
@@ -371,3 +372,7 @@ class ResponseCache:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _as_json(identity: dict[str, Any]) -> str:
+    return json.dumps(identity, sort_keys=True, default=str)
