@@ -114,7 +114,11 @@ def ger_run(url: str, root: Path, cache: Path, out: Path, limit: int | None, cli
 
 
 def decode_only(root: Path, n: int, clips: bool = False) -> float:
-    """Seconds to describe and decode the first n samples in ger's worker pool, nothing else."""
+    """Seconds to describe and decode the first n samples in ger's worker pool, nothing else.
+
+    The workers do exactly what they do in the `ger run backend=server` above: decode, and hand back
+    the images as the server backend sends them (DecodeSpec.wire, its default JPEG quality)."""
+    from ger.backends.base import check_backend
     from ger.data.media import describe_sample
     from ger.records import Sample
     from ger.run.stream import Decoder, DecodeSpec, StreamStats, chunks, worker_count
@@ -124,7 +128,8 @@ def decode_only(root: Path, n: int, clips: bool = False) -> float:
              for i in range(n)]  # fmt: skip
     shells = [describe_sample(Sample("demo", p.stem, "happy", media=p), kind, frames=3) for p in paths]
     stats = StreamStats(window=128, workers=worker_count({}))
-    decoder = Decoder(DecodeSpec(kind, 3, "paper", False), stats, progress=False)
+    wire = check_backend("server", {}).wire_quality()
+    decoder = Decoder(DecodeSpec(kind, 3, "paper", False, wire), stats, progress=False)
     start = time.perf_counter()
     try:
         parts = chunks([(s.sample.name,) for s in shells], 64)

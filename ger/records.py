@@ -35,11 +35,31 @@ class Sample:
 
 
 @dataclass
+class EncodedImage:
+    """A decoded image already in the form an HTTP backend sends it: base64 of its file or of a JPEG.
+
+    Made in a decoding worker (ger/run/stream.py) for backends that send images over HTTP, so neither
+    the pixels (about 1 MB for 640x480) nor the encoding cost cross to ger's main process, which
+    builds and sends the requests. Not frozen, so the decoder's weakref can count it alive.
+    """
+
+    mime: str  # image/jpeg, image/png or image/webp
+    data: str  # base64 (ASCII), exactly what the data URL carries
+    width: int
+    height: int
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return self.width, self.height
+
+
+@dataclass
 class LoadedSample:
     """A sample with its media decoded, ready to be put into a prompt."""
 
     sample: Sample
-    images: list[Any] = field(default_factory=list)  # PIL images: one image, or the sampled frames
+    # PIL images (one image, or the sampled frames); EncodedImage for the HTTP backends (DecodeSpec.wire)
+    images: list[Any] = field(default_factory=list)
     frame_indices: list[int] = field(default_factory=list)  # source-clip indices of the frames
     source_fps: float | None = None
     source_frames: int | None = None

@@ -243,3 +243,95 @@ def test_a_still_travels_as_its_file_only_when_nothing_changes_its_pixels(tmp_pa
     for name in ["alpha.png", "a.bmp", "turned.jpg"]:
         assert load_still(tmp_path / name)[1] is None, name
     assert load_still(tmp_path / "a.png", greyscale=True)[1] is None  # changed pixels: re-encoded
+
+
+def _wire_case(tmp_path: Path, name: str):
+    """(shell, DecodeSpec without wire, template name, frames_as) of one kind of sample."""
+    from ger.data.demo import draw_face
+    from ger.run.stream import DecodeSpec
+
+    rgb = draw_face((64, 48), "happy", 1.0, variant=1)
+    if name == "clip":
+        from test_reliability import write_clip
+
+        write_clip(tmp_path / "clip.mp4", "happy", 1)
+        sample = Sample("demo", "clip", "happy", media=tmp_path / "clip.mp4")
+        return describe_sample(sample, "video", frames=3), DecodeSpec("video", 3, "paper", False)
+    path = tmp_path / f"{name}.{'bmp' if name == 'bmp' else 'png'}"
+    rgb.save(path)
+    grey = name == "grey"
+    shell = describe_sample(Sample("demo", name, "happy", media=path), "image", greyscale=grey)
+    return shell, DecodeSpec("image", 1, "paper", grey)
+
+
+@pytest.mark.parametrize(
+    "case, video_as",
+    [("png", "images"), ("grey", "images"), ("bmp", "images"), ("clip", "images"), ("clip", "video")],
+)
+def test_workers_hand_back_images_as_sent_and_the_body_is_byte_identical(tmp_path, case, video_as):
+    """With DecodeSpec.wire a worker returns the images as the server backend sends them (a PNG as
+    its file, anything changed as a JPEG): far smaller than the pixels, and the POSTed body is the
+    very one the backend builds from the pixels in ger's own process."""
+    import pickle
+    from dataclasses import replace
+
+    from ger.backends.server import ServerBackend
+    from ger.prompting.prompts import build_request, load_template
+    from ger.records import EncodedImage
+    from ger.run.stream import _decode
+
+    shell, spec = _wire_case(tmp_path, case)
+    backend = ServerBackend({"video_as": video_as, "video_metadata": True}, {"name": "tiny"})
+    pixels, wired = _decode(shell, spec), _decode(shell, replace(spec, wire=backend.settings.wire_quality()))
+    assert not any(isinstance(im, EncodedImage) for im in pixels.images)
+    assert all(isinstance(im, EncodedImage) for im in wired.images) and wired.source is None
+    assert len(pickle.dumps(wired)) < len(pickle.dumps(pixels)) / 2
+
+    template = load_template("video" if case == "clip" else "facial")
+
+    def body(loaded) -> bytes:
+        request = build_request([loaded], template, LABELS, mode="single", frames_as="images",
+                                key_parts={}, max_tokens=64)  # fmt: skip
+        return backend._payload(request)
+
+    assert body(wired) == body(pixels)
+    if case == "png":  # sent as the file itself, not re-encoded
+        assert base64.b64encode((tmp_path / "png.png").read_bytes()).decode() in body(wired).decode()
+
+
+def test_json_payload_is_json_dumps_without_scanning_the_media():
+    """Media swapped out and back in give json.dumps' bytes exactly, for every ASCII character and
+    for payloads that need escaping (which are left to json.dumps)."""
+    import json
+    import random
+
+    from ger.backends.chat_format import json_payload
+
+    rng = random.Random(0)
+    safe = base64.b64encode(rng.randbytes(3000)).decode()
+    for c in [chr(i) for i in range(128)] + ["é", "\u2028"]:
+        odd = safe[:1000] + c + safe[1000:]
+        body = {
+            "model": "m",
+            "messages": [
+                {"role": "system", "content": f'say {c!r} "quoted"'},
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "text", "text": "look" + c},
+                        {
+                            "type": "image_url",
+                            "image_url": {"url": "data:image/png;base64," + safe, "detail": "low"},
+                        },
+                        {"type": "image_url", "image_url": {"url": odd}},
+                        {
+                            "type": "video_url",
+                            "video_url": {"url": "data:video/jpeg;base64," + safe + "," + safe},
+                        },
+                        {"type": "input_audio", "input_audio": {"data": odd, "format": "wav"}},
+                    ],
+                },  # fmt: skip
+            ],
+            "max_tokens": 5,
+        }
+        assert json_payload(body) == json.dumps(body).encode(), repr(c)

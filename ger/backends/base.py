@@ -94,6 +94,13 @@ class BackendSettings:
     def validate(self) -> None:
         """Refuse values no run can use (read_settings calls it); subclasses add their checks."""
 
+    def wire_quality(self) -> int | None:
+        """The JPEG quality at which the backend sends images over HTTP, or None when it takes pixels.
+
+        Where it sends encoded images, the decoding workers encode them (ger/run/stream.py), so pixels
+        never cross to ger's main process, which has the requests to build and send."""
+        return None
+
     def answer_settings(self) -> dict[str, Any]:
         """The settings that change an answer. A field that does not say counts as one (safe: a rerun
         asks again rather than reusing an answer given under other settings)."""
@@ -152,9 +159,9 @@ def settings_class(name: str) -> type[BackendSettings]:
     return backend_class(name).settings_class
 
 
-def check_backend(name: str, backend_cfg: Any) -> None:
+def check_backend(name: str, backend_cfg: Any) -> BackendSettings:
     """Refuse bad settings (a retired model, an unknown key) before any media is decoded."""
-    read_settings(settings_class(name), backend_cfg, name)
+    return read_settings(settings_class(name), backend_cfg, name)
 
 
 def key_settings(name: str, backend_cfg: Any) -> dict[str, Any]:

@@ -8,6 +8,8 @@ A video part (sampled frames) goes either as several images, which every server
 and GPT-4V accept, or as one vLLM `video_url` whose data URL is a JPEG frame
 sequence (`data:video/jpeg;base64,<frame>,<frame>,...`): vLLM decodes that
 without a video codec, so no video file has to be encoded on our side.
+A decoding worker may already have done that encoding (`EncodedImage`, see wire_image); such an
+image travels as it was made.
 A sound track (models with `supports_audio`) goes as an `input_audio` part holding a base64
 16-bit PCM WAV at the model's rate (OpenAI's format; `vllm serve` reads it with its audio loader).
 """
@@ -16,10 +18,27 @@ from __future__ import annotations
 
 import base64
 import io
+import json
+import secrets
 from collections.abc import Iterator
 from typing import Any
 
+from ger.records import EncodedImage
+
 VIDEO_AS = ("images", "video")
+
+
+def wire_image(image: Any, quality: int = 90, source: tuple[str, bytes] | None = None) -> EncodedImage:
+    """An image as the HTTP backends send it: its file's bytes where `source` is given (a still sent
+    as it is), else a JPEG at `quality`. A decoding worker calls it ahead (ger/run/stream.py); an
+    image it already made passes through."""
+    if isinstance(image, EncodedImage):
+        return image
+    if source is not None:
+        mime, data = source[0], base64.b64encode(source[1]).decode("ascii")
+    else:
+        mime, data = "image/jpeg", jpeg_base64(image, quality)
+    return EncodedImage(mime, data, image.width, image.height)
 
 
 def jpeg_base64(image: Any, quality: int = 90) -> str:
@@ -33,16 +52,13 @@ def jpeg_base64(image: Any, quality: int = 90) -> str:
 
 def image_data_url(image: Any, quality: int = 90, source: tuple[str, bytes] | None = None) -> str:
     """A data URL of the image's own file where the part carries one (a still sent as it is), else JPEG."""
-    if source is not None:
-        return f"data:{source[0]};base64,{image_base64(image, quality, source)}"
-    return f"data:image/jpeg;base64,{jpeg_base64(image, quality)}"
+    made = wire_image(image, quality, source)
+    return f"data:{made.mime};base64,{made.data}"
 
 
 def image_base64(image: Any, quality: int = 90, source: tuple[str, bytes] | None = None) -> str:
     """The base64 payload an image travels as: its file's bytes (`source`) when given, else a JPEG."""
-    if source is not None:
-        return base64.b64encode(source[1]).decode("ascii")
-    return jpeg_base64(image, quality)
+    return wire_image(image, quality, source).data
 
 
 def video_data_url(frames: list[Any], quality: int = 90) -> str:
@@ -50,7 +66,15 @@ def video_data_url(frames: list[Any], quality: int = 90) -> str:
     if not frames:
         raise ValueError("a video part needs at least one frame")
     # RGB always: vLLM stacks the decoded frames into one (T, H, W, 3) array
-    return "data:video/jpeg;base64," + ",".join(jpeg_base64(f.convert("RGB"), quality) for f in frames)
+    return "data:video/jpeg;base64," + ",".join(_frame_jpeg(f, quality) for f in frames)
+
+
+def _frame_jpeg(frame: Any, quality: int) -> str:
+    if isinstance(frame, EncodedImage):  # a worker encoded the frame (ger's frames are always RGB)
+        if frame.mime != "image/jpeg":
+            raise ValueError(f"a video frame must travel as JPEG, not {frame.mime}")
+        return frame.data
+    return jpeg_base64(frame.convert("RGB"), quality)
 
 
 def wav_base64(samples: Any, rate: int) -> str:
@@ -170,3 +194,53 @@ def iter_images(messages: list[dict[str, Any]]) -> Iterator[Any]:
 def request_text(messages: list[dict[str, Any]]) -> str:
     """All the text a request sends, for token estimates."""
     return "\n".join(p["text"] for p in iter_parts(messages) if p.get("type") == "text")
+
+
+def json_payload(body: dict[str, Any]) -> bytes:
+    """json.dumps(body).encode(), without the JSON encoder scanning every character of the media.
+
+    A request's base64 media (tens of kB an image) need no escaping, yet json.dumps looks at them
+    character by character: a quarter of ger's own CPU per request against a fast server. They are
+    swapped for short random tokens, the small rest is encoded, and the media are put back in.
+    """
+    token, media = secrets.token_hex(8), []
+
+    def slim(value: Any) -> Any:
+        if not (isinstance(value, str) and len(value) > 256 and _json_safe(value)):
+            return value
+        media.append(value)
+        return f"ger-media-{token}-{len(media) - 1}"
+
+    messages = [_slim_message(m, slim) for m in body.get("messages", [])]
+    text = json.dumps({**body, "messages": messages} if "messages" in body else body)
+    pieces: list[str] = []
+    for i, value in enumerate(media):
+        head, text = text.split(f"ger-media-{token}-{i}", 1)
+        pieces += [head, value]
+    pieces.append(text)
+    return "".join(pieces).encode()
+
+
+# The characters json.dumps writes as they are: printable ASCII but '"' and '\\' (its C encoder's rule)
+_JSON_PLAIN = bytes(c for c in range(32, 127) if c not in b'"\\')
+
+
+def _json_safe(value: str) -> bool:
+    """Whether json.dumps writes `value` as it is, between quotes (true of every base64 data URL)."""
+    return value.isascii() and not value.encode("ascii").translate(None, _JSON_PLAIN)
+
+
+def _slim_message(message: dict[str, Any], slim: Any) -> dict[str, Any]:
+    """`message` with each media payload passed through `slim` (copies: the body is left as it was)."""
+    content = message.get("content")
+    if not isinstance(content, list):
+        return message
+    parts = []
+    for part in content:
+        kind = part.get("type")
+        field = {"image_url": "url", "video_url": "url", "input_audio": "data"}.get(kind)
+        inner = part.get(kind)
+        if field and isinstance(inner, dict):
+            part = {**part, kind: {**inner, field: slim(inner.get(field))}}
+        parts.append(part)
+    return {**message, "content": parts}

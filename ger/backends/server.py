@@ -25,11 +25,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from ger.backends.base import BackendSettings, FatalBackendError, read_settings, setting
-from ger.backends.chat_format import VIDEO_AS, iter_parts, to_openai_messages, video_io_kwargs
+from ger.backends.chat_format import VIDEO_AS, iter_parts, json_payload, to_openai_messages, video_io_kwargs
 from ger.backends.http_client import NotFoundError, RateLimitError, Session, base_url, retryable
 from ger.backends.keys import KeyPool, read_keys, scrub
 from ger.config import plain
-from ger.records import Request, Response
+from ger.records import EncodedImage, Request, Response
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +73,9 @@ class ServerSettings(BackendSettings):
                        "retry_initial", "retry_max", "key_rest_seconds"]
     }  # fmt: skip
 
+    def wire_quality(self) -> int | None:
+        return self.jpeg_quality
+
     def validate(self) -> None:
         if self.video_as not in VIDEO_AS:
             raise ValueError(f"unknown video_as {self.video_as!r}; expected one of {list(VIDEO_AS)}")
@@ -85,9 +88,14 @@ class ServerSettings(BackendSettings):
 
 
 def _encodes(request: Request) -> bool:
-    """Whether building the request's body encodes images (frames, or stills not sent as their file)."""
-    kinds = {"image", "video"}
-    return any(p.get("type") in kinds and "source" not in p for p in iter_parts(request.messages))
+    """Whether building the request's body encodes images: pixels not made ready by a decoding worker
+    (EncodedImage), other than stills sent as their file."""
+    for part in iter_parts(request.messages):
+        kind = part.get("type")
+        images = [part.get("image")] if kind == "image" else part.get("frames", []) if kind == "video" else []
+        if "source" not in part and not all(isinstance(im, EncodedImage) for im in images):
+            return True
+    return False
 
 
 async def _close_all(sessions: list[Session]) -> None:
@@ -284,7 +292,7 @@ class ServerBackend:
         """The JSON POSTed for one request: the arguments, extra_body's keys merged in (as the SDK did)."""
         body = self._body(request)
         body.update(body.pop("extra_body", {}))
-        return json.dumps(body).encode()
+        return json_payload(body)
 
     def _body(self, request: Request) -> dict[str, Any]:
         """The chat-completions arguments for one request."""

@@ -15,13 +15,13 @@ the prompt; the offline backend (backend=vllm) encodes it once per sample.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from collections.abc import Iterator
 from typing import Any
 
 from ger.backends.base import FatalBackendError
+from ger.backends.chat_format import json_payload
 from ger.backends.http_client import NotFoundError
 from ger.backends.label_scores import LabelScores
 from ger.backends.server import _cancel
@@ -42,7 +42,7 @@ def label_body(backend: Any, request: Request, label: str) -> bytes:
     body["messages"] = [*body["messages"], {"role": "assistant", "content": label}]
     body[backend.settings.max_tokens_param] = 1
     body.update({**body.pop("extra_body", {}), **EXTRA})  # vLLM's extra parameters sit at the top level
-    return json.dumps(body).encode()
+    return json_payload(body)
 
 
 def label_tail(rows: list[Any], label: str) -> tuple[float, int]:

@@ -120,7 +120,7 @@ def load_still(path: Path | str, greyscale: bool = False) -> tuple[Image.Image, 
                 as_is = None
             if im.mode.startswith("I") or im.mode == "F":
                 im = _high_depth_to_8bit(im, p)
-            rgb = im.convert("RGB")
+            rgb = im if im.mode == "RGB" else im.convert("RGB")  # loaded: no copy needed
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise MediaError(f"cannot decode image {p}: {e}") from e
     return (to_greyscale(rgb) if greyscale else rgb), ((as_is, data) if as_is else None)

@@ -236,7 +236,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         by_name = {s.name: s for s in samples}
         samples = [by_name[n] for n in batch_order(list(by_name), cfg.batch_seed, cfg.get("batch_order"))]
     samples = select(samples, cfg.limit, cfg.shard)
-    check_backend(cfg.backend.name, cfg.backend)  # a refused model stops the run before any decoding
+    settings = check_backend(cfg.backend.name, cfg.backend)  # a refused model stops the run before decoding
     refusal = backend_refusal(mode, cfg.backend.name, backend_class(cfg.backend.name))
     if refusal:
         raise UserError(refusal)
@@ -273,7 +273,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
     stream_cfg = cfg.get("stream") or {}
     stats = StreamStats(window_size(stream_cfg, cfg.backend), worker_count(stream_cfg))
-    decode_spec = DecodeSpec(spec.layout.media_kind, int(cfg.frames), str(cfg.sampler), bool(cfg.greyscale))
+    # grids are drawn from pixels when the request is built; everything else can travel as workers encode it
+    wire = None if frames_as == "grid" and spec.layout.media_kind != "image" else settings.wire_quality()
+    kind = spec.layout.media_kind
+    decode_spec = DecodeSpec(kind, int(cfg.frames), str(cfg.sampler), bool(cfg.greyscale), wire)
     decoder = Decoder(decode_spec, stats, cfg.progress)
     cache = ResponseCache(cache_dir / "responses.sqlite", identity=parts)  # readable beside each answer
     asker = Asker(cache, lambda: create_backend(cfg.backend.name, cfg.backend, model), cfg.progress)

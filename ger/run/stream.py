@@ -28,6 +28,7 @@ from typing import Any
 from tqdm import tqdm
 
 from ger.answers.parse import LabelMatcher, parse_batch
+from ger.backends.chat_format import wire_image
 from ger.data.media import MediaError, decode
 from ger.records import LoadedSample, Request
 from ger.run.cache import ResponseCache
@@ -60,15 +61,22 @@ class DecodeSpec:
     frames: int
     sampler: str
     greyscale: bool
+    # JPEG quality of a backend that sends images over HTTP (BackendSettings.wire_quality): the worker
+    # then hands back the images as sent (EncodedImage), never their pixels; None: PIL images
+    wire: int | None = None
 
 
 def _decode(shell: LoadedSample, spec: DecodeSpec) -> LoadedSample | str:
     """A decoded sample, or the error message its prediction row will carry (runs in a worker)."""
     try:  # decoded into a copy: the shell itself never holds pixels
-        return decode(replace(shell), spec.media_kind, frames=spec.frames, sampler=spec.sampler,
-                      greyscale=spec.greyscale)  # fmt: skip
+        loaded = decode(replace(shell), spec.media_kind, frames=spec.frames, sampler=spec.sampler,
+                        greyscale=spec.greyscale)  # fmt: skip
     except (MediaError, OSError) as exc:
         return f"{type(exc).__name__}: {exc}"
+    if spec.wire is not None and loaded.images:
+        source, loaded.source = loaded.source, None  # a still's file is now its EncodedImage
+        loaded.images = [wire_image(im, spec.wire, source) for im in loaded.images]
+    return loaded
 
 
 def window_size(stream_cfg: Any, backend_cfg: Any) -> int:
