@@ -27,6 +27,7 @@ from ger.scoring.rules import (
     POSITIVE_ANSWERS,
     ClassReader,
     check_metric,
+    confusion_matrix,
     rule_for,
     strict_matcher,
 )
@@ -196,11 +197,9 @@ def score(preds: list[Prediction], spec: DatasetSpec, variant: str = "") -> Scor
 
 def score_outcome(out: Outcome, spec: DatasetSpec, variant: str = "") -> Score:
     """score() on an Outcome already mapped into the metric's label space (ger/scoring/views.py folds it)."""
-    from sklearn.metrics import confusion_matrix
-
     values = {m: round(metric_value(m, out.y_true, out.y_pred), 2) for m in spec.metrics}
     cols = out.classes + ([INVALID] if INVALID in out.y_pred else [])
-    matrix = confusion_matrix(out.y_true, out.y_pred, labels=cols)[: len(out.classes)]
+    matrix = confusion_matrix(out.y_true, out.y_pred, cols)[: len(out.classes)]
     support = matrix.sum(axis=1)
     recall = {c: round(100.0 * matrix[i, i] / support[i], 2) for i, c in enumerate(out.classes) if support[i]}
     paper = spec.paper.gpt4v if (spec.reference is None or variant == spec.reference.paper_variant) else {}

@@ -18,7 +18,7 @@ registered with `@register`; a new metric an entry of METRICS.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
@@ -190,26 +190,65 @@ class Continuous(ScoringRule):
 
 
 # --- metrics: name -> fraction in [0, 1] from (y_true, y_pred) in the rule's class space -------------
+# Computed with numpy from one confusion matrix, not with sklearn.metrics: importing it (and the scipy
+# and pandas it pulls in) costs ~1.2 s, most of a fully cached `ger run`. The arithmetic follows
+# sklearn's (>= 1.4) step by step, so the numbers are the same to the last bit (tests/test_metrics_numpy.py
+# checks them against sklearn itself).
+
+
+def confusion_matrix(y_true: Sequence[Any], y_pred: Sequence[Any], labels: Sequence[Any]) -> np.ndarray:
+    """Counts of (true, predicted) pairs in `labels`' order, rows = true class; as
+    sklearn.metrics.confusion_matrix, a pair with a label outside `labels` is not counted."""
+    true, pred = np.asarray(y_true).tolist(), np.asarray(y_pred).tolist()
+    if len(true) != len(pred):
+        raise ValueError(f"y_true has {len(true)} samples but y_pred has {len(pred)}")
+    index = {label: i for i, label in enumerate(labels)}
+    t = np.fromiter((index.get(x, -1) for x in true), dtype=np.int64, count=len(true))
+    p = np.fromiter((index.get(x, -1) for x in pred), dtype=np.int64, count=len(pred))
+    kept = (t >= 0) & (p >= 0)
+    k = len(index)
+    return np.bincount(t[kept] * k + p[kept], minlength=k * k).reshape(k, k)
+
+
+def _counts(y_true: Any, y_pred: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per label of y_true or y_pred, sorted as sklearn sorts them: true positives, support, predicted."""
+    labels = sorted(set(np.asarray(y_true).tolist()) | set(np.asarray(y_pred).tolist()))
+    if not labels:
+        raise ValueError("no samples to score")
+    matrix = confusion_matrix(y_true, y_pred, labels)
+    return np.diagonal(matrix), matrix.sum(axis=1), matrix.sum(axis=0)
+
+
+def _divide(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:
+    """numerator / denominator as floats, 0 where the denominator is 0 (sklearn's zero_division=0)."""
+    den = denominator.astype(np.float64)
+    zero = den == 0
+    den[zero] = 1.0
+    out = numerator.astype(np.float64) / den
+    out[zero] = 0.0
+    return out
 
 
 def _accuracy(y_true: Any, y_pred: Any) -> float:
-    from sklearn.metrics import accuracy_score  # lazy: ~2 s of imports
-
-    return float(accuracy_score(y_true, y_pred))
+    """Share of samples whose prediction equals the truth (sklearn's accuracy_score)."""
+    tp, support, _ = _counts(y_true, y_pred)
+    return float(tp.sum() / support.sum())
 
 
 def _uar(y_true: Any, y_pred: Any) -> float:
-    """Mean recall over the classes present in y_true."""
-    from sklearn.metrics import recall_score
-
-    present = sorted(set(np.asarray(y_true).tolist()))
-    return float(recall_score(y_true, y_pred, labels=present, average="macro", zero_division=0))
+    """Mean recall over the classes present in y_true (sklearn's recall_score with labels=present,
+    average="macro", zero_division=0; a prediction outside those classes is a miss)."""
+    tp, support, _ = _counts(y_true, y_pred)
+    present = support > 0
+    return float(np.mean(_divide(tp[present], support[present])))
 
 
 def _weighted_f1(y_true: Any, y_pred: Any) -> float:
-    from sklearn.metrics import f1_score
-
-    return float(f1_score(y_true, y_pred, average="weighted", zero_division=0))
+    """Support-weighted mean of per-label F1 = 2tp / (support + predicted), over every label of y_true
+    or y_pred (one only predicted has weight 0): sklearn's f1_score(average="weighted", zero_division=0)."""
+    tp, support, predicted = _counts(y_true, y_pred)
+    f1 = _divide(2.0 * tp, support + predicted)
+    return float(np.average(f1, weights=support))
 
 
 METRICS: dict[str, Callable[[Any, Any], float]] = {
