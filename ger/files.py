@@ -1,4 +1,4 @@
-"""Writing result files so that a crash never leaves a half-written one."""
+"""Writing result files so that a crash never leaves a half-written one; resolving many data paths."""
 
 from __future__ import annotations
 
@@ -14,3 +14,24 @@ def atomic_write_text(path: Path, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+class RealPaths:
+    """Path.resolve() for the many files of a few folders, as a string.
+
+    Each folder is resolved once and a file itself only when it is a symlink (one lstat), instead
+    of a walk over every component of every path: for a 4,000-image test set that walk was a
+    quarter of a fully cached rerun. One instance per run: a folder swapped for a link meanwhile
+    is not noticed.
+    """
+
+    def __init__(self) -> None:
+        self._dirs: dict[str, str] = {}
+
+    def __call__(self, path: str | Path) -> str:
+        parent, name = os.path.split(os.path.abspath(path))
+        real_parent = self._dirs.get(parent)
+        if real_parent is None:
+            real_parent = self._dirs[parent] = os.path.realpath(parent)
+        real = os.path.join(real_parent, name)
+        return os.path.realpath(real) if os.path.islink(real) else real

@@ -335,3 +335,33 @@ def test_json_payload_is_json_dumps_without_scanning_the_media():
             "max_tokens": 5,
         }
         assert json_payload(body) == json.dumps(body).encode(), repr(c)
+
+
+def test_real_paths_resolve_as_pathlib_does(tmp_path):
+    """RealPaths (each folder resolved once, a file only when it is a link) against Path.resolve()."""
+    import os
+
+    from ger.files import RealPaths
+
+    (tmp_path / "data" / "images").mkdir(parents=True)
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "data" / "images" / "a.jpg").write_bytes(b"a")
+    (tmp_path / "elsewhere" / "b.jpg").write_bytes(b"b")
+    os.symlink(tmp_path / "elsewhere" / "b.jpg", tmp_path / "data" / "images" / "abs.jpg")
+    os.symlink("../../elsewhere/b.jpg", tmp_path / "data" / "images" / "rel.jpg")
+    os.symlink("rel.jpg", tmp_path / "data" / "images" / "chain.jpg")
+    os.symlink(tmp_path / "elsewhere", tmp_path / "data" / "linked")
+    os.symlink(tmp_path / "data", tmp_path / "root")
+    real = RealPaths()
+    for path in [
+        tmp_path / "data" / "images" / "a.jpg",
+        tmp_path / "data" / "images" / "abs.jpg",
+        tmp_path / "data" / "images" / "rel.jpg",
+        tmp_path / "data" / "images" / "chain.jpg",
+        tmp_path / "data" / "images" / "missing.jpg",
+        tmp_path / "data" / "linked" / "b.jpg",
+        tmp_path / "root" / "images" / "abs.jpg",
+        tmp_path / "root" / "images",
+    ]:
+        assert real(path) == str(path.resolve()), path
+        assert real(str(path)) == str(path.resolve()), path  # again, from the folder cache

@@ -21,7 +21,7 @@ mode=batch is answer=batch, structured_output=true is answer=choice, neither is 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ger.answers.parse import LabelMatcher, parse_ranked
 from ger.backends.label_scores import LabelScores
@@ -29,6 +29,9 @@ from ger.errors import UserError
 from ger.records import ERROR, OK, Prediction, Request, Response
 from ger.run.ask import Asker, ask_batches, settle_batch
 from ger.run.cache import ResponseCache
+
+if TYPE_CHECKING:
+    from ger.run.stream import Prefetched
 
 Group = tuple[str, ...]
 Answered = dict[str, tuple[Request, Response, Any]]  # sample name -> (request, response, its reading)
@@ -53,7 +56,7 @@ class AnswerMode:
     def max_tokens(self, sampling: Any, n_samples: int) -> int:
         return int(sampling.max_tokens)
 
-    def cached(self, group: Group, key_for: Callable[[Group], Request], cache: ResponseCache,
+    def cached(self, group: Group, key_for: Callable[[Group], Request], cache: ResponseCache | Prefetched,
                matcher: LabelMatcher) -> bool:  # fmt: skip
         """Whether the group is answered from the cache alone (then nothing is decoded)."""
         from ger.run.stream import answered_from_cache

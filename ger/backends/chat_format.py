@@ -196,6 +196,9 @@ def request_text(messages: list[dict[str, Any]]) -> str:
     return "\n".join(p["text"] for p in iter_parts(messages) if p.get("type") == "text")
 
 
+_TOKEN = secrets.token_hex(8)  # placeholders no request text holds (once: urandom is a syscall)
+
+
 def json_payload(body: dict[str, Any]) -> bytes:
     """json.dumps(body).encode(), without the JSON encoder scanning every character of the media.
 
@@ -203,7 +206,7 @@ def json_payload(body: dict[str, Any]) -> bytes:
     character by character: a quarter of ger's own CPU per request against a fast server. They are
     swapped for short random tokens, the small rest is encoded, and the media are put back in.
     """
-    token, media = secrets.token_hex(8), []
+    token, media = _TOKEN, []
 
     def slim(value: Any) -> Any:
         if not (isinstance(value, str) and len(value) > 256 and _json_safe(value)):

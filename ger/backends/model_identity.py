@@ -49,6 +49,10 @@ def find_snapshot(path: str, revision: str | None) -> Path | None:
     if local.is_dir():
         return local.resolve()
     try:
+        from huggingface_hub import constants
+
+        if not (Path(constants.HF_HUB_CACHE) / f"models--{path.replace('/', '--')}").is_dir():
+            return None  # not downloaded: known without importing snapshot_download (~0.25 s)
         from huggingface_hub import snapshot_download
 
         folder = snapshot_download(repo_id=path, revision=revision, local_files_only=True)

