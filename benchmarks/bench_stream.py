@@ -181,6 +181,37 @@ def decode_only(root: Path, n: int, clips: bool, workers: int | None) -> float:
     return time.perf_counter() - start
 
 
+def http_floor(url: str, image: Path, n: int = 1000) -> float:
+    """CPU ms per request of ger's HTTP client alone (ger/backends/http_client.py, 32 in flight),
+    POSTing a body like the run's (one image as a data URL) to the same stub: the least any
+    HTTP backend pays per request on ger's side."""
+    import asyncio
+    import base64
+
+    from ger.backends.http_client import Session
+
+    data_url = "data:image/jpeg;base64," + base64.b64encode(image.read_bytes()).decode()
+    part = {"type": "image_url", "image_url": {"url": data_url}}
+    content = [{"type": "text", "text": "What emotion?"}, part]
+    body = json.dumps({"model": "m", "messages": [{"role": "user", "content": content}]}).encode()
+
+    async def post_all() -> float:
+        session, room = Session(url, "", 600), asyncio.Semaphore(32)
+
+        async def one() -> None:
+            async with room:
+                await session.request("POST", "/chat/completions", body)
+
+        await one()  # the connection and its first request are not timed
+        start = time.thread_time()
+        await asyncio.gather(*(one() for _ in range(n)))
+        spent = time.thread_time() - start
+        await session.close()
+        return 1000 * spent / n
+
+    return asyncio.run(post_all())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--n", type=int, default=4000)
@@ -213,6 +244,9 @@ def main() -> None:
         decode_s = decode_only(root, args.n, args.clips, args.workers)
         main_cpu = time.process_time() - own  # this process: the pool's results, nothing else
         decode_cpu = CpuUse(children_cpu() - before + main_cpu, main_cpu, 0.0)
+        server.bodies.clear()
+        sample = next(root.glob("videos/*.mp4" if args.clips else "images/*.jpg"))
+        floor = None if args.clips else http_floor(server.url, sample)
     server.stop()
     mib = 1024 * 1024
     workers = big["stream"]["workers"]
@@ -229,6 +263,8 @@ def main() -> None:
           f"{args.n / stream_s:.1f} {what}/s, {100 * decode_s / stream_s:.0f}% of decode only")  # fmt: skip
     print(f"    CPU, first run: {big_cpu.text(args.n)}")
     print(f"    CPU, decode only: {decode_cpu.text(args.n).replace(', stub server 0.00', '')}")
+    if floor is not None:
+        print(f"    CPU of ger's HTTP client alone, one image a request, same stub: {floor:.2f} ms/request")
 
 
 if __name__ == "__main__":

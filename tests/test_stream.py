@@ -365,3 +365,31 @@ def test_real_paths_resolve_as_pathlib_does(tmp_path):
     ]:
         assert real(path) == str(path.resolve()), path
         assert real(str(path)) == str(path.resolve()), path  # again, from the folder cache
+
+
+def test_grids_are_drawn_from_pixels_when_workers_hand_back_sent_images(tmp_path, stub_server, cache):
+    """frames_as=grid through the server backend: the workers keep pixels for grids (DecodeSpec.wire
+    is off), and each sample travels as one JPEG mosaic of its 3 frames side by side."""
+    import io
+
+    from PIL import Image
+    from test_batch_mode import ravdess_name, write_labels
+
+    from ger.data.demo import _write_clip
+
+    (tmp_path / "clips" / "videos").mkdir(parents=True)
+    pairs = []
+    for k, label in enumerate(["happy", "sad", "anger", "fear"]):
+        name = ravdess_name(label, k)
+        _write_clip(tmp_path / "clips" / "videos" / f"{name}.mp4", label, 12, k, size=(64, 48))
+        pairs.append((name, label))
+    write_labels(tmp_path / "clips", pairs)
+    stub_server.model = lambda body: ("happy", "stop")
+    metrics = run_on_stub(stub_server.url, "demo_video", tmp_path / "clips", cache, tmp_path / "run",
+                          "frames_as=grid", "frames=3")  # fmt: skip
+    assert metrics["stream"]["decoded"] == 4 and len(stub_server.bodies) == 4
+    for body in stub_server.bodies:
+        urls = [p["image_url"]["url"] for m in body["messages"] if isinstance(m["content"], list)
+                for p in m["content"] if p["type"] == "image_url"]  # fmt: skip
+        assert len(urls) == 1 and urls[0].startswith("data:image/jpeg;base64,")
+        assert Image.open(io.BytesIO(base64.b64decode(urls[0].split(",", 1)[1]))).size == (3 * 64, 48)
