@@ -259,31 +259,31 @@ def layout_sources(root: Path) -> tuple[Path, ...]:
     return tuple(Path(line).resolve() for line in listing.read_text(encoding="utf-8").splitlines() if line)
 
 
-def _locate(
-    folder: Path,
-    rel: str,
-    what: str,
-    follow: bool,
-    name: str,
-    sources: tuple[Path, ...] = (),
-    real: RealPaths | None = None,
-) -> tuple[Path | None, str]:
+@dataclass
+class PathRules:
+    """How one test set's sample names become paths: follow links out of its folders or not, the raw
+    download a layout of `ger prepare source=` links into (LAYOUT_SOURCES), and the path resolver
+    (one per test set, so each folder is resolved once)."""
+
+    follow: bool = False
+    sources: tuple[Path, ...] = ()
+    real: RealPaths = field(default_factory=RealPaths)
+
+
+def _locate(folder: Path, rel: str, what: str, name: str, rules: PathRules) -> tuple[Path | None, str]:
     """(path, problem) of `rel`, the file of sample `name`, under `folder`.
 
     A name that leaves the folder gives (None, why); a symlink that leads out of it gives
-    (the link, why) unless `follow`, or unless it leads into one of `sources`: the raw download
-    that `ger prepare source=` linked this layout to (LAYOUT_SOURCES). `real` resolves paths (one
-    per test set, so its folders are resolved once).
+    (the link, why) unless `rules.follow`, or unless it leads into one of `rules.sources`.
     """
-    real = real or RealPaths()
-    base = real(folder)  # the folder itself may be a link (media -> /mnt/big/...): that is the layout
+    base = rules.real(folder)  # the folder itself may be a link (media -> /mnt/big/...): that is the layout
     lexical = os.path.normpath(os.path.join(base, rel))
     if not _within(lexical, base):
         return None, f"sample {name!r} points outside the {what} folder {base}"
-    target = real(lexical)
-    if _within(target, base) or follow:
+    target = rules.real(lexical)
+    if _within(target, base) or rules.follow:
         return Path(target), ""
-    if any(Path(target).is_relative_to(src) for src in sources):
+    if any(Path(target).is_relative_to(src) for src in rules.sources):
         return Path(lexical), ""  # the layout's own link, as `ger prepare source=` placed it
     return Path(lexical), (
         f"{lexical} is a symlink to {target}, outside the {what} folder {base}; "
@@ -296,61 +296,38 @@ def _within(path: str, folder: str) -> bool:
     return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
 
 
-def _media(
-    spec: DatasetSpec,
-    root: Path,
-    name: str,
-    follow: bool,
-    sources: tuple[Path, ...] = (),
-    real: RealPaths | None = None,
-) -> tuple[Path | None, str]:
+def _media(spec: DatasetSpec, root: Path, name: str, rules: PathRules) -> tuple[Path | None, str]:
     rel = name if (spec.layout.media_kind == "frames" or Path(name).suffix) else name + spec.layout.extension
-    return _locate(root / spec.layout.media_dir, rel, "media", follow, name, sources, real)
+    return _locate(root / spec.layout.media_dir, rel, "media", name, rules)
 
 
-def _transcript(
-    spec: DatasetSpec,
-    root: Path,
-    name: str,
-    follow: bool,
-    sources: tuple[Path, ...] = (),
-    real: RealPaths | None = None,
-) -> tuple[Path | None, str]:
+def _transcript(spec: DatasetSpec, root: Path, name: str, rules: PathRules) -> tuple[Path | None, str]:
     if not spec.layout.transcript_dir:
         return None, ""
     rel = Path(name).stem + spec.layout.transcript_ext
-    return _locate(root / spec.layout.transcript_dir, rel, "transcript", follow, name, sources, real)
+    return _locate(root / spec.layout.transcript_dir, rel, "transcript", name, rules)
 
 
 def media_path(spec: DatasetSpec, root: Path, name: str, follow_symlinks: bool = False) -> Path:
     """The media file or frames folder for sample `name`, kept inside the dataset root."""
-    path, problem = _media(spec, root, name, follow_symlinks)
+    path, problem = _media(spec, root, name, PathRules(follow_symlinks))
     if problem or path is None:
         raise ValueError(problem)
     return path
 
 
 def transcript_path(spec: DatasetSpec, root: Path, name: str, follow_symlinks: bool = False) -> Path | None:
-    path, problem = _transcript(spec, root, name, follow_symlinks)
+    path, problem = _transcript(spec, root, name, PathRules(follow_symlinks))
     if problem:
         raise ValueError(problem)
     return path
 
 
-def _sample(
-    spec: DatasetSpec,
-    root: Path,
-    row: tuple[int, str, str],
-    follow: bool,
-    sources: tuple[Path, ...],
-    real: RealPaths,
-) -> Sample:
+def _sample(spec: DatasetSpec, root: Path, row: tuple[int, str, str], rules: PathRules) -> Sample:
     """One Sample; a path problem is kept on it (Sample.problem) so every problem can be listed."""
     line, name, gt = row
-    media, problem = _media(spec, root, name, follow, sources, real)
-    transcript, t_problem = (
-        _transcript(spec, root, name, follow, sources, real) if media is not None else (None, "")
-    )
+    media, problem = _media(spec, root, name, rules)
+    transcript, t_problem = _transcript(spec, root, name, rules) if media is not None else (None, "")
     if transcript is None and t_problem:
         media = None  # the name leaves the transcript folder: a label-list problem
     problems = "; ".join(x for x in (problem, t_problem) if x)
@@ -365,6 +342,5 @@ def load_samples(spec: DatasetSpec, data_root: str | Path, follow_symlinks: bool
     """
     root = spec.root(data_root)
     rows = read_label_rows(root / spec.layout.label_file)
-    sources = layout_sources(root)
-    real = RealPaths()
-    return [_sample(spec, root, row, follow_symlinks, sources, real) for row in rows]
+    rules = PathRules(follow_symlinks, layout_sources(root))
+    return [_sample(spec, root, row, rules) for row in rows]
