@@ -268,9 +268,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
     stream_cfg = cfg.get("stream") or {}
     stats = StreamStats(window_size(stream_cfg, cfg.backend), worker_count(stream_cfg))
-    # grids are drawn from pixels when the request is built; everything else can travel as workers encode it
-    wire = None if frames_as == "grid" and spec.layout.media_kind != "image" else settings.wire_quality()
     kind = spec.layout.media_kind
+    # grids are drawn from pixels when the request is built; everything else can travel as workers encode it
+    wire = None if frames_as == "grid" and kind != "image" else settings.wire_quality()
     decode_spec = DecodeSpec(kind, int(cfg.frames), str(cfg.sampler), bool(cfg.greyscale), wire)
     decoder = Decoder(decode_spec, stats, cfg.progress)
     cache = ResponseCache(cache_dir / "responses.sqlite", identity=parts)  # readable beside each answer
