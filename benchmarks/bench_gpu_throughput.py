@@ -208,11 +208,12 @@ def engine_side(out: Path, overrides: list[str]) -> None:
     from ger.data.datasets import load_samples
     from ger.prompting.prompts import build_request, load_template
     from ger.run import pipeline
+    from ger.run.modality import modality_plan
 
     with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
         cfg = compose(config_name="config", overrides=overrides)
     spec, data_root = pipeline.resolve_spec(cfg)
-    modality, template_name = pipeline.modality_plan(cfg, spec)
+    modality, template_name = modality_plan(cfg, spec)
     template = load_template(template_name)
     samples = pipeline.select(load_samples(spec, data_root), cfg.limit, cfg.shard)
     model = resolve_model(cfg.model, cfg.cache_dir)

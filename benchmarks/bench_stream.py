@@ -265,6 +265,13 @@ def main() -> None:
     print(f"    CPU, decode only: {decode_cpu.text(args.n).replace(', stub server 0.00', '')}")
     if floor is not None:
         print(f"    CPU of ger's HTTP client alone, one image a request, same stub: {floor:.2f} ms/request")
+        # with every core decoding, rates go as 1 / CPU a sample: a run must add at least the stub's
+        # CPU and one HTTP request's to what decoding alone costs
+        decode_ms, stub_ms = 1000 * decode_cpu.tree / args.n, 1000 * big_cpu.here / args.n
+        ceiling = 100 * decode_ms / (decode_ms + stub_ms + floor)
+        print(f"    the most (a) can be on these cores, a harness costing only its HTTP client: decode only "
+              f"{decode_ms:.2f} / ({decode_ms:.2f} + stub {stub_ms:.2f} + HTTP client {floor:.2f}) ms "
+              f"a sample = {ceiling:.0f}%")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -22,7 +22,8 @@ from conftest import rows, run_ger
 from PIL import Image
 
 from ger.data.datasets import LabelListError, load_samples, load_spec, read_label_rows
-from ger.data.media import MediaError, load_image, load_transcript
+from ger.data.media import MediaError, load_image
+from ger.data.transcripts import load_transcript
 from ger.data.validate import check_labels
 from ger.options import check_option
 from ger.records import OK, Prediction, Sample

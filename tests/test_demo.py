@@ -11,9 +11,10 @@ import pytest
 from ger.data import demo
 from ger.data.datasets import load_samples, load_spec, read_label_list
 from ger.data.media import load_sample
+from ger.testing.clips import skip_without_decord
 
 pytest.importorskip("cv2")
-pytest.importorskip("decord")
+skip_without_decord()
 
 
 @pytest.fixture(scope="module")

@@ -18,10 +18,10 @@ import pytest
 
 from ger.data.media import MediaError, read_frames, sample_frames, sample_indices, video_info
 from ger.data.video import DECODE, DECORD, probe
-from ger.testing.clips import CORPUS, ffmpeg_exe, make_corpus, read_index
+from ger.testing.clips import CORPUS, ffmpeg_exe, make_corpus, read_index, skip_without_decord
 
 av = pytest.importorskip("av")
-pytest.importorskip("decord")
+skip_without_decord()
 pytest.importorskip("imageio_ffmpeg")
 
 COUNTS = (1, 3, 8, 16)

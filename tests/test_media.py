@@ -18,16 +18,17 @@ from ger.data.media import (
     grid_shape,
     load_image,
     load_sample,
-    load_transcript,
     make_grid,
     read_frames,
     sample_indices,
     video_info,
 )
+from ger.data.transcripts import load_transcript
 from ger.records import Sample
+from ger.testing.clips import skip_without_decord
 
 cv2 = pytest.importorskip("cv2")
-pytest.importorskip("decord")
+skip_without_decord()
 
 BITS, W, H = 8, 160, 120  # frame i shows the 8 bits of i as black/white stripes
 

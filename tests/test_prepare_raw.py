@@ -17,8 +17,8 @@ import pytest
 from conftest import rows, run_ger
 
 from ger.data.datasets import all_specs, load_samples, load_spec, read_label_list
-from ger.data.media import load_transcript
 from ger.data.raw_index import build_index, name_key, pattern_regex
+from ger.data.transcripts import load_transcript
 from ger.data.validate import check_dataset
 
 REPO = Path(__file__).resolve().parents[1]

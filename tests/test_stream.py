@@ -264,6 +264,50 @@ def _wire_case(tmp_path: Path, name: str):
     return shell, DecodeSpec("image", 1, "paper", grey)
 
 
+def test_a_worker_task_of_several_samples_hands_each_back_in_its_place(tmp_path):
+    """Samples go to the workers 8 to a task (Decoder.per_task); each comes back in its own place,
+    with its own name and pixels, a broken or vanished file as that sample's error only."""
+    from ger.run.stream import Decoder, DecodeSpec, StreamStats, _decode
+
+    shells = []
+    for i in range(11):
+        path = tmp_path / f"face_{i:02d}.png"
+        draw(path, LABELS[i % len(LABELS)], i)
+        shells.append(describe_sample(Sample("demo", path.stem, "happy", media=path), "image"))
+    data = (tmp_path / "face_03.png").read_bytes()
+    (tmp_path / "face_03.png").write_bytes(data[: len(data) // 2])  # truncated after describe
+    (tmp_path / "face_09.png").unlink()
+    spec = DecodeSpec("image", 1, "paper", False)
+    stats = StreamStats(window=64, workers=1)
+    decoder = Decoder(spec, stats, progress=False)
+    assert decoder.per_task == 8
+    try:
+        handles = decoder.start(shells, len(shells))
+        assert len({id(h[0]) for h in handles}) == 2  # two tasks: 8 samples, then 3
+        results = decoder.collect(handles)
+    finally:
+        decoder.close()
+    for i, (shell, got) in enumerate(zip(shells, results, strict=True)):
+        if i in (3, 9):
+            assert isinstance(got, str) and f"face_{i:02d}.png" in got, got
+            continue
+        assert got.sample.name == shell.sample.name and got.content_hash == shell.content_hash
+        assert got.images[0].tobytes() == _decode(shell, spec).images[0].tobytes()
+    assert stats.decoded == 11
+
+
+def test_a_window_of_whole_worker_tasks_still_bounds_the_decoded_samples(many_faces, stub_server, tmp_path):
+    """Where the window gives tasks of 8 samples (window 32, one worker), topping up waits for
+    room for a whole task: still never more than the window decoded at once."""
+    stub_server.model = PerfectModel(LABELS, truth(many_faces))
+    extra = ["stream.window=32", "stream.workers=1"]
+    metrics = run_on_stub(stub_server.url, "demo", many_faces, tmp_path / "cache", tmp_path / "run", *extra)
+    stream = metrics["stream"]
+    assert stream["decoded"] == 300 and 8 <= stream["peak_decoded"] <= 32, stream
+    predictions = rows(tmp_path / "run")
+    assert len(predictions) == 300 and sum(r["status"] == "ok" for r in predictions) >= 285
+
+
 @pytest.mark.parametrize(
     "case, video_as",
     [("png", "images"), ("grey", "images"), ("bmp", "images"), ("clip", "images"), ("clip", "video")],

@@ -8,9 +8,7 @@ import os
 import re
 import shutil
 import sys
-import tarfile
 import tempfile
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -147,6 +145,9 @@ def download_release(url: str = RELEASE_URL, dest: Path | None = None) -> Path:
     Keeps results/ and the top-level code files (RELEASE_CODE) that `prompt_source=release`
     reads its prompts from; a cache from before the code was kept is completed by one fetch.
     """
+    import tarfile
+    import urllib.request  # here, not at the top: every `ger run` imports this module, few download
+
     dest = dest or release_cache()
     results = dest / "results"
     if results.is_dir() and (dest / _KEPT).is_file():

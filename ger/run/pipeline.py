@@ -24,7 +24,6 @@ from ger.backends import check_backend, create_backend
 from ger.backends.base import backend_class, key_settings, settings_class
 from ger.backends.models import ModelSpec, resolve_model
 from ger.config import plain
-from ger.data.audio import DEFAULT_RATE
 from ger.data.datasets import DatasetSpec, load_samples, spec_from_dict
 from ger.data.digests import DigestTable, use_table
 from ger.data.media import MediaError, decode, describe_sample
@@ -37,6 +36,7 @@ from ger.prompting.release_prompts import select_template
 from ger.records import ERROR, LoadedSample, Prediction, Request, Response, Sample
 from ger.run.ask import Asker
 from ger.run.cache import ResponseCache
+from ger.run.modality import audio_rate, modality_plan
 from ger.run.predictions import PartialPredictions
 from ger.run.run_files import write_run_files
 from ger.run.stream import (
@@ -89,70 +89,6 @@ def select(samples: list[Sample], limit: int | None, shard: str | None) -> list[
             raise ValueError(f"shard must look like i/n with 0 <= i < n, got {shard!r}") from None
         samples = samples[i::n]
     return samples if limit is None else samples[:limit]
-
-
-# `modality=` choices -> what the prompt sends (ger/prompting/prompts.py MODALITIES). The audio
-# choices add the clip's sound track for models with `supports_audio` and sets with `speech: true`.
-MODALITY_CHOICES = {
-    "video": "visual",
-    "text": "text",
-    "multi": "multi",
-    "audio": "audio",
-    "audio_video": "audio_visual",
-    "audio_text": "audio_text",
-    "audio_video_text": "audio_multi",
-}
-
-
-def modality_plan(cfg: DictConfig, spec: DatasetSpec) -> tuple[str, str]:
-    """(prompt modality, template name): the multimodal ablations swap the template with the inputs.
-
-    Every refusal here comes before a model is built or a file decoded: a set without transcripts or
-    speech, or a model without audio input, is a one-line user error naming the fix."""
-    transcripts = spec.modality == "video+text"
-    choice = cfg.modality or ("multi" if transcripts else "video")
-    if choice not in MODALITY_CHOICES:
-        raise UserError(f"unknown modality {choice!r}; expected one of {list(MODALITY_CHOICES)} (or null)")
-    prompt_modality = MODALITY_CHOICES[choice]
-    _, text, audio = modality_inputs(prompt_modality)
-    if text and not transcripts:
-        raise UserError(f"dataset {spec.key} has no transcripts; modality must not be {choice!r}")
-    if audio:
-        check_audio_choice(cfg, spec, choice)
-    if not audio and not transcripts:
-        if cfg.modality not in (None, "video"):
-            raise UserError(
-                f"dataset {spec.key} has no transcripts; modality must stay null, not {cfg.modality!r}"
-            )
-        return "visual", cfg.prompt or spec.prompt
-    if choice not in cfg.modality_prompts:
-        raise UserError(f"modality {choice!r} has no template in modality_prompts (conf/config.yaml)")
-    return prompt_modality, cfg.prompt or cfg.modality_prompts[choice]
-
-
-def check_audio_choice(cfg: DictConfig, spec: DatasetSpec, choice: str) -> None:
-    """An audio modality needs a set whose clips carry speech and a model that takes audio."""
-    if not spec.speech:
-        raise UserError(
-            f"dataset {spec.key} has no speech in its media (no `speech: true` in its conf/dataset YAML); "
-            f"modality={choice} needs a set with speech, e.g. ravdess, enterface, cmumosi, sims, mer2023"
-        )
-    if not cfg.model.get("supports_audio"):
-        raise UserError(
-            f"model {cfg.model.name} takes no audio (supports_audio is false in its config); "
-            f"modality={choice} needs an audio model, e.g. model=qwen2_5_omni_7b, or choose modality=video"
-            + (", text or multi" if spec.modality == "video+text" else "")
-        )
-
-
-def audio_rate(cfg: DictConfig, modality: str) -> int:
-    """The sampling rate the sound track is resampled to (the model's `audio_rate`); 0 without audio."""
-    if not modality_inputs(modality)[2]:
-        return 0
-    rate = cfg.model.get("audio_rate") or DEFAULT_RATE
-    if isinstance(rate, bool) or not isinstance(rate, int) or rate < 1:
-        raise UserError(f"model {cfg.model.name}: audio_rate={rate!r} is not valid; expected Hz, e.g. 16000")
-    return rate
 
 
 def load_media(cfg: DictConfig, spec: DatasetSpec, samples: list[Sample], modality: str):
@@ -358,19 +294,21 @@ def predict(
     answered: dict[str, tuple[Request, Response, Any]] = {}
     decoder.stats.from_cache = sum(len(g) for g in cached)
 
+    rows: dict[str, Prediction] = {}  # each sample's row, made once: shown as it comes, returned at the end
+
+    def show(final: dict[str, tuple[Request, Response, Any]]) -> None:
+        answered.update(final)
+        made = [mode.predict(name, gts[name], *got) for name, got in final.items()]
+        rows.update((p.name, p) for p in made)
+        on_rows(made)
+
     def settled(req: Request, resp: Response, reading: Any) -> None:
         """`req` answers its samples for good: keep (without its images) and show their rows."""
         light = replace(req, messages=[])
-        for name in req.names:
-            answered[name] = (light, resp, reading)
-        on_rows([mode.predict(name, gts[name], light, resp, reading) for name in req.names])
+        show({name: (light, resp, reading) for name in req.names})
 
-    if cached:
-        for name, (req, resp, reading) in answer_groups(
-            asker, mode, cached, shells, lambda _, g, __: key_for(g), matcher, key_only=True
-        ).items():
-            answered[name] = (req, resp, reading)
-            on_rows([mode.predict(name, gts[name], req, resp, reading)])
+    if cached:  # all at once: one write of the partial predictions, not one a sample
+        show(answer_groups(asker, mode, cached, shells, lambda _, g, __: key_for(g), matcher, key_only=True))
 
     def on_answer(req: Request, resp: Response) -> None:
         reading, halves = mode.settle(asker, req, resp, matcher)
@@ -392,7 +330,7 @@ def predict(
     errors.update(feed.errors)
 
     # a sample not answered had media that failed to decode: it becomes an error row
-    preds = [mode.predict(n, gts[n], *answered[n]) for n in names if n in answered]
+    preds = [rows[n] for n in names if n in rows]
     if plan is None:
         return preds, None
     counts = asdict(asker.batch)
@@ -414,7 +352,11 @@ def answer_groups(
     requests = [request_for(by_name, g, key_only) for g in groups]
     out = mode.answer(asker, requests, lambda names: request_for(by_name, names, key_only), matcher)
     light: dict[int, Request] = {}  # the requests without their images, which must not outlive the chunk
-    return {n: (light.setdefault(id(r), replace(r, messages=[])), a, p) for n, (r, a, p) in out.items()}
+
+    def lighten(r: Request) -> Request:
+        return light.setdefault(id(r), replace(r, messages=[])) if r.messages else r  # key-only: light
+
+    return {n: (lighten(r), a, p) for n, (r, a, p) in out.items()}
 
 
 def prepare(cfg: DictConfig) -> None:

@@ -29,12 +29,15 @@ from tqdm import tqdm
 
 from ger.answers.parse import LabelMatcher, parse_batch
 from ger.backends.chat_format import wire_image
-from ger.data.media import MediaError, decode
+from ger.data.media import DECODED_FIELDS, MediaError, decode
 from ger.records import LoadedSample, Request
 from ger.run.cache import ResponseCache
 
 log = logging.getLogger("ger")
 Group = tuple[str, ...]
+# one sample being decoded: (its worker task, its place in the task's results, its shell), or the shell
+# itself when decoding runs in this process
+Handle = tuple[Future, int, LoadedSample] | LoadedSample
 _END = object()  # a feed with nothing more to give
 
 
@@ -79,6 +82,17 @@ def _decode(shell: LoadedSample, spec: DecodeSpec) -> LoadedSample | str:
     return loaded
 
 
+def _decode_task(shells: list[LoadedSample], spec: DecodeSpec) -> list[dict[str, Any] | str]:
+    """_decode of several shells in one worker task, each handed back as what decoding added to it
+    (media.DECODED_FIELDS) or its error message: one task and one result message per sample cost
+    the main process more than the sample's request does."""
+    out: list[dict[str, Any] | str] = []
+    for shell in shells:
+        loaded = _decode(shell, spec)
+        out.append(loaded if isinstance(loaded, str) else {f: getattr(loaded, f) for f in DECODED_FIELDS})
+    return out
+
+
 def window_size(stream_cfg: Any, backend_cfg: Any) -> int:
     """stream.window, or twice what keeps the backend busy: 2 x concurrency, chunk_size or 4 x batch_size."""
     if stream_cfg.get("window"):
@@ -114,6 +128,9 @@ class Decoder:
         self._lock = threading.Lock()
         self.bar: tqdm | None = None
         self.on_free: Callable[[], None] | None = None
+        # samples per worker task: up to 8, fewer where the window is small, so every worker still
+        # gets work while a window's worth decodes
+        self.per_task = max(1, min(8, stats.window // (4 * max(1, stats.workers))))
 
     def _freed(self) -> None:
         with self._lock:
@@ -121,8 +138,9 @@ class Decoder:
         if self.on_free is not None:
             self.on_free()  # a feed waiting for room
 
-    def start(self, shells: list[LoadedSample], total: int) -> list[Future | LoadedSample | str]:
-        """Begin decoding `shells` (in order); counted as alive from now until their pixels are freed."""
+    def start(self, shells: list[LoadedSample], total: int) -> list[Handle]:
+        """Begin decoding `shells` (in order, per_task to a worker task); counted as alive from now
+        until their pixels are freed."""
         if self.bar is None:
             self.bar = tqdm(total=total, desc="loading media", unit="sample", disable=not self.progress)
         with self._lock:
@@ -133,13 +151,23 @@ class Decoder:
         if self._pool is None:
             ctx = get_context("spawn")  # never fork a process that may hold an engine's threads
             self._pool = ProcessPoolExecutor(self.stats.workers, mp_context=ctx)
-        return [self._pool.submit(_decode, s, self.spec) for s in shells]
+        handles: list[Handle] = []
+        for i in range(0, len(shells), self.per_task):
+            task = self._pool.submit(_decode_task, shells[i : i + self.per_task], self.spec)
+            handles += [(task, j, shell) for j, shell in enumerate(shells[i : i + self.per_task])]
+        return handles
 
-    def collect(self, handles: list[Future | LoadedSample | str]) -> list[LoadedSample | str]:
+    def collect(self, handles: list[Handle]) -> list[LoadedSample | str]:
         """The decoded samples (or error messages) of start(), in its order."""
         out = []
         for h in handles:
-            result = h.result() if isinstance(h, Future) else _decode(h, self.spec)  # type: ignore[arg-type]
+            if isinstance(h, tuple):
+                task, j, shell = h
+                results = task.result()
+                result, results[j] = results[j], None  # the task's list lets go of the pixels
+                result = result if isinstance(result, str) else replace(shell, **result)
+            else:
+                result = _decode(h, self.spec)
             if isinstance(result, LoadedSample) and result.images:
                 weakref.finalize(result.images[0], self._freed)
             else:
@@ -229,7 +257,7 @@ class Feed:
     ) -> None:
         self._groups, self._shells, self.decoder, self.window = deque(groups), shells, decoder, window
         self._build = build
-        self._total = sum(len(g) for g in groups)
+        self._total = self._waiting = sum(len(g) for g in groups)  # all; those not yet submitted
         self._decoding: deque[tuple[Group, list]] = deque()
         self._retries: deque[Request] = deque()
         self._samples: dict[str, LoadedSample] = {}  # decoded, held until their answers are final
@@ -243,16 +271,30 @@ class Feed:
         with self._cond:
             self._cond.notify_all()
 
-    def _room(self, size: int) -> bool:
-        alive = self.decoder.stats._alive
-        return not alive or alive + size <= self.window
-
     def _top_up(self, force: bool = False) -> None:
-        """Submit the next groups for decoding while the window leaves room (one anyway when `force`)."""
-        while self._groups and (force or self._room(len(self._groups[0]))):
-            group = self._groups.popleft()
-            self._decoding.append((group, self.decoder.start([self._shells[n] for n in group], self._total)))
-            force = False
+        """Submit the next groups for decoding while the window leaves room (one anyway when `force`).
+
+        While others are still decoding, it waits until there is room for a whole worker task
+        (Decoder.per_task samples, or all that is left), so the workers get full tasks, not one
+        sample each time an answer frees one."""
+        alive = self.decoder.stats._alive
+        if not force and self._decoding and self.window - alive < min(self.decoder.per_task, self._waiting):
+            return
+        batch: list[Group] = []
+        size = 0
+        while self._groups:
+            after = size + len(self._groups[0])
+            if not (force or alive + after <= self.window or (not alive and not batch)):
+                break
+            batch.append(self._groups.popleft())
+            size, force = after, False
+        if not batch:
+            return
+        self._waiting -= size
+        handles = self.decoder.start([self._shells[n] for g in batch for n in g], self._total)
+        for group in batch:
+            self._decoding.append((group, handles[: len(group)]))
+            handles = handles[len(group) :]
 
     def _pull(self, block: bool) -> Request | None | object:
         """The next request; None when one would have to wait (block=False); _END when all are done."""

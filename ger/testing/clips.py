@@ -11,6 +11,7 @@ P- and B-frames.
 
 from __future__ import annotations
 
+import importlib.util
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -24,6 +25,19 @@ CLOSED_GOP = ["-g", "24", "-bf", "3", "-sc_threshold", "0"]
 MPEG4 = ["-c:v", "mpeg4", "-g", "24", "-bf", "2", "-q:v", "3"]
 OPEN_GOP = ["-bf", "3", "-x264-params", "open-gop=1:keyint=24:min-keyint=24:scenecut=0"]
 X265 = ["-c:v", "libx265", "-pix_fmt", "yuv420p", "-tag:v", "hvc1", "-x265-params"]
+
+
+def skip_without_decord() -> None:
+    """Skip the calling test module where decord is not installed, without importing it.
+
+    A plain `import decord` (pytest.importorskip) preloads every CUDA library pip installed,
+    libnvblas among them, which crashes torch's CPU matrix products for the rest of the test
+    process; ger imports it only through ger/data/video.py's _import_decord.
+    """
+    import pytest
+
+    if importlib.util.find_spec("decord") is None:
+        pytest.skip("decord is not installed", allow_module_level=True)
 
 
 @dataclass(frozen=True)
