@@ -4,8 +4,9 @@ Every sample is first described without decoding (ger/data/media.py describe_sam
 frame count, transcript), which is enough to build its request's cache key. Groups (a sample in
 single mode, a batch in batch mode) whose answers are all cached are answered from the shells:
 a fully cached rerun decodes nothing and starts no engine. The others flow through a Feed: their
-samples decode in a pool of worker processes (several to a task), ahead of the engine as far as the window allows (at
-most `window` decoded samples alive at once, whatever the size of the test set), and each request
+samples decode in a pool of worker processes (several to a task), ahead of the engine as far as
+the window allows (at most `window` decoded samples alive at once, whatever the size of the test
+set), and each request
 is built as soon as its samples are decoded. The server backend reads the feed as room frees up,
 so requests stream out as they are built; engines that take lists get it in chunks of half the
 window while the next chunk decodes. Answers are cached as they arrive (ger/run/ask.py), so a kill
