@@ -6,11 +6,10 @@ single mode, a batch in batch mode) whose answers are all cached are answered fr
 a fully cached rerun decodes nothing and starts no engine. The others flow through a Feed: their
 samples decode in a pool of worker processes (several to a task), ahead of the engine as far as
 the window allows (at most `window` decoded samples alive at once, whatever the size of the test
-set), and each request
-is built as soon as its samples are decoded. The server backend reads the feed as room frees up,
-so requests stream out as they are built; engines that take lists get it in chunks of half the
-window while the next chunk decodes. Answers are cached as they arrive (ger/run/ask.py), so a kill
-loses only what is in flight.
+set), and each request is built as soon as its samples are decoded. The server backend reads the
+feed as room frees up, so requests stream out as they are built; engines that take lists get it in
+chunks of half the window while the next chunk decodes. Answers are cached as they arrive
+(ger/run/ask.py), so a kill loses only what is in flight.
 """
 
 from __future__ import annotations
