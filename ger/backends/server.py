@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import threading
 import time
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -232,10 +233,23 @@ class ServerBackend:
             self._loop.close()
             self._loop, self._clients = None, {}
 
-    def __del__(self) -> None:  # a backend used without close() (a script, a test) closes its sessions
+    def __del__(self) -> None:
+        """A backend used without close() (a script, a test) closes its sessions. Collected while
+        another event loop runs in this thread, which cannot run this one's, it closes them from a
+        thread of its own (else the coroutine closing them was left never awaited)."""
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            self._close_quietly()
+            return
+        closer = threading.Thread(target=self._close_quietly, name="ger-close")
+        closer.start()
+        closer.join(timeout=10)
+
+    def _close_quietly(self) -> None:
         try:
             self.close()
-        except Exception:  # noqa: BLE001 - at garbage collection, inside another loop: nothing to do
+        except Exception:  # noqa: BLE001 - at garbage collection: nothing left to tell
             pass
 
     async def _answer(self, request: Request, semaphore: asyncio.Semaphore, clients: dict) -> Response:
