@@ -343,3 +343,24 @@ def test_ger_run_with_a_shut_down_model_exits_with_one_message(ger_cache, tmp_pa
     assert f"{GONE}' was shut down by OpenAI" in line and "choose one of ['gpt-4.1'" in line
     assert not (tmp_path / "run" / "predictions.csv").exists()
     assert "loading media" not in proc.stderr  # refused before a single sample was decoded
+
+
+def test_close_inside_a_running_event_loop_closes_the_sessions(fake_api, monkeypatch) -> None:
+    """close() from async code (or a collection inside a loop) cannot run the backend's own loop in
+    this thread: it closes the sessions from another, as aiohttp itself then reports."""
+    import asyncio
+    import warnings
+
+    monkeypatch.setenv("OPENAI_API_KEY", GOOD)
+    backend = OpenAIBackend(backend_cfg(fake_api))
+    [response] = list(backend.generate([chat("a")]))
+    sessions = [client._session for client in backend._clients.values()]
+    assert response.ok and sessions and not any(s.closed for s in sessions)
+
+    async def inside() -> None:
+        backend.close()
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no coroutine left never awaited
+        asyncio.run(inside())
+    assert all(s.closed for s in sessions) and backend._loop is None

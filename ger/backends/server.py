@@ -224,29 +224,30 @@ class ServerBackend:
         """Hook for checks before anything is sent (the OpenAI backend's cost guard)."""
 
     def close(self) -> None:
-        """Close the HTTP sessions and the event loop (a later generate() opens new ones)."""
+        """Close the HTTP sessions and the event loop (a later generate() opens new ones).
+
+        Called while another event loop runs in this thread (async code, or garbage collection
+        inside a loop), which cannot run this one's, it closes them from a thread of its own."""
         if self._reader is not None:
             self._reader.shutdown(wait=False, cancel_futures=True)
             self._reader = None
-        if self._loop is not None:
-            self._loop.run_until_complete(_close_all(list(self._clients.values())))
-            self._loop.close()
-            self._loop, self._clients = None, {}
-
-    def __del__(self) -> None:
-        """A backend used without close() (a script, a test) closes its sessions. Collected while
-        another event loop runs in this thread, which cannot run this one's, it closes them from a
-        thread of its own (else the coroutine closing them was left never awaited)."""
+        if self._loop is None:
+            return
         try:
             asyncio.get_running_loop()
         except RuntimeError:
-            self._close_quietly()
+            self._close_loop()
             return
-        closer = threading.Thread(target=self._close_quietly, name="ger-close")
+        closer = threading.Thread(target=self._close_loop, name="ger-close")
         closer.start()
         closer.join(timeout=10)
 
-    def _close_quietly(self) -> None:
+    def _close_loop(self) -> None:
+        self._loop.run_until_complete(_close_all(list(self._clients.values())))  # type: ignore[union-attr]
+        self._loop.close()  # type: ignore[union-attr]
+        self._loop, self._clients = None, {}
+
+    def __del__(self) -> None:  # a backend used without close() (a script, a test) closes its sessions
         try:
             self.close()
         except Exception:  # noqa: BLE001 - at garbage collection: nothing left to tell
