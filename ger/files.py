@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import stat
 from pathlib import Path
 
 
@@ -29,9 +30,24 @@ class RealPaths:
         self._dirs: dict[str, str] = {}
 
     def __call__(self, path: str | Path) -> str:
+        real = self._in_real_folder(path)
+        return os.path.realpath(real) if os.path.islink(real) else real
+
+    def status(self, path: str | Path) -> tuple[str, os.stat_result]:
+        """(the resolved path, its os.stat): one lstat where the file is no link, as a rerun's files are.
+
+        Raises OSError as os.stat does (a dangling link: FileNotFoundError)."""
+        real = self._in_real_folder(path)
+        st = os.lstat(real)
+        if stat.S_ISLNK(st.st_mode):
+            real = os.path.realpath(real)
+            st = os.stat(real)
+        return real, st
+
+    def _in_real_folder(self, path: str | Path) -> str:
+        """`path` with its folder resolved (once per folder), the file itself as it is."""
         parent, name = os.path.split(os.path.abspath(path))
         real_parent = self._dirs.get(parent)
         if real_parent is None:
             real_parent = self._dirs[parent] = os.path.realpath(parent)
-        real = os.path.join(real_parent, name)
-        return os.path.realpath(real) if os.path.islink(real) else real
+        return os.path.join(real_parent, name)

@@ -242,3 +242,32 @@ def test_parse_batch_never_raises_and_answers_every_name(names, text):
         assert result.status in STATUSES
         if result.status == OK:
             assert result.ranked[0] in labels
+
+
+def test_a_bare_label_reads_as_the_full_fair_reader_reads_it():
+    """LabelMatcher.bare (the fast path for "Happy.") against the fair reader without it, for every
+    label and alias of every shipped test set, in the spellings models write them."""
+    from ger.answers.parse import _read_fair
+
+    checked = 0
+    for spec in all_specs(include_demo=True):
+        matcher = LabelMatcher(spec.labels, spec.aliases)
+        for form in [*spec.labels, *(a for forms in spec.aliases.values() for a in forms)]:
+            for case in (str, str.lower, str.upper, str.title):
+                word = case(form)
+                for text in (word, f" {word}.\n", f"{word}!", f'"{word}"', f"'{word}'"):
+                    label = matcher.bare(text)
+                    assert label is not None, (spec.key, text)
+                    read = _read_fair(text, matcher)
+                    assert parse_ranked(text, matcher) == read == _ok(label), (spec.key, text)
+                    checked += 1
+    assert checked > 1000
+    matcher = LabelMatcher(["happy", "sad"])
+    for text in ("happy, sad", "not happy", "**happy**", "happy because she smiles", "1. happy", "happys"):
+        assert matcher.bare(text) is None, text  # the full reader's work
+
+
+def _ok(label: str):
+    from ger.answers.parse import ParseResult
+
+    return ParseResult([label], OK)

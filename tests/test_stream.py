@@ -412,6 +412,43 @@ def test_real_paths_resolve_as_pathlib_does(tmp_path):
     ]:
         assert real(path) == str(path.resolve()), path
         assert real(str(path)) == str(path.resolve()), path  # again, from the folder cache
+        if path.exists():  # status: the same path, and os.stat's own answer for it
+            resolved, st = real.status(path)
+            assert resolved == str(path.resolve()) and st == os.stat(path), path
+    os.symlink(tmp_path / "gone.jpg", tmp_path / "data" / "images" / "dangling.jpg")
+    for path in ("missing.jpg", "dangling.jpg"):
+        with pytest.raises(FileNotFoundError):
+            real.status(tmp_path / "data" / "images" / path)
+
+
+def test_digest_table_reads_each_folder_once_and_only_that_folder(tmp_path):
+    """Digests are looked up a folder at a time: a folder, its subfolder and a folder whose name it
+    begins share no rows, and every file still gets its own digest back."""
+    import hashlib
+
+    folders = [tmp_path / "imgs", tmp_path / "imgs" / "sub", tmp_path / "imgs2", tmp_path / "imgs-b"]
+    files = []
+    for k, folder in enumerate(folders):
+        folder.mkdir(parents=True)
+        for i in range(3):
+            f = folder / f"{i}.bin"
+            f.write_bytes(bytes([k, i]) * (k + i + 1))
+            files.append(f)
+    db = tmp_path / "cache" / "file_digests.sqlite"
+    for round_ in range(2):
+        digests._MEMORY.clear()  # as a new process starts
+        table = digests.DigestTable(db)
+        digests.use_table(table)
+        try:
+            got = [digests.file_digest(f) for f in files]
+        finally:
+            digests.use_table(None)
+            table.close()
+        assert got == [hashlib.sha256(f.read_bytes()).hexdigest() for f in files]
+        assert table.hashed == (len(files) if round_ == 0 else 0)
+        if round_:
+            read = {folder: set(rows) for folder, rows in table._folders.items()}
+            assert read == {str(folder): {str(f) for f in files if f.parent == folder} for folder in folders}
 
 
 def test_grids_are_drawn_from_pixels_when_workers_hand_back_sent_images(tmp_path, stub_server, cache):

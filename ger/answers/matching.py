@@ -111,6 +111,13 @@ class LabelMatcher:
             self._seen[text] = label
         return label
 
+    def bare(self, text: str) -> str | None:
+        """The label when `text` is one label or alias alone (any case, quoted, a final `.` or `!`).
+
+        The answer most single-label replies are; reading it needs none of the fair reader's rules."""
+        key = normalise(text).rstrip(".!")
+        return self._exact.get(key) or self._alias.get(key)
+
     def _match(self, text: str) -> str | None:
         key = normalise(text).rstrip(".!")
         if key in self._exact:

@@ -168,6 +168,11 @@ def _holds_nothing(value: Any) -> bool:
 
 
 def _parse_fair(text: str, matcher: LabelMatcher) -> ParseResult:
+    label = matcher.bare(text)  # "Happy." reads as the fair reader would read it, at a tenth of the cost
+    return ParseResult([label], OK) if label is not None else _read_fair(text, matcher)
+
+
+def _read_fair(text: str, matcher: LabelMatcher) -> ParseResult:
     answer = strip_reasoning(text)
     if not answer.strip():
         return ParseResult([], EMPTY, "empty answer" if not text.strip() else "only reasoning, no answer")

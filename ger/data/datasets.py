@@ -268,15 +268,22 @@ class PathRules:
     follow: bool = False
     sources: tuple[Path, ...] = ()
     real: RealPaths = field(default_factory=RealPaths)
+    _folders: dict[tuple[Path, str], str] = field(default_factory=dict)  # (root, sub) -> resolved
+
+    def folder(self, root: Path, sub: str) -> str:
+        """The test set's media or transcript folder `root / sub`, resolved once per test set."""
+        real = self._folders.get((root, sub))
+        if real is None:
+            real = self._folders[root, sub] = self.real(root / sub)
+        return real
 
 
-def _locate(folder: Path, rel: str, what: str, name: str, rules: PathRules) -> tuple[Path | None, str]:
-    """(path, problem) of `rel`, the file of sample `name`, under `folder`.
+def _locate(base: str, rel: str, what: str, name: str, rules: PathRules) -> tuple[Path | None, str]:
+    """(path, problem) of `rel`, the file of sample `name`, under `base` (a PathRules.folder).
 
     A name that leaves the folder gives (None, why); a symlink that leads out of it gives
     (the link, why) unless `rules.follow`, or unless it leads into one of `rules.sources`.
     """
-    base = rules.real(folder)  # the folder itself may be a link (media -> /mnt/big/...): that is the layout
     lexical = os.path.normpath(os.path.join(base, rel))
     if not _within(lexical, base):
         return None, f"sample {name!r} points outside the {what} folder {base}"
@@ -298,14 +305,15 @@ def _within(path: str, folder: str) -> bool:
 
 def _media(spec: DatasetSpec, root: Path, name: str, rules: PathRules) -> tuple[Path | None, str]:
     rel = name if (spec.layout.media_kind == "frames" or Path(name).suffix) else name + spec.layout.extension
-    return _locate(root / spec.layout.media_dir, rel, "media", name, rules)
+    # the folder itself may be a link (media -> /mnt/big/...): that is the layout
+    return _locate(rules.folder(root, spec.layout.media_dir), rel, "media", name, rules)
 
 
 def _transcript(spec: DatasetSpec, root: Path, name: str, rules: PathRules) -> tuple[Path | None, str]:
     if not spec.layout.transcript_dir:
         return None, ""
     rel = Path(name).stem + spec.layout.transcript_ext
-    return _locate(root / spec.layout.transcript_dir, rel, "transcript", name, rules)
+    return _locate(rules.folder(root, spec.layout.transcript_dir), rel, "transcript", name, rules)
 
 
 def media_path(spec: DatasetSpec, root: Path, name: str, follow_symlinks: bool = False) -> Path:

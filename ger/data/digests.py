@@ -43,6 +43,7 @@ class DigestTable:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path).expanduser()
         self._new: list[tuple[str, int, int, str]] = []
+        self._folders: dict[str, dict[str, tuple[int, int, str]]] = {}  # folder -> path -> row, as read
         self.hashed = 0  # files read and hashed through this table (not found in it)
         self._conn: sqlite3.Connection | None = None
         try:
@@ -55,13 +56,29 @@ class DigestTable:
             log.warning("file digest table %s unusable (%s): media files are hashed again", self.path, exc)
 
     def lookup(self, path: str, size: int, mtime_ns: int) -> str | None:
-        if self._conn is None:
-            return None
-        with _lock:
-            row = self._conn.execute(
-                "SELECT size, mtime_ns, sha256 FROM file_digests WHERE path=?", (path,)
-            ).fetchone()
+        row = self._folder(os.path.dirname(path)).get(path)
         return row[2] if row and row[0] == size and row[1] == mtime_ns else None
+
+    def _folder(self, folder: str) -> dict[str, tuple[int, int, str]]:
+        """The rows of the files directly in `folder`, read in one query the first time it is asked.
+
+        A test set's files share a few folders: one query each instead of one a file (a tenth of
+        a cached rerun of 4,000 images)."""
+        rows = self._folders.get(folder)
+        if rows is not None:
+            return rows
+        rows = self._folders[folder] = {}
+        if self._conn is None:
+            return rows
+        prefix = folder.rstrip(os.sep) + os.sep
+        with _lock:  # the primary key's index serves the range; the last clause keeps subfolders out
+            found = self._conn.execute(
+                "SELECT path, size, mtime_ns, sha256 FROM file_digests "
+                "WHERE path >= ? AND path < ? AND instr(substr(path, ?), ?) = 0",
+                (prefix, prefix[:-1] + chr(ord(os.sep) + 1), len(prefix) + 1, os.sep),
+            ).fetchall()
+        rows.update((path, (size, mtime, digest)) for path, size, mtime, digest in found)
+        return rows
 
     def remember(self, path: str, size: int, mtime_ns: int, digest: str) -> None:
         self.hashed += 1
@@ -104,10 +121,16 @@ def use_table(table: DigestTable | None) -> None:
     _TABLE, _REAL = table, RealPaths()
 
 
-def file_digest(path: Path | str) -> str:
-    """sha256 of a file's bytes, remembered per (resolved path, size, mtime_ns)."""
-    p = _REAL(path)
-    st = os.stat(p)
+def file_status(path: Path | str) -> tuple[str, os.stat_result]:
+    """(resolved path, os.stat) of a media file, as file_digest() needs it: one lstat for a plain file."""
+    return _REAL.status(path)
+
+
+def file_digest(path: Path | str, status: tuple[str, os.stat_result] | None = None) -> str:
+    """sha256 of a file's bytes, remembered per (resolved path, size, mtime_ns).
+
+    `status`: the file's file_status(), when the caller has already taken it."""
+    p, st = status or _REAL.status(path)
     key = (p, st.st_size, st.st_mtime_ns)
     digest = _MEMORY.get(key)
     if digest is None and _TABLE is not None:

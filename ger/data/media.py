@@ -19,10 +19,10 @@ import re
 import stat
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from ger.data.digests import _MEMORY as _DIGESTS  # noqa: F401  (tests look into it)
-from ger.data.digests import file_digest
+from ger.data.digests import file_digest, file_status
 from ger.data.video import read_video, sample_video, video_frames
 from ger.records import LoadedSample, Sample
 
@@ -50,15 +50,34 @@ def _require_file(path: Path | str, what: str) -> Path:
     p = Path(path)
     try:
         st = os.stat(p)  # one system call: a rerun checks every file of the test set
-    except OSError as e:  # as Path.exists() tells "not found"; a permission error stays itself
-        if e.errno in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
-            raise MediaError(f"{what} not found: {p}") from None
-        raise
-    if not stat.S_ISREG(st.st_mode):
-        raise MediaError(f"{what} is not a file: {p}")
-    if st.st_size == 0:
-        raise MediaError(f"{what} is empty (0 bytes): {p}")
+    except OSError as e:
+        _not_found(e, p, what)
+    _check_status(st, p, what)
     return p
+
+
+def _checked_status(path: Path | str, what: str) -> tuple[str, os.stat_result]:
+    """_require_file's checks on file_status(): a describe's one lstat serves them and the digest."""
+    try:
+        status = file_status(path)
+    except OSError as e:
+        _not_found(e, path, what)
+    _check_status(status[1], path, what)
+    return status
+
+
+def _not_found(e: OSError, path: Path | str, what: str) -> NoReturn:
+    """As Path.exists() tells "not found"; a permission error stays itself."""
+    if e.errno in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
+        raise MediaError(f"{what} not found: {path}") from None
+    raise e
+
+
+def _check_status(st: os.stat_result, path: Path | str, what: str) -> None:
+    if not stat.S_ISREG(st.st_mode):
+        raise MediaError(f"{what} is not a file: {path}")
+    if st.st_size == 0:
+        raise MediaError(f"{what} is empty (0 bytes): {path}")
 
 
 def to_greyscale(image: Image.Image) -> Image.Image:
@@ -290,11 +309,12 @@ def describe_sample(
     if with_visual:
         if sample.media is None:
             raise MediaError(f"sample {sample.name!r} of {sample.dataset!r} has no media path")
-        media = Path(sample.media)
+        media = sample.media
         if media_kind == "image":
-            h.update(b"image:" + file_digest(_require_file(media, "image")).encode())
+            h.update(b"image:" + file_digest(media, _checked_status(media, "image")).encode())
             shell.n_images = 1
         else:
+            media = Path(media)
             if media_kind == "frames" and not media.is_dir():
                 raise MediaError(f"expected a folder of frames for {sample.name!r}: {media}")
             sample_indices(1, frames, sampler)  # bad arguments fail before anything is read
@@ -304,7 +324,7 @@ def describe_sample(
                 h.update(f"folder:{len(files)}:".encode())
                 h.update(",".join(file_digest(files[i]) for i in picked).encode())
             else:
-                h.update(b"video:" + file_digest(_require_file(media, "video")).encode())
+                h.update(b"video:" + file_digest(media, _checked_status(media, "video")).encode())
             h.update(f"|frames:{frames}|sampler:{sampler}|{_READER}".encode())
             shell.n_images, shell.clip = frames, True
         h.update(f"|grey:{int(greyscale)}".encode())
