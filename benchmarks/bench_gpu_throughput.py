@@ -206,7 +206,8 @@ def engine_side(out: Path, overrides: list[str]) -> None:
     from ger.backends.models import resolve_model
     from ger.config import conf_dir
     from ger.data.datasets import load_samples
-    from ger.prompting.prompts import build_request, load_template
+    from ger.prompting.prompts import build_request
+    from ger.prompting.templates import load_template
     from ger.run import pipeline
     from ger.run.modality import modality_plan
 

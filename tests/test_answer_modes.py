@@ -354,7 +354,7 @@ def test_multi_token_labels_are_scored_over_all_their_tokens(hf_run, ger_cache):
     from PIL import Image
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    from ger.prompting.prompts import load_template, render
+    from ger.prompting.templates import load_template, render
     from ger.testing.tiny_models import ensure_tiny_model
 
     path = ensure_tiny_model("qwen2_vl", ger_cache)

@@ -19,7 +19,8 @@ from ger.backends.models import resolve_model
 from ger.config import load_group_yaml
 from ger.data.datasets import all_specs, load_spec
 from ger.prompting.batching import batch_order, plan_batches, read_order, shuffled, write_order
-from ger.prompting.prompts import PromptTemplate, build_request, load_template
+from ger.prompting.prompts import build_request
+from ger.prompting.templates import PromptTemplate, load_template
 from ger.records import LoadedSample, Response, Sample
 from ger.run.cache import ResponseCache
 from ger.run.pipeline import paper_batch_size

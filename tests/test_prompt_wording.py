@@ -23,7 +23,8 @@ from PIL import Image
 
 from ger.config import load_group_yaml
 from ger.data.audio import AudioTrack
-from ger.prompting.prompts import build_request, load_template, modality_inputs
+from ger.prompting.prompts import build_request, modality_inputs
+from ger.prompting.templates import load_template
 from ger.records import LoadedSample, Request, Sample
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "PROMPTS.md"

@@ -10,14 +10,8 @@ import pytest
 from PIL import Image
 
 from ger.config import conf_dir
-from ger.prompting.prompts import (
-    PromptTemplate,
-    available_templates,
-    build_request,
-    load_template,
-    placeholders,
-    render,
-)
+from ger.prompting.prompts import build_request
+from ger.prompting.templates import PromptTemplate, available_templates, load_template, placeholders, render
 from ger.records import LoadedSample, Sample
 
 LABELS = ["Happiness", "Sadness", "Anger", "Neutral"]

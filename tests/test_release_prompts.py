@@ -21,13 +21,14 @@ import pytest
 from PIL import Image
 
 from ger.config import load_group_yaml
-from ger.prompting.prompts import build_request, load_template, render
+from ger.prompting.prompts import build_request
 from ger.prompting.release_prompts import (
     ReleaseCodeMissing,
     find_release_code,
     release_template,
     select_template,
 )
+from ger.prompting.templates import load_template, render
 from ger.records import LoadedSample, Sample
 from ger.report.reference import ReleaseNotFound, download_release, find_release, release_cache
 

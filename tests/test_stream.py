@@ -323,7 +323,8 @@ def test_workers_hand_back_images_as_sent_and_the_body_is_byte_identical(tmp_pat
     from dataclasses import replace
 
     from ger.backends.server import ServerBackend
-    from ger.prompting.prompts import build_request, load_template
+    from ger.prompting.prompts import build_request
+    from ger.prompting.templates import load_template
     from ger.records import EncodedImage
     from ger.run.stream import _decode
 

@@ -19,7 +19,7 @@ from typing import Any
 import yaml
 
 from ger.config import conf_dir
-from ger.prompting.prompts import PromptTemplate, load_template, placeholders
+from ger.prompting.templates import PromptTemplate, load_template, placeholders
 from ger.report.reference import RELEASE_COMMIT, RELEASE_REPO, ReleaseNotFound, find_release, release_cache
 
 PROMPT_SOURCES = ("ours", "release")
