@@ -309,12 +309,11 @@ def describe_sample(
     if with_visual:
         if sample.media is None:
             raise MediaError(f"sample {sample.name!r} of {sample.dataset!r} has no media path")
-        media = sample.media
         if media_kind == "image":
-            h.update(b"image:" + file_digest(media, _checked_status(media, "image")).encode())
+            h.update(b"image:" + file_digest(sample.media, _checked_status(sample.media, "image")).encode())
             shell.n_images = 1
         else:
-            media = Path(media)
+            media = Path(sample.media)
             if media_kind == "frames" and not media.is_dir():
                 raise MediaError(f"expected a folder of frames for {sample.name!r}: {media}")
             sample_indices(1, frames, sampler)  # bad arguments fail before anything is read
