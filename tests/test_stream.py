@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import csv
 import hashlib
+import os
 from pathlib import Path
 
 import pytest
@@ -422,11 +423,52 @@ def test_real_paths_resolve_as_pathlib_does(tmp_path):
             real.status(tmp_path / "data" / "images" / path)
 
 
+def test_digest_table_hashes_again_a_file_whose_name_is_not_utf8(tmp_path):
+    """A folder named with bytes that are not UTF-8 (an old archive's Latin-1 name) reaches Python
+    as a surrogate escape, which SQLite cannot store: the file is hashed each run, and no run fails."""
+    folder = os.fsencode(tmp_path) + b"/caf\xe9"
+    os.mkdir(folder)
+    with open(folder + b"/a.jpg", "wb") as f:
+        f.write(b"face" * 100)
+    path = os.fsdecode(folder + b"/a.jpg")
+    db = tmp_path / "cache" / "file_digests.sqlite"
+    for _ in range(2):
+        digests._MEMORY.clear()  # as a new process starts
+        table = digests.DigestTable(db)
+        digests.use_table(table)
+        try:
+            assert digests.file_digest(path) == hashlib.sha256(b"face" * 100).hexdigest()
+        finally:
+            digests.use_table(None)
+            table.close()
+        assert table.hashed == 1
+
+
+def test_a_test_set_in_a_folder_named_in_latin1_runs_and_reruns_from_the_cache(stub_server, tmp_path):
+    """The images folder is a link into a folder whose name is not UTF-8 (an old archive unpacked as
+    it was): the run answers every sample and its rerun sends nothing (it failed on SQLite before)."""
+    elsewhere = os.fsencode(tmp_path) + b"/caf\xe9/images"
+    os.makedirs(elsewhere)
+    root = tmp_path / "faces"
+    root.mkdir()
+    os.symlink(elsewhere, os.fsencode(root / "images"))
+    pairs = [(f"face_{i}", LABELS[i]) for i in range(5)]
+    for i, (name, label) in enumerate(pairs):
+        draw(root / "images" / f"{name}.png", label, i)
+    (root / "label.csv").write_text("name,gt\n" + "".join(f"{n},{g}\n" for n, g in pairs))
+    stub_server.model = PerfectModel(LABELS, truth(root))
+    cache = tmp_path / "cache"
+    first = run_on_stub(stub_server.url, "demo", root, cache, tmp_path / "r1")
+    assert first["requests"]["sent"] == 5 and first["requests"]["failed"] == 0
+    assert [r["status"] for r in rows(tmp_path / "r1")] == ["ok"] * 5
+    rerun = run_on_stub(stub_server.url, "demo", root, cache, tmp_path / "r2")
+    assert rerun["requests"]["cached"] == 5 and rerun["stream"]["decoded"] == 0
+    assert rows(tmp_path / "r2") == rows(tmp_path / "r1")
+
+
 def test_digest_table_reads_each_folder_once_and_only_that_folder(tmp_path):
     """Digests are looked up a folder at a time: a folder, its subfolder and a folder whose name it
     begins share no rows, and every file still gets its own digest back."""
-    import hashlib
-
     folders = [tmp_path / "imgs", tmp_path / "imgs" / "sub", tmp_path / "imgs2", tmp_path / "imgs-b"]
     files = []
     for k, folder in enumerate(folders):

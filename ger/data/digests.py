@@ -68,7 +68,7 @@ class DigestTable:
         if rows is not None:
             return rows
         rows = self._folders[folder] = {}
-        if self._conn is None:
+        if self._conn is None or not _storable(folder):
             return rows
         prefix = folder.rstrip(os.sep) + os.sep
         with _lock:  # the primary key's index serves the range; the last clause keeps subfolders out
@@ -82,7 +82,8 @@ class DigestTable:
 
     def remember(self, path: str, size: int, mtime_ns: int, digest: str) -> None:
         self.hashed += 1
-        self._new.append((path, size, mtime_ns, digest))
+        if _storable(path):
+            self._new.append((path, size, mtime_ns, digest))
         if len(self._new) >= 1000:
             self.flush()
 
@@ -109,6 +110,16 @@ class DigestTable:
         if self._conn is not None:
             self._conn.close()
             self._conn = None
+
+
+def _storable(path: str) -> bool:
+    """Whether SQLite can hold `path` (UTF-8 text); one with undecodable bytes in a name (a surrogate
+    escape) is hashed again each run instead of failing it."""
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 _TABLE: DigestTable | None = None
