@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import random
+import time
 from pathlib import Path
 
 import numpy as np
@@ -380,6 +382,7 @@ def test_load_sample_frame_folder(tmp_path: Path) -> None:
 def test_file_digest_is_cached_and_follows_changes(tmp_path: Path) -> None:
     f = tmp_path / "x.bin"
     f.write_bytes(b"a" * 5_000_000)
+    os.utime(f, (time.time() - 3600,) * 2)  # settled (a fresh file is hashed each time: ger/data/digests.py)
     first = file_digest(f)
     size_before = len(media._DIGESTS)
     assert file_digest(f) == first and len(media._DIGESTS) == size_before  # served from the cache

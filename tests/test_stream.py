@@ -15,6 +15,7 @@ import base64
 import csv
 import hashlib
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -101,10 +102,48 @@ def test_a_cached_rerun_decodes_nothing_and_a_changed_file_is_asked_again(many_f
     assert changed["requests"]["sent"] == 1 and changed["requests"]["cached"] == 299
 
 
+def age(path: Path, seconds: int) -> None:
+    """Give a file the mtime it would have had `seconds` ago."""
+    when = time.time() - seconds
+    os.utime(path, (when, when))
+
+
+def test_a_file_modified_moments_ago_is_hashed_again(tmp_path):
+    """A file system that keeps mtimes to the second (FAT: two) would let a file rewritten within that
+    second, at the same size, keep its mtime: a digest is only remembered once the mtime is settled,
+    as git does with its index, so the stale one is never served."""
+    f = tmp_path / "face.png"
+    f.write_bytes(b"a" * 1000)
+    fresh = time.time_ns() + 60_000_000_000  # "moments ago" however slowly this test runs
+    os.utime(f, ns=(fresh, fresh))
+    db = tmp_path / "cache" / "file_digests.sqlite"
+
+    def digest_twice() -> tuple[str, int]:
+        digests._MEMORY.clear()  # as a new process starts
+        table = digests.DigestTable(db)
+        digests.use_table(table)
+        try:
+            first = digests.file_digest(f)
+            assert digests.file_digest(f) == first  # the second call of the same process
+        finally:
+            digests.use_table(None)
+            table.close()
+        return first, table.hashed
+
+    assert digest_twice() == (hashlib.sha256(b"a" * 1000).hexdigest(), 2)  # fresh: kept nowhere
+    f.write_bytes(b"b" * 1000)  # same size, and the same mtime, as a coarse clock would leave it
+    os.utime(f, ns=(fresh, fresh))
+    assert digest_twice() == (hashlib.sha256(b"b" * 1000).hexdigest(), 2)  # the new bytes, not the old digest
+    age(f, 3600)
+    assert digest_twice()[1] == 1  # settled: hashed once, then remembered
+    assert digest_twice()[1] == 0  # and the next process reads it from the table
+
+
 def test_file_digests_persist_across_processes_and_follow_changes(tmp_path):
     files = []
     for i in range(5):
         draw(tmp_path / f"f{i}.png", "happy", i)
+        age(tmp_path / f"f{i}.png", 3600)  # settled: see test_a_file_modified_moments_ago_is_hashed_again
         files.append(Sample("demo", f"f{i}", "happy", media=tmp_path / f"f{i}.png"))
 
     def keys(table: digests.DigestTable) -> list[str]:
@@ -124,6 +163,7 @@ def test_file_digests_persist_across_processes_and_follow_changes(tmp_path):
     assert keys(again) == before and again.hashed == 0  # served from the table, no file read
 
     draw(tmp_path / "f2.png", "sad", 99)  # new bytes: a new size or mtime, so hashed again
+    age(tmp_path / "f2.png", 60)
     third = digests.DigestTable(db)
     after = keys(third)
     assert third.hashed == 1 and after[2] != before[2] and after[:2] + after[3:] == before[:2] + before[3:]
@@ -476,6 +516,7 @@ def test_digest_table_reads_each_folder_once_and_only_that_folder(tmp_path):
         for i in range(3):
             f = folder / f"{i}.bin"
             f.write_bytes(bytes([k, i]) * (k + i + 1))
+            age(f, 3600)
             files.append(f)
     db = tmp_path / "cache" / "file_digests.sqlite"
     for round_ in range(2):

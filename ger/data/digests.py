@@ -6,6 +6,11 @@ byte; this table, an SQLite file beside the response cache, lets an unchanged fi
 resolved path, size and modification time in nanoseconds) skip even that. A file whose bytes
 change gets a new mtime (and usually a new size), so its digest is computed again.
 
+Except where the clock cannot tell: a file system that keeps modification times to the second (or
+two, as FAT does) gives a file rewritten within that second, at the same size, the mtime it had.
+As git does with its index, a digest is remembered only for a file whose mtime was already a few
+seconds old when it was hashed; a fresher file is hashed again next time.
+
 A table that cannot be opened or written (a read-only cache folder) only costs speed: digests
 are then remembered for this process alone.
 """
@@ -17,6 +22,7 @@ import logging
 import os
 import sqlite3
 import threading
+import time
 from pathlib import Path
 
 from ger.files import RealPaths
@@ -34,6 +40,7 @@ CREATE TABLE IF NOT EXISTS file_digests (
 
 # (resolved path, size, mtime_ns) -> sha256 hex, for this process
 _MEMORY: dict[tuple[str, int, int], str] = {}
+_SETTLED_NS = 3_000_000_000  # a file modified this recently may change again within its mtime (FAT: 2 s)
 _lock = threading.Lock()
 
 
@@ -82,7 +89,7 @@ class DigestTable:
 
     def remember(self, path: str, size: int, mtime_ns: int, digest: str) -> None:
         self.hashed += 1
-        if _storable(path):
+        if _storable(path) and _settled(mtime_ns):
             self._new.append((path, size, mtime_ns, digest))
         if len(self._new) >= 1000:
             self.flush()
@@ -151,5 +158,12 @@ def file_digest(path: Path | str, status: tuple[str, os.stat_result] | None = No
             digest = hashlib.file_digest(f, "sha256").hexdigest()  # reads in chunks
         if _TABLE is not None:
             _TABLE.remember(*key, digest)
+        if not _settled(st.st_mtime_ns):
+            return digest  # neither remembered here nor in the table (see the module doc)
     _MEMORY[key] = digest
     return digest
+
+
+def _settled(mtime_ns: int) -> bool:
+    """Whether a file with this mtime can no longer change without its mtime changing too."""
+    return mtime_ns < time.time_ns() - _SETTLED_NS
