@@ -16,6 +16,8 @@ import csv
 import hashlib
 import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -102,6 +104,19 @@ def test_a_cached_rerun_decodes_nothing_and_a_changed_file_is_asked_again(many_f
     assert changed["requests"]["sent"] == 1 and changed["requests"]["cached"] == 299
 
 
+@contextmanager
+def fresh_table(db: Path) -> Iterator[digests.DigestTable]:
+    """As a new process sees the digests: nothing remembered in memory, `db` as its table."""
+    digests._MEMORY.clear()
+    table = digests.DigestTable(db)
+    digests.use_table(table)
+    try:
+        yield table
+    finally:
+        digests.use_table(None)
+        table.close()
+
+
 def age(path: Path, seconds: int) -> None:
     """Give a file the mtime it would have had `seconds` ago."""
     when = time.time() - seconds
@@ -119,15 +134,9 @@ def test_a_file_modified_moments_ago_is_hashed_again(tmp_path):
     db = tmp_path / "cache" / "file_digests.sqlite"
 
     def digest_twice() -> tuple[str, int]:
-        digests._MEMORY.clear()  # as a new process starts
-        table = digests.DigestTable(db)
-        digests.use_table(table)
-        try:
+        with fresh_table(db) as table:
             first = digests.file_digest(f)
             assert digests.file_digest(f) == first  # the second call of the same process
-        finally:
-            digests.use_table(None)
-            table.close()
         return first, table.hashed
 
     assert digest_twice() == (hashlib.sha256(b"a" * 1000).hexdigest(), 2)  # fresh: kept nowhere
@@ -146,27 +155,18 @@ def test_file_digests_persist_across_processes_and_follow_changes(tmp_path):
         age(tmp_path / f"f{i}.png", 3600)  # settled: see test_a_file_modified_moments_ago_is_hashed_again
         files.append(Sample("demo", f"f{i}", "happy", media=tmp_path / f"f{i}.png"))
 
-    def keys(table: digests.DigestTable) -> list[str]:
-        digests._MEMORY.clear()  # as a new process starts
-        digests.use_table(table)
-        try:
-            return [describe_sample(s, "image").content_hash for s in files]
-        finally:
-            digests.use_table(None)
-            table.close()
+    def keys() -> tuple[list[str], int]:
+        with fresh_table(tmp_path / "cache" / "file_digests.sqlite") as table:
+            return [describe_sample(s, "image").content_hash for s in files], table.hashed
 
-    db = tmp_path / "cache" / "file_digests.sqlite"
-    first = digests.DigestTable(db)
-    before = keys(first)
-    assert first.hashed == 5
-    again = digests.DigestTable(db)
-    assert keys(again) == before and again.hashed == 0  # served from the table, no file read
+    before, hashed = keys()
+    assert hashed == 5
+    assert keys() == (before, 0)  # served from the table, no file read
 
     draw(tmp_path / "f2.png", "sad", 99)  # new bytes: a new size or mtime, so hashed again
     age(tmp_path / "f2.png", 60)
-    third = digests.DigestTable(db)
-    after = keys(third)
-    assert third.hashed == 1 and after[2] != before[2] and after[:2] + after[3:] == before[:2] + before[3:]
+    after, hashed = keys()
+    assert hashed == 1 and after[2] != before[2] and after[:2] + after[3:] == before[:2] + before[3:]
 
 
 def test_batch_mode_drops_an_undecodable_sample_from_its_batch(stub_server, tmp_path):
@@ -473,14 +473,8 @@ def test_digest_table_hashes_again_a_file_whose_name_is_not_utf8(tmp_path):
     path = os.fsdecode(folder + b"/a.jpg")
     db = tmp_path / "cache" / "file_digests.sqlite"
     for _ in range(2):
-        digests._MEMORY.clear()  # as a new process starts
-        table = digests.DigestTable(db)
-        digests.use_table(table)
-        try:
+        with fresh_table(db) as table:
             assert digests.file_digest(path) == hashlib.sha256(b"face" * 100).hexdigest()
-        finally:
-            digests.use_table(None)
-            table.close()
         assert table.hashed == 1
 
 
@@ -520,14 +514,8 @@ def test_digest_table_reads_each_folder_once_and_only_that_folder(tmp_path):
             files.append(f)
     db = tmp_path / "cache" / "file_digests.sqlite"
     for round_ in range(2):
-        digests._MEMORY.clear()  # as a new process starts
-        table = digests.DigestTable(db)
-        digests.use_table(table)
-        try:
+        with fresh_table(db) as table:
             got = [digests.file_digest(f) for f in files]
-        finally:
-            digests.use_table(None)
-            table.close()
         assert got == [hashlib.sha256(f.read_bytes()).hexdigest() for f in files]
         assert table.hashed == (len(files) if round_ == 0 else 0)
         if round_:
