@@ -99,8 +99,7 @@ def sound_key(sample: Sample, media_kind: str, rate: int) -> str:
 
     Nothing is decoded (keys of a cached rerun cost no audio decoding); a frames folder or a still
     image, which cannot hold sound, fails here with the fix."""
-    from ger.data.digests import file_digest
-    from ger.data.media import MediaError, _require_file
+    from ger.data.media import MediaError, checked_digest
 
     if sample.media is None:
         raise MediaError(f"sample {sample.name!r} of {sample.dataset!r} has no media path")
@@ -111,7 +110,7 @@ def sound_key(sample: Sample, media_kind: str, rate: int) -> str:
             f"{media}: a {what} has no sound track; the audio modalities need video files with their "
             "sound (use modality=video, text or multi for this set)"
         )
-    return f"|sound:{file_digest(_require_file(media, 'video'))}|{describe_audio(rate)}"
+    return f"|sound:{checked_digest(media, 'video')}|{describe_audio(rate)}"
 
 
 def decode_sound(shell: LoadedSample) -> LoadedSample:

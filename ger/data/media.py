@@ -56,14 +56,14 @@ def _require_file(path: Path | str, what: str) -> Path:
     return p
 
 
-def _checked_status(path: Path | str, what: str) -> tuple[str, os.stat_result]:
-    """_require_file's checks on file_status(): a describe's one lstat serves them and the digest."""
+def checked_digest(path: Path | str, what: str) -> str:
+    """file_digest() after _require_file's checks, one lstat serving both (a rerun keys every file)."""
     try:
         status = file_status(path)
     except OSError as e:
         _not_found(e, path, what)
     _check_status(status[1], path, what)
-    return status
+    return file_digest(path, status)
 
 
 def _not_found(e: OSError, path: Path | str, what: str) -> NoReturn:
@@ -310,7 +310,7 @@ def describe_sample(
         if sample.media is None:
             raise MediaError(f"sample {sample.name!r} of {sample.dataset!r} has no media path")
         if media_kind == "image":
-            h.update(b"image:" + file_digest(sample.media, _checked_status(sample.media, "image")).encode())
+            h.update(b"image:" + checked_digest(sample.media, "image").encode())
             shell.n_images = 1
         else:
             media = Path(sample.media)
@@ -323,7 +323,7 @@ def describe_sample(
                 h.update(f"folder:{len(files)}:".encode())
                 h.update(",".join(file_digest(files[i]) for i in picked).encode())
             else:
-                h.update(b"video:" + file_digest(media, _checked_status(media, "video")).encode())
+                h.update(b"video:" + checked_digest(media, "video").encode())
             h.update(f"|frames:{frames}|sampler:{sampler}|{_READER}".encode())
             shell.n_images, shell.clip = frames, True
         h.update(f"|grey:{int(greyscale)}".encode())
