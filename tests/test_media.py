@@ -17,15 +17,14 @@ from ger.data import media
 from ger.data.media import (
     MediaError,
     file_digest,
-    grid_shape,
     load_image,
     load_sample,
-    make_grid,
     read_frames,
     sample_indices,
     video_info,
 )
 from ger.data.transcripts import load_transcript
+from ger.prompting.grids import grid_shape, make_grid
 from ger.records import Sample
 from ger.testing.clips import skip_without_decord
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import re
 import shutil
 
@@ -17,7 +16,6 @@ from ger.records import LoadedSample, Sample
 LABELS = ["Happiness", "Sadness", "Anger", "Neutral"]
 KEY_PARTS = {"model": "tiny", "revision": None, "sampling": {"temperature": 0.0, "seed": 0}}
 TEMPLATES = ["facial", "sentiment", "micro", "video", "text", "multimodal"]
-HAS_MEDIA = importlib.util.find_spec("ger.data.media") is not None
 
 
 def _image(shade: int, size: tuple[int, int] = (16, 12), mode: str = "RGB") -> Image.Image:
@@ -132,7 +130,6 @@ def test_frames_as_images_sends_one_image_per_frame():
     assert "3 frames sampled uniformly" in _all_text(req)
 
 
-@pytest.mark.skipif(not HAS_MEDIA, reason="ger/data/media.py (make_grid) is not written yet")
 def test_frames_as_grid_sends_one_mosaic_per_clip():
     req = _build([_clip(0), _clip(1)], "video", frames_as="grid")
     images = _parts(req, "image")

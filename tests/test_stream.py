@@ -15,6 +15,7 @@ import base64
 import csv
 import hashlib
 import os
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -102,6 +103,64 @@ def test_a_cached_rerun_decodes_nothing_and_a_changed_file_is_asked_again(many_f
     changed = run_on_stub(stub_server.url, "demo", root, cache, tmp_path / "r3")
     assert changed["stream"]["decoded"] == 1 and changed["stream"]["from_cache"] == 299
     assert changed["requests"]["sent"] == 1 and changed["requests"]["cached"] == 299
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_file_rewritten_before_it_is_decoded_is_an_error_not_a_stale_answer(workers, stub_server, tmp_path):
+    """The key names the bytes hashed when the run began; a file rewritten before its turn to be decoded
+    (a dataset re-extracted under a running evaluation) must not have the new pixels' answer cached under
+    the old bytes' key, to be served for them once the old file is back."""
+    root = tmp_path / "faces"
+    (root / "images").mkdir(parents=True)
+    pairs = [(f"face_{i:02d}", LABELS[i % len(LABELS)]) for i in range(24)]
+    for i, (name, label) in enumerate(pairs):
+        draw(root / "images" / f"{name}.png", label, i)
+    (root / "label.csv").write_text("name,gt\n" + "".join(f"{n},{g}\n" for n, g in pairs))
+    target = root / "images" / "face_23.png"  # last in the label file: decoded long after the first answer
+    original, truth_label = target.read_bytes(), pairs[-1][1]
+    other = LABELS[(LABELS.index(truth_label) + 1) % len(LABELS)]
+    perfect = PerfectModel(LABELS, truth_of(root, pairs))
+
+    rewrite = threading.Lock()  # the stub answers on several threads; the first request rewrites
+
+    def rewriting_model(body: dict) -> tuple[str, str]:
+        if rewrite.acquire(blocking=False):  # new pixels, another face
+            draw(tmp_path / "new.png", other, 999)
+            perfect.truth[file_payload(tmp_path / "new.png")] = other
+            os.replace(tmp_path / "new.png", target)
+        return perfect(body)
+
+    stub_server.model = rewriting_model
+    cache, extra = tmp_path / "cache", ("stream.window=2", f"stream.workers={workers}")
+    first = run_on_stub(stub_server.url, "demo", root, cache, tmp_path / "r1", *extra)
+    got = {r["name"]: r for r in rows(tmp_path / "r1")}
+    assert got["face_23"]["status"] == "error"
+    assert "changed while the run was reading it" in got["face_23"]["detail"]
+    assert all(r["status"] == "ok" and r["top1"] == r["gt"] for n, r in got.items() if n != "face_23")
+    assert first["requests"]["sent"] == 23
+
+    target.write_bytes(original)  # the old file back: its answer is asked for, not taken from the cache
+    stub_server.model = perfect
+    rerun = run_on_stub(stub_server.url, "demo", root, cache, tmp_path / "r2", *extra)
+    assert rerun["requests"]["sent"] == 1 and rerun["requests"]["cached"] == 23
+    assert {r["name"]: r["top1"] for r in rows(tmp_path / "r2")}["face_23"] == truth_label
+
+
+def test_decoding_checks_the_clip_is_still_the_file_keyed(tmp_path):
+    from test_reliability import write_clip
+
+    from ger.data.media import MediaError, decode
+
+    clip = tmp_path / "clip.mp4"
+    write_clip(clip, "happy", 0)
+    sample = Sample("demo_video", "clip", "happy", media=clip)
+    shell = describe_sample(sample, "video", frames=3)
+    assert shell.stamp == (clip.stat().st_size, clip.stat().st_mtime_ns)
+    assert len(decode(describe_sample(sample, "video", frames=3), "video", frames=3, sampler="paper",
+                      greyscale=False).images) == 3  # fmt: skip
+    write_clip(clip, "sad", 1)
+    with pytest.raises(MediaError, match="video changed while the run was reading it"):
+        decode(shell, "video", frames=3, sampler="paper", greyscale=False)
 
 
 @contextmanager

@@ -94,8 +94,9 @@ def _declared_length(stream: Any, rate: int) -> tuple[int | None, int]:
 # ---------------------------------------------------------------- samples (ger/data/media.py calls these)
 
 
-def sound_key(sample: Sample, media_kind: str, rate: int) -> str:
-    """The cache key part of a sample's sound track: its clip's digest and how it becomes samples.
+def sound_key(sample: Sample, media_kind: str, rate: int) -> tuple[str, tuple[int, int]]:
+    """The cache key part of a sample's sound track (its clip's digest and how it becomes samples),
+    and the clip's stamp (media.check_unchanged).
 
     Nothing is decoded (keys of a cached rerun cost no audio decoding); a frames folder or a still
     image, which cannot hold sound, fails here with the fix."""
@@ -110,7 +111,8 @@ def sound_key(sample: Sample, media_kind: str, rate: int) -> str:
             f"{media}: a {what} has no sound track; the audio modalities need video files with their "
             "sound (use modality=video, text or multi for this set)"
         )
-    return f"|sound:{checked_digest(media, 'video')}|{describe_audio(rate)}"
+    digest, stamp = checked_digest(media, "video")
+    return f"|sound:{digest}|{describe_audio(rate)}", stamp
 
 
 def decode_sound(shell: LoadedSample) -> LoadedSample:

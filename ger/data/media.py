@@ -1,4 +1,4 @@
-"""The sample loader stage: images, frame sampling, grids and transcripts.
+"""The sample loader stage: images, frame sampling and transcripts.
 
 Turns a `Sample` (paths) into a `LoadedSample` (decoded PIL images and text) plus a
 hash of exactly what will be sent, so the response cache notices when media change.
@@ -13,7 +13,6 @@ import errno
 import hashlib
 import io
 import logging
-import math
 import os
 import re
 import stat
@@ -36,6 +35,7 @@ log = logging.getLogger("ger")
 _HASH_VERSION = b"ger-media-v2"  # bump when the meaning of content_hash changes
 # The reader contract: frames are read frame-exactly as ger/data/video.py documents (bump when that changes).
 _READER = "frame-contract:1"
+Stamp = tuple[int, int]  # a media file's (size, mtime_ns) when its digest was taken
 
 
 class MediaError(ValueError):
@@ -56,14 +56,26 @@ def _require_file(path: Path | str, what: str) -> Path:
     return p
 
 
-def checked_digest(path: Path | str, what: str) -> str:
-    """file_digest() after _require_file's checks, one lstat serving both (a rerun keys every file)."""
+def checked_digest(path: Path | str, what: str) -> tuple[str, Stamp]:
+    """file_digest() and the file's stamp after _require_file's checks, one lstat serving all (a rerun
+    keys every file)."""
     try:
         status = file_status(path)
     except OSError as e:
         _not_found(e, path, what)
     _check_status(status[1], path, what)
-    return file_digest(path, status)
+    return file_digest(path, status), (status[1].st_size, status[1].st_mtime_ns)
+
+
+def check_unchanged(path: Path | str, stamp: Stamp, what: str) -> None:
+    """Fail if the file is not as it was when its digest was taken (checked after reading it).
+
+    The cache key names the bytes describe_sample hashed; a file rewritten before a worker decodes
+    it (a dataset re-extracted under a running evaluation) would have the new pixels' answer cached
+    under the old bytes' key, and served for them later. Size and mtime tell, as for the digest table."""
+    st = os.stat(path)
+    if (st.st_size, st.st_mtime_ns) != stamp:
+        raise MediaError(f"{what} changed while the run was reading it: {path} (a rerun keys it again)")
 
 
 def _not_found(e: OSError, path: Path | str, what: str) -> NoReturn:
@@ -239,45 +251,6 @@ def sample_frames(
     return sample_video(_require_file(p, "video"), lambda n: sample_indices(n, count, sampler))
 
 
-# ---------------------------------------------------------------- grids
-
-
-def grid_shape(count: int) -> tuple[int, int]:
-    """Near-square, landscape-leaning (rows, cols): 3 -> 1x3, 4 -> 2x2, 6 -> 2x3, 8 -> 2x4."""
-    if count < 1:
-        raise ValueError(f"a grid needs at least one image, got {count}")
-    rows = math.isqrt(count)
-    return rows, math.ceil(count / rows)
-
-
-def make_grid(images: Sequence[Image.Image], rows: int | None = None, cols: int | None = None) -> Image.Image:
-    """One mosaic of `images` in row-major order, every cell the size of the first image.
-
-    For models that accept one image per prompt: the frames of a clip become one picture.
-    """
-    from PIL import Image
-
-    if not images:
-        raise ValueError("make_grid needs at least one image")
-    k = len(images)
-    if rows is None and cols is None:
-        rows, cols = grid_shape(k)
-    elif rows is None:
-        rows = math.ceil(k / cols)
-    elif cols is None:
-        cols = math.ceil(k / rows)
-    if rows < 1 or cols < 1 or rows * cols < k:
-        raise ValueError(f"a {rows}x{cols} grid cannot hold {k} images")
-    w, h = images[0].size
-    grid = Image.new("RGB", (cols * w, rows * h))
-    for i, im in enumerate(images):
-        cell = im.convert("RGB")
-        if cell.size != (w, h):
-            cell = cell.resize((w, h), Image.Resampling.BICUBIC)
-        grid.paste(cell, ((i % cols) * w, (i // cols) * h))
-    return grid
-
-
 # ---------------------------------------------------------------- keys and the loader
 
 
@@ -310,7 +283,8 @@ def describe_sample(
         if sample.media is None:
             raise MediaError(f"sample {sample.name!r} of {sample.dataset!r} has no media path")
         if media_kind == "image":
-            h.update(b"image:" + checked_digest(sample.media, "image").encode())
+            digest, shell.stamp = checked_digest(sample.media, "image")
+            h.update(b"image:" + digest.encode())
             shell.n_images = 1
         else:
             media = Path(sample.media)
@@ -323,7 +297,8 @@ def describe_sample(
                 h.update(f"folder:{len(files)}:".encode())
                 h.update(",".join(file_digest(files[i]) for i in picked).encode())
             else:
-                h.update(b"video:" + checked_digest(media, "video").encode())
+                digest, shell.stamp = checked_digest(media, "video")
+                h.update(b"video:" + digest.encode())
             h.update(f"|frames:{frames}|sampler:{sampler}|{_READER}".encode())
             shell.n_images, shell.clip = frames, True
         h.update(f"|grey:{int(greyscale)}".encode())
@@ -337,7 +312,8 @@ def describe_sample(
     if audio_rate:
         from ger.data.audio import sound_key
 
-        h.update(sound_key(sample, media_kind, audio_rate).encode())
+        key, shell.stamp = sound_key(sample, media_kind, audio_rate)
+        h.update(key.encode())
         shell.audio_rate = audio_rate
     shell.content_hash = h.hexdigest()
     return shell
@@ -351,24 +327,30 @@ DECODED_FIELDS = ("images", "source", "frame_indices", "source_frames", "source_
 def decode(
     shell: LoadedSample, media_kind: str, *, frames: int, sampler: str, greyscale: bool
 ) -> LoadedSample:
-    """describe_sample's shell with its pixels (and sound) decoded; raises MediaError when they cannot be."""
+    """describe_sample's shell with its pixels (and sound) decoded; raises MediaError when they cannot be,
+    or when the media file is no longer the one its key was made from."""
     if shell.audio_rate:
         from ger.data.audio import decode_sound
 
         decode_sound(shell)
-    if not shell.n_images:  # nothing visual to show (the text and audio ablations)
-        return shell
+    if shell.n_images:  # something visual to show (not the text and audio ablations)
+        _decode_visual(shell, media_kind, frames, sampler, greyscale)
+    if shell.stamp is not None:  # one media file, keyed by its bytes (not a frames folder)
+        check_unchanged(shell.sample.media, shell.stamp, "image" if media_kind == "image" else "video")  # type: ignore[arg-type]
+    return shell
+
+
+def _decode_visual(shell: LoadedSample, media_kind: str, frames: int, sampler: str, greyscale: bool) -> None:
     media = Path(shell.sample.media)  # type: ignore[arg-type]  # describe_sample checked it
     if media_kind == "image":
         image, shell.source = load_still(media, greyscale)
         shell.images = [image]
-        return shell
+        return
     imgs, idx, n, fps = sample_frames(media, frames, sampler)
     shell.images = [to_greyscale(im) for im in imgs] if greyscale else imgs
     shell.frame_indices, shell.source_frames, shell.source_fps = idx, n, fps
     if len(shell.images) != shell.n_images:
         raise MediaError(f"read {len(shell.images)} frames of {media}, expected {shell.n_images}")
-    return shell
 
 
 def load_sample(

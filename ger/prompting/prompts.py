@@ -70,7 +70,7 @@ def _media_desc(loaded: LoadedSample, frames_as: str) -> dict[str, Any]:
     kind = _media_kind(loaded, frames_as)
     desc: dict[str, Any] = {"type": kind, "media": loaded.content_hash, "images": loaded.image_count}
     if kind == "grid":
-        from ger.data.media import grid_shape
+        from ger.prompting.grids import grid_shape
 
         desc["layout"] = list(grid_shape(loaded.image_count))
     return desc
@@ -89,7 +89,7 @@ def _pixel_descs(loaded: LoadedSample, frames_as: str) -> list[dict[str, Any]]:
             for im, i in zip(images, indices, strict=True)
         ]
     if kind == "grid":
-        from ger.data.media import make_grid
+        from ger.prompting.grids import make_grid
 
         return [{"type": "grid", "sha256": _image_digest(make_grid(images)), "frames": indices}]
     return [
@@ -121,7 +121,7 @@ def _media_parts(loaded: LoadedSample, frames_as: str, key_only: bool = False) -
     if kind in ("image", "images"):
         return [{"type": "image", "image": img} for img in images], descs
     if kind == "grid":
-        from ger.data.media import make_grid
+        from ger.prompting.grids import make_grid
 
         return [{"type": "image", "image": make_grid(images)}], descs
     part = {
