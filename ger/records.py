@@ -75,8 +75,8 @@ class LoadedSample:
     # A still image's own file (MIME type, bytes), where it can travel as it is: decoded to exactly
     # `images[0]` with nothing changed (no greyscale, no EXIF turn) in a format servers accept.
     source: tuple[str, bytes] | None = None
-    # The media file's (size, mtime_ns) when its digest was taken: decoding checks the file is still so.
-    stamp: tuple[int, int] | None = None
+    # The media file's stamp (ger/data/digests.py) when its digest was taken: decoding checks it still is.
+    stamp: tuple[int, ...] | None = None
 
     @property
     def image_count(self) -> int:

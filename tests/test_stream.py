@@ -15,6 +15,7 @@ import base64
 import csv
 import hashlib
 import os
+import shutil
 import threading
 import time
 from collections.abc import Iterator
@@ -155,7 +156,7 @@ def test_decoding_checks_the_clip_is_still_the_file_keyed(tmp_path):
     write_clip(clip, "happy", 0)
     sample = Sample("demo_video", "clip", "happy", media=clip)
     shell = describe_sample(sample, "video", frames=3)
-    assert shell.stamp == (clip.stat().st_size, clip.stat().st_mtime_ns)
+    assert shell.stamp == digests.stamp_of(clip.stat())
     assert len(decode(describe_sample(sample, "video", frames=3), "video", frames=3, sampler="paper",
                       greyscale=False).images) == 3  # fmt: skip
     write_clip(clip, "sad", 1)
@@ -226,6 +227,76 @@ def test_file_digests_persist_across_processes_and_follow_changes(tmp_path):
     age(tmp_path / "f2.png", 60)
     after, hashed = keys()
     assert hashed == 1 and after[2] != before[2] and after[:2] + after[3:] == before[:2] + before[3:]
+
+
+def test_files_that_swap_names_or_are_copied_over_with_their_times_are_hashed_again(tmp_path):
+    """Size and mtime alone cannot tell: same-size files renamed into each other's names keep both, and a
+    copy that keeps its times (cp -p, rsync -a, tar) lands with the old size and mtime. The inode (kept by
+    a rename) and the ctime (set by any write) can."""
+    a, b, c = (tmp_path / f"{x}.bmp" for x in "abc")
+    for f, fill in ((a, b"a"), (b, b"b"), (c, b"c")):
+        f.write_bytes(fill * 1000)
+        os.utime(f, ns=(10**18, 10**18))  # the one old mtime an archive gives its files
+    sha = {fill: hashlib.sha256(fill * 1000).hexdigest() for fill in (b"a", b"b", b"c")}
+    db = tmp_path / "cache" / "file_digests.sqlite"
+    with fresh_table(db) as table:
+        assert [digests.file_digest(a), digests.file_digest(b), table.hashed] == [sha[b"a"], sha[b"b"], 2]
+
+    os.rename(a, tmp_path / "t.bmp"), os.rename(b, a), os.rename(tmp_path / "t.bmp", b)  # a swap
+    assert (a.stat().st_size, a.stat().st_mtime_ns) == (b.stat().st_size, b.stat().st_mtime_ns)
+    with fresh_table(db) as table:  # the next run
+        assert [digests.file_digest(a), digests.file_digest(b), table.hashed] == [sha[b"b"], sha[b"a"], 2]
+    assert digests.file_digest(a) == sha[b"b"]  # and this process, from its memory
+
+    shutil.copy2(c, a)  # over a, as cp -p does: same inode, same size, the same mtime as before
+    assert (a.stat().st_size, a.stat().st_mtime_ns) == (b.stat().st_size, b.stat().st_mtime_ns)
+    assert digests.file_digest(a) == sha[b"c"]
+    with fresh_table(db) as table:  # b as the table has it; a hashed again
+        assert [digests.file_digest(a), digests.file_digest(b), table.hashed] == [sha[b"c"], sha[b"a"], 1]
+
+
+def test_after_two_same_size_files_swap_names_each_gets_its_own_answer(stub_server, tmp_path):
+    root = tmp_path / "faces"
+    (root / "images").mkdir(parents=True)
+    pairs = [(f"face_{i}", LABELS[i]) for i in range(6)]
+    for i, (name, label) in enumerate(pairs):
+        from ger.data.demo import draw_face
+
+        draw_face((32, 32), label, 1.0, variant=i).save(root / "images" / f"{name}.png", compress_level=0)
+        os.utime(root / "images" / f"{name}.png", ns=(10**18, 10**18))
+    assert len({(root / "images" / f"{n}.png").stat().st_size for n, _ in pairs}) == 1  # stored: one size
+    stub_server.model = PerfectModel(LABELS, truth_of(root, pairs))
+    (root / "label.csv").write_text("name,gt\n" + "".join(f"{n},{g}\n" for n, g in pairs))
+    cache = tmp_path / "cache"
+    assert run_on_stub(stub_server.url, "demo", root, cache, tmp_path / "r1")["requests"]["sent"] == 6
+
+    img = root / "images"
+    os.rename(img / "face_0.png", img / "t.png"), os.rename(img / "face_1.png", img / "face_0.png")
+    os.rename(img / "t.png", img / "face_1.png")
+    pairs[0], pairs[1] = ("face_0", pairs[1][1]), ("face_1", pairs[0][1])  # the label list follows the faces
+    (root / "label.csv").write_text("name,gt\n" + "".join(f"{n},{g}\n" for n, g in pairs))
+    rerun = run_on_stub(stub_server.url, "demo", root, cache, tmp_path / "r2")
+    assert rerun["requests"]["cached"] == 6  # each face's answer, found by its bytes under its new name
+    assert all(r["status"] == "ok" and r["top1"] == r["gt"] for r in rows(tmp_path / "r2"))
+
+
+def test_a_digest_table_of_the_old_schema_is_replaced(tmp_path):
+    import sqlite3
+
+    db = tmp_path / "file_digests.sqlite"
+    with sqlite3.connect(db) as conn:  # version 1: size and mtime only
+        conn.execute("CREATE TABLE file_digests (path TEXT PRIMARY KEY, size INTEGER NOT NULL, "
+                     "mtime_ns INTEGER NOT NULL, sha256 TEXT NOT NULL)")  # fmt: skip
+        conn.execute("INSERT INTO file_digests VALUES ('/x/a.png', 1000, 10, 'stale')")
+    f = tmp_path / "a.png"
+    f.write_bytes(b"a" * 1000)
+    age(f, 3600)
+    with fresh_table(db) as table:
+        assert digests.file_digest(f) == hashlib.sha256(b"a" * 1000).hexdigest() and table.hashed == 1
+    with fresh_table(db) as table:
+        assert digests.file_digest(f) == hashlib.sha256(b"a" * 1000).hexdigest() and table.hashed == 0
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("SELECT count(*) FROM file_digests WHERE sha256 = 'stale'").fetchone() == (0,)
 
 
 def test_batch_mode_drops_an_undecodable_sample_from_its_batch(stub_server, tmp_path):

@@ -94,7 +94,7 @@ def _declared_length(stream: Any, rate: int) -> tuple[int | None, int]:
 # ---------------------------------------------------------------- samples (ger/data/media.py calls these)
 
 
-def sound_key(sample: Sample, media_kind: str, rate: int) -> tuple[str, tuple[int, int]]:
+def sound_key(sample: Sample, media_kind: str, rate: int) -> tuple[str, tuple[int, ...]]:
     """The cache key part of a sample's sound track (its clip's digest and how it becomes samples),
     and the clip's stamp (media.check_unchanged).
 

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from ger.data.digests import _MEMORY as _DIGESTS  # noqa: F401  (tests look into it)
-from ger.data.digests import file_digest, file_status
+from ger.data.digests import Stamp, file_digest, file_status, stamp_of
 from ger.data.video import read_video, sample_video, video_frames
 from ger.records import LoadedSample, Sample
 
@@ -35,7 +35,6 @@ log = logging.getLogger("ger")
 _HASH_VERSION = b"ger-media-v2"  # bump when the meaning of content_hash changes
 # The reader contract: frames are read frame-exactly as ger/data/video.py documents (bump when that changes).
 _READER = "frame-contract:1"
-Stamp = tuple[int, int]  # a media file's (size, mtime_ns) when its digest was taken
 
 
 class MediaError(ValueError):
@@ -64,7 +63,7 @@ def checked_digest(path: Path | str, what: str) -> tuple[str, Stamp]:
     except OSError as e:
         _not_found(e, path, what)
     _check_status(status[1], path, what)
-    return file_digest(path, status), (status[1].st_size, status[1].st_mtime_ns)
+    return file_digest(path, status), stamp_of(status[1])
 
 
 def check_unchanged(path: Path | str, stamp: Stamp, what: str) -> None:
@@ -72,9 +71,8 @@ def check_unchanged(path: Path | str, stamp: Stamp, what: str) -> None:
 
     The cache key names the bytes describe_sample hashed; a file rewritten before a worker decodes
     it (a dataset re-extracted under a running evaluation) would have the new pixels' answer cached
-    under the old bytes' key, and served for them later. Size and mtime tell, as for the digest table."""
-    st = os.stat(path)
-    if (st.st_size, st.st_mtime_ns) != stamp:
+    under the old bytes' key, and served for them later. The stamp tells, as for the digest table."""
+    if stamp_of(os.stat(path)) != stamp:
         raise MediaError(f"{what} changed while the run was reading it: {path} (a rerun keys it again)")
 
 

@@ -27,6 +27,8 @@ from itertools import accumulate
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ger.data.digests import stamp_of
+
 if TYPE_CHECKING:
     from PIL import Image
 
@@ -175,15 +177,14 @@ def _probe(path: Path) -> VideoProbe:
 
 
 @functools.lru_cache(maxsize=4096)
-def _probe_cached(path: str, size: int, mtime_ns: int) -> VideoProbe:
+def _probe_cached(path: str, stamp: tuple[int, ...]) -> VideoProbe:
     return _probe(Path(path))
 
 
 def probe(path: Path | str) -> VideoProbe:
-    """What the container says about a video, demuxed once per file version and process."""
+    """What the container says about a video, demuxed once per file version (its stamp) and process."""
     p = Path(path).resolve()
-    st = p.stat()
-    return _probe_cached(str(p), st.st_size, st.st_mtime_ns)
+    return _probe_cached(str(p), stamp_of(p.stat()))
 
 
 # ---------------------------------------------------------------- in-order decode (PyAV)
