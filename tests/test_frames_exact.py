@@ -211,3 +211,31 @@ def test_clean_cuts_table(pts: list[int], keys: list[int], clean: bool) -> None:
     from ger.data.video import _clean_cuts
 
     assert _clean_cuts(pts, [i in keys for i in range(len(pts))]) is clean
+
+
+CUT_KEEPING_THE_INDEX = ["h264_closed.mp4", "mpeg4_bframes.mp4", "h264_bframes.avi", "xvid_bframes.avi",
+                         "mjpeg.avi", "audio.mp4"]  # fmt: skip
+
+
+@pytest.mark.parametrize("name", CUT_KEEPING_THE_INDEX)
+def test_a_cut_file_whose_index_survived_is_an_error_not_a_shorter_clip(
+    corpus, tmp_path: Path, name: str
+) -> None:
+    """A download cut short keeps its index where the index comes first (an mp4 written for streaming,
+    -movflags +faststart) or is not needed (an AVI is read without it): the frames left are readable,
+    and would be sampled as if they were the whole clip. The container's own frame count tells."""
+    source = corpus[0][name]
+    if source.suffix == ".mp4":  # the index moved to the front, as web and streaming exports have it
+        streaming = tmp_path / name
+        cmd = [ffmpeg_exe(), "-loglevel", "error", "-i", str(source), "-c", "copy", "-movflags", "+faststart"]
+        subprocess.run([*cmd, str(streaming)], check=True)
+        source = streaming
+    data = source.read_bytes()
+    cut = tmp_path / f"cut_{name}"
+    cut.write_bytes(data[: int(len(data) * 0.6)])
+    with av.open(str(cut)) as container:  # the container opens and still declares the whole clip
+        declared = container.streams.video[0].frames
+    assert declared == next(s.frames for s in CORPUS if s.name == name)
+    for read in (video_info, lambda p: sample_frames(p, 3, "paper"), lambda p: read_frames(p, [0])):
+        with pytest.raises(MediaError, match=f"video is truncated: .* declares {declared} frames"):
+            read(cut)

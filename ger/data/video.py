@@ -155,10 +155,11 @@ def _probe(path: Path) -> VideoProbe:
         stream = container.streams.video[0]
         pts: list[int | None] = []
         keys: list[bool] = []
-        dropped = 0
+        dropped = empty = 0
         try:
             for packet in container.demux(stream):
-                if packet.size == 0:  # the flush packet at the end
+                if packet.size == 0:  # the flush packet at the end, or a coded "repeat the last frame"
+                    empty += packet.dts is not None
                     continue
                 if packet.is_discard:  # before an edit list's start: decoded for reference, not shown
                     dropped += 1
@@ -173,6 +174,13 @@ def _probe(path: Path) -> VideoProbe:
             why = "several video streams (decord might pick another)"
         if not pts:
             raise _media_error(f"video has no frames: {path}")
+        if stream.frames and len(pts) + dropped + empty < stream.frames:
+            # a cut file whose index survived (an mp4 with the index first, an AVI read without its index):
+            # the frames that remain would be sampled as if they were the whole clip
+            raise _media_error(
+                f"video is truncated: {path} declares {stream.frames} frames, "
+                f"{len(pts) + dropped + empty} can be read"
+            )
         return VideoProbe(name, codec, len(pts), _fps(stream), DECODE if why else DECORD, why)
 
 
