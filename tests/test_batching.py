@@ -67,8 +67,13 @@ def test_the_order_depends_on_seed_and_names_only(tmp_path):
     assert shuffled(names, 1) != order
     assert [n for n in shuffled([*names, "new"], 0) if n != "new"] == order  # a new sample moves nobody
     batches = [tuple(order[i : i + 8]) for i in range(0, 50, 8)]
-    write_order(tmp_path / "order.csv", batches)
+    write_order(tmp_path / "order.csv", order, batches)
     assert read_order(tmp_path / "order.csv", names) == order
+    lines = (tmp_path / "order.csv").read_text().splitlines()
+    assert lines[:2] == ["position,batch,name", f"0,0,{order[0]}"] and lines[-1] == f"49,6,{order[49]}"
+    write_order(tmp_path / "order.csv", order, batches[1:])  # the first 8 in no batch: still listed, in place
+    assert read_order(tmp_path / "order.csv", names) == order
+    assert (tmp_path / "order.csv").read_text().splitlines()[1] == f"0,,{order[0]}"
     assert batch_order(names, 5, str(tmp_path / "order.csv")) == order  # a stored order wins over the seed
     with pytest.raises(ValueError, match=r"does not list 1 sample.*batch_order=null"):
         read_order(tmp_path / "order.csv", [*names, "extra"])

@@ -324,6 +324,31 @@ def test_batch_mode_drops_an_undecodable_sample_from_its_batch(stub_server, tmp_
         assert "face_05" in {r["name"] for r in csv.DictReader(f)}
 
 
+def test_the_order_csv_of_a_run_with_a_missing_file_and_a_limit_replays_its_batches(stub_server, tmp_path):
+    """order.csv lists the whole shuffle, samples in no batch included (a missing file, those past
+    `limit`), so `batch_order=` replays any run's batches; it used to list only the batched samples,
+    and replaying it was refused for the samples it did not list."""
+    root = tmp_path / "faces"
+    (root / "images").mkdir(parents=True)
+    pairs = [(f"face_{i:02d}", LABELS[i % len(LABELS)]) for i in range(12)]
+    for i, (name, label) in enumerate(pairs):
+        if name != "face_03":  # listed, never written: an error row before any batch is cut
+            draw(root / "images" / f"{name}.png", label, i)
+    stub_server.model = PerfectModel(LABELS, truth_of(root, [p for p in pairs if p[0] != "face_03"]))
+    with (root / "label.csv").open("w", newline="") as f:
+        csv.writer(f).writerows([("name", "gt"), *pairs])
+    cache, batch = tmp_path / "cache", ("mode=batch", "batch_size=4", "limit=10")
+    first = run_on_stub(stub_server.url, "demo", root, cache, tmp_path / "r1", *batch)
+    with (tmp_path / "r1" / "order.csv").open() as f:
+        stored = list(csv.DictReader(f))
+    assert sorted(r["name"] for r in stored) == [n for n, _ in pairs]  # all 12, in the shuffle's order
+    assert sum(r["batch"] == "" for r in stored) == 3  # past the limit (2), and the missing file
+    replay = [*batch, f"batch_order={tmp_path / 'r1' / 'order.csv'}", "batch_seed=7"]  # the file wins
+    again = run_on_stub(stub_server.url, "demo", root, cache, tmp_path / "r2", *replay)
+    assert first["requests"]["sent"] > 0 and again["requests"]["sent"] == 0  # the same batches, cached
+    assert (tmp_path / "r2" / "order.csv").read_text() == (tmp_path / "r1" / "order.csv").read_text()
+
+
 def truth_of(root: Path, pairs: list[tuple[str, str]]) -> dict[str, str]:
     return {file_payload(root / "images" / f"{name}.png"): label for name, label in pairs}
 

@@ -115,14 +115,15 @@ def plan_batches(
     return plan
 
 
-def write_order(path: Path, batches: list[tuple[str, ...]]) -> None:
-    """order.csv: position, batch (as first cut, before any split) and name of every sample."""
+def write_order(path: Path, order: list[str], batches: list[tuple[str, ...]]) -> None:
+    """order.csv: position in the shuffle, batch (as first cut, before any split) and name of every
+    sample of the label list. A sample in no batch (left out by `limit` or `shard`, or its file
+    missing or empty) keeps its place with an empty batch, so the file replays this run's order
+    (`batch_order`) whatever was missing from it."""
+    batch_of = {name: b for b, names in enumerate(batches) for name in names}
     lines = ["position,batch,name"]
-    position = 0
-    for b, names in enumerate(batches):
-        for name in names:
-            lines.append(f"{position},{b},{_csv_field(name)}")
-            position += 1
+    for position, name in enumerate(order):
+        lines.append(f"{position},{batch_of.get(name, '')},{_csv_field(name)}")
     atomic_write_text(path, "\n".join(lines) + "\n")
 
 

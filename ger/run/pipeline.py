@@ -166,6 +166,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if mode.layout == "batch":  # one fixed shuffle, so batches (and `limit` runs) are class-mixed
         by_name = {s.name: s for s in samples}
         samples = [by_name[n] for n in batch_order(list(by_name), cfg.batch_seed, cfg.get("batch_order"))]
+    shuffle = [s.name for s in samples]  # order.csv's order, before `limit` and `shard` take their part
     samples = select(samples, cfg.limit, cfg.shard)
     settings = check_backend(cfg.backend.name, cfg.backend)  # a refused model stops the run before decoding
     refusal = backend_refusal(mode, cfg.backend.name, backend_class(cfg.backend.name))
@@ -213,8 +214,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     asker = Asker(cache, lambda: create_backend(cfg.backend.name, cfg.backend, model), cfg.progress)
     partial = PartialPredictions(out)  # rows as they are parsed; predictions.csv replaces it at the end
     try:
+        record = lambda groups: write_order(out / "order.csv", shuffle, groups)  # noqa: E731
         preds, batching = predict(
-            cfg, spec, shells, request_for, asker, model, modality, out, decoder, errors, mode, partial.add
+            cfg, spec, shells, request_for, asker, model, modality, record, decoder, errors, mode, partial.add
         )
     finally:
         decoder.close()
@@ -256,15 +258,16 @@ def predict(
     asker: Asker,
     model: ModelSpec,
     modality: str,
-    out: Path | None,
+    record_batches: Callable[[list[tuple[str, ...]]], None],
     decoder: Decoder,
     errors: dict[str, str],
     mode: AnswerMode,
     on_rows: Callable[[list[Prediction]], None] = lambda preds: None,
 ) -> tuple[list[Prediction], dict[str, Any] | None]:
     """Prompt, ask and read in the answer mode (ger/answers/modes.py), streamed (ger/run/stream.py);
-    also what batch mode did (None otherwise). Samples whose media fail to decode are added to
-    `errors`; each sample's prediction goes to on_rows as soon as its answer is read."""
+    also what batch mode did (None otherwise). Batches as first cut go to record_batches (order.csv);
+    samples whose media fail to decode are added to `errors`; each sample's prediction goes to
+    on_rows as soon as its answer is read."""
     names = list(shells)
     gts = {n: ls.sample.gt for n, ls in shells.items()}
     matcher = LabelMatcher(spec.labels, spec.aliases)
@@ -275,8 +278,7 @@ def predict(
         order = (int(cfg.batch_seed), cfg.get("batch_order"))
         plan = plan_batches(size, cfg.batch_size, model, list(shells.values()), cfg.frames_as, order)
         groups = plan.cut(names)
-        if out is not None:
-            write_order(out / "order.csv", groups)
+        record_batches(groups)
         if plan.cap:
             log.warning("batch mode: %s (the paper used %d)", plan.cap, plan.paper_size)
 
