@@ -148,6 +148,9 @@ class StubServer:
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+            # TCP_NODELAY, as uvicorn (vLLM's server) sets it: the body, written after the headers, would
+            # otherwise wait for the client's delayed ACK, 40 ms an answer whenever requests do not overlap
+            disable_nagle_algorithm = True
 
             def log_message(self, *args: Any) -> None:  # keep test output clean
                 pass
