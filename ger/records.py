@@ -118,6 +118,9 @@ class Response:
     cached: bool = False
     seconds: float = 0.0
     finish_reason: str | None = None  # "stop" | "length" (cut at max_tokens) | None when unknown
+    # Cut for length before its own max_tokens: the engine's context limit (vLLM clamps max_tokens to
+    # max_model_len minus the prompt), a setting outside the cache key. Used in its run, never cached.
+    context_cut: bool = False
 
     @property
     def ok(self) -> bool:

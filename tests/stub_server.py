@@ -83,6 +83,8 @@ class StubServer:
         self.model: Model = model or (lambda body: ("[]", "stop"))
         self.bodies: list[dict[str, Any]] = []
         self.cut_by_budget = 0  # answers the stub cut at the request's max_tokens
+        # the served context, as `vllm serve --max-model-len`: max_tokens is clamped to what the prompt leaves
+        self.max_model_len: int | None = None
         # vLLM's `prompt_logprobs` answer field (answer=likelihood): body -> rows, or None to leave it out
         self.prompt_logprobs: Callable[[dict[str, Any]], list | None] | None = None
         self._lock = threading.Lock()
@@ -114,12 +116,14 @@ class StubServer:
         with self._lock:
             self.bodies.append(body)
         text, finish = self.model(body)
+        prompt_tokens = tokens(request_text(body))
         budget = body.get("max_tokens") or body.get("max_completion_tokens")
+        if self.max_model_len is not None:
+            budget = min(int(budget or self.max_model_len), self.max_model_len - prompt_tokens)
         if budget and tokens(text) > int(budget):
             text, finish = text[: int(budget) * CHARS_PER_TOKEN], "length"
             with self._lock:
                 self.cut_by_budget += 1
-        prompt_tokens = tokens(request_text(body))
         extra = {}
         if self.prompt_logprobs is not None and body.get("prompt_logprobs") is not None:
             extra["prompt_logprobs"] = self.prompt_logprobs(body)

@@ -16,7 +16,7 @@ import hashlib
 from pathlib import Path
 
 import pytest
-from conftest import rows, run_on_stub
+from conftest import cached_answers, rows, run_on_stub
 from stub_server import BATCH_STYLES, PerfectModel, StubServer
 
 from ger.backends.chat_format import image_base64
@@ -183,3 +183,21 @@ def test_a_rerun_builds_the_same_batches_and_hits_the_cache(face_set, stub_serve
     seed1 = ["mode=batch", "limit=30", "batch_seed=1"]
     other = run_on_stub(stub_server.url, "demo", face_set, cache, tmp_path / "c", *seed1)
     assert other["requests"]["sent"] > 0 and (tmp_path / "c" / "order.csv").read_text() != order
+
+
+def test_an_answer_cut_by_the_served_context_is_used_but_not_cached(face_set, stub_server, tmp_path):
+    """vLLM clamps max_tokens to what the context leaves: a batch whose records do not fit is cut before
+    its own budget. That answer depends on --max-model-len, which no cache key holds; it is split and
+    asked again as before, but not kept, so the same run against a longer context asks the whole batch."""
+    table, names = truth_table("demo", face_set)
+    stub_server.model = PerfectModel(LABELS, table, batch_styles=("json_ids",))
+    stub_server.max_model_len = 700  # prompts of ~400 tokens: room for about 10 records, not 20
+    cache, batch = tmp_path / "cache", ("mode=batch", "limit=40")
+    short = run_on_stub(stub_server.url, "demo", face_set, cache, tmp_path / "a", *batch)
+    assert value(short, "acc") == 100.0 and short["batching"]["split_cut"] == 2  # both batches of 20 cut
+    assert short["requests"]["sent"] == 6 and cached_answers(cache) == 4  # the halves only
+
+    stub_server.max_model_len = None  # the server restarted with a longer context
+    longer = run_on_stub(stub_server.url, "demo", face_set, cache, tmp_path / "b", *batch)
+    assert longer["requests"]["sent"] == 2 and longer["requests"]["splits"] == 0  # whole, uncut
+    assert value(longer, "acc") == 100.0 and cached_answers(cache) == 6

@@ -51,6 +51,16 @@ class FatalBackendError(RuntimeError):
     """
 
 
+def cut_by_context(finish_reason: str | None, completion_tokens: int | None, max_tokens: int | None) -> bool:
+    """Whether an answer stopped for length before its own max_tokens (Response.context_cut).
+
+    vLLM, served or offline, clamps max_tokens to max_model_len minus the prompt: such an answer is
+    what the engine's context limit left, which a larger max_model_len would let go on."""
+    if finish_reason != "length" or completion_tokens is None or max_tokens is None:
+        return False
+    return completion_tokens < max_tokens
+
+
 class Backend(Protocol):
     """What the pipeline needs from a model backend."""
 

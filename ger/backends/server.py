@@ -25,7 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from ger.backends.base import BackendSettings, FatalBackendError, read_settings, setting
+from ger.backends.base import BackendSettings, FatalBackendError, cut_by_context, read_settings, setting
 from ger.backends.chat_format import VIDEO_AS, iter_parts, json_payload, to_openai_messages, video_io_kwargs
 from ger.backends.http_client import NotFoundError, RateLimitError, Session, base_url, retryable
 from ger.backends.keys import KeyPool, read_keys, scrub
@@ -261,9 +261,13 @@ class ServerBackend:
                     body = await asyncio.to_thread(self._payload, request)  # JPEG encoding off the loop
                 else:
                     body = self._payload(request)  # text, and files sent as they are: quick
-                text, finish = await self._send_with_retries(body, request.choices, clients)
+                text, finish, tokens = await self._send_with_retries(body, request.choices, clients)
                 return Response(
-                    key=request.key, text=text, seconds=time.monotonic() - start, finish_reason=finish
+                    key=request.key,
+                    text=text,
+                    seconds=time.monotonic() - start,
+                    finish_reason=finish,
+                    context_cut=cut_by_context(finish, tokens, request.max_tokens),
                 )
             except asyncio.CancelledError:
                 raise
@@ -350,8 +354,10 @@ class ServerBackend:
                 "json_schema": {"name": "label", "strict": True, "schema": schema},
             }
 
-    async def _send_with_retries(self, body: bytes, choices: Any, clients: dict) -> tuple[str, str | None]:
-        """(answer text, finish reason) after retries; "length" means the answer was cut."""
+    async def _send_with_retries(
+        self, body: bytes, choices: Any, clients: dict
+    ) -> tuple[str, str | None, int | None]:
+        """(answer text, finish reason, completion tokens) after retries; "length": the answer was cut."""
         completion = await self.post_with_retries(body, clients)
         usage = completion.get("usage") or {}
         self.usage["prompt_tokens"] += usage.get("prompt_tokens") or 0
@@ -361,7 +367,7 @@ class ServerBackend:
             raise RuntimeError("the server answered with no choices")
         choice = completion["choices"][0]
         text = (choice.get("message") or {}).get("content") or ""
-        return self._text(text, choices), choice.get("finish_reason")
+        return self._text(text, choices), choice.get("finish_reason"), usage.get("completion_tokens")
 
     async def post_with_retries(self, body: bytes, clients: dict) -> dict[str, Any]:
         """One chat completion's JSON, retried on 429 / 5xx / dropped connections, rotating keys."""

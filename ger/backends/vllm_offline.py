@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from ger.backends.base import BackendSettings, read_settings, setting
+from ger.backends.base import BackendSettings, cut_by_context, read_settings, setting
 from ger.backends.chat_format import clip_positions, iter_parts
 from ger.backends.models import ModelSpec, resolve_model
 from ger.records import Request, Response
@@ -233,11 +233,13 @@ class VLLMBackend:
                         req, start = found
                         self._log_audio(req, out)
                         first = out.outputs[0]
+                        cut = cut_by_context(first.finish_reason, len(first.token_ids), req.max_tokens)
                         yield Response(
                             key=req.key,
                             text=first.text,
                             seconds=time.perf_counter() - start,
                             finish_reason=first.finish_reason,
+                            context_cut=cut,
                         )
         finally:  # the caller stopped early, or the engine failed: nothing of ours stays queued
             if running:
@@ -306,7 +308,11 @@ class VLLMBackend:
             self._log_audio(req, out)
             first = out.outputs[0]
             yield Response(
-                key=req.key, text=first.text, seconds=per_request, finish_reason=first.finish_reason
+                key=req.key,
+                text=first.text,
+                seconds=per_request,
+                finish_reason=first.finish_reason,
+                context_cut=cut_by_context(first.finish_reason, len(first.token_ids), req.max_tokens),
             )
 
     def engine_prompt(self, req: Request) -> dict[str, Any]:

@@ -9,6 +9,7 @@ at most the requests in flight and the answers queued for that one commit.
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 import time
@@ -22,6 +23,8 @@ from ger.answers.parse import BatchParse, LabelMatcher, parse_batch
 from ger.backends import Backend
 from ger.records import Request, Response
 from ger.run.cache import ResponseCache
+
+log = logging.getLogger("ger")
 
 
 @dataclass
@@ -60,12 +63,14 @@ class CacheWriter:
         self.cache = cache
         self._queue: queue.Queue[Response | None] = queue.Queue()
         self._error: BaseException | None = None
+        self.context_cut = 0  # answers put that the cache does not keep (Response.context_cut)
         self._thread = threading.Thread(target=self._run, name="ger-cache-writer", daemon=True)
         self._thread.start()
 
     def put(self, response: Response) -> None:
         if self._error is not None:
             raise self._error
+        self.context_cut += response.context_cut
         self._queue.put(response)
 
     def flush(self) -> None:
@@ -225,6 +230,12 @@ class Asker:
     def close(self) -> None:
         if self._writer is not None:
             self._writer.close()
+            if self._writer.context_cut:
+                log.warning(
+                    "%d answer(s) were cut by the engine's context limit before their max_tokens: used in "
+                    "this run, not cached; raise max_model_len (the model's, or vllm serve --max-model-len)",
+                    self._writer.context_cut,
+                )
             self._writer = None
         if self._backend is not None:
             self._backend.close()

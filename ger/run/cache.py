@@ -282,7 +282,7 @@ class ResponseCache:
             self.read_only = True
             self.skipped_puts += len(responses)
             return 0
-        return sum(r.ok for r in responses)
+        return sum(r.ok and not r.context_cut for r in responses)
 
     def _put(self, response: Response, identity: dict[str, Any] | None) -> bool:
         self._write(self._statements(response, identity))
@@ -290,6 +290,8 @@ class ResponseCache:
 
     def _statements(self, response: Response, identity: dict[str, Any] | None) -> list[tuple[str, tuple]]:
         """The SQL that stores one answer (and clears its failure), or records one failure."""
+        if response.context_cut:  # the answer depends on the engine's context limit: asked again next time
+            return []
         ident = _as_json(identity) if identity is not None else self._identity_json
         now = time.time()
         if response.ok:
