@@ -22,7 +22,7 @@ def named(pattern: re.Pattern[str]) -> list[tuple[str, str]]:
 
 
 def is_placeholder(path: str) -> bool:
-    """conf/model/<name>.yaml, conf/prompt/*.yaml, conf/model/MODEL.yaml: a pattern, not a file."""
+    """conf/model/<name>.yaml, conf/prompts/*.yaml, conf/model/MODEL.yaml: a pattern, not a file."""
     stem = Path(path).stem
     return any(c in path for c in "<>{}*") or (stem.isupper() and len(stem) > 1)
 

@@ -345,13 +345,13 @@ def test_missing_template_lists_the_available_ones():
 def test_a_dropped_yaml_file_is_a_new_template(tmp_path, monkeypatch):
     conf = tmp_path / "conf"
     shutil.copytree(conf_dir(), conf)
-    (conf / "prompt" / "terse.yaml").write_text(
+    (conf / "prompts" / "terse.yaml").write_text(
         "single: 'Rank {labels}.'\n"
         "batch: 'Rank {labels} for {count} faces: {ids}.'\n"
         "item: '#{index} {id}'\n"
         "id: 'Face {index}'\n"
     )
-    (conf / "prompt" / "broken.yaml").write_text("single: 'Rank {labelz}.'\nbatch: 'x'\n")
+    (conf / "prompts" / "broken.yaml").write_text("single: 'Rank {labelz}.'\nbatch: 'x'\n")
     monkeypatch.setenv("GER_CONF_DIR", str(conf))
     assert "terse" in available_templates()
     req = _build([_still(0), _still(1)], load_template("terse"))
@@ -361,3 +361,16 @@ def test_a_dropped_yaml_file_is_a_new_template(tmp_path, monkeypatch):
     )
     with pytest.raises(ValueError, match="labelz"):
         load_template("broken")
+
+
+def test_the_prompt_override_picks_a_template_on_the_command_line(stub_server, tmp_path):
+    """`ger run prompt=<name>` (conf/config.yaml's `prompt`): while the templates sat in conf/prompt/,
+    Hydra took `prompt=` for a config group choice and refused every value."""
+    from conftest import run_ger
+
+    args = ["run", "dataset=demo", "limit=2", "model=qwen2_5_vl_7b", "backend=server", "progress=false",
+            f"backend.base_url={stub_server.url}", "backend.max_retries=0"]  # fmt: skip
+    run_ger([*args, f"hydra.run.dir={tmp_path / 'run'}", "prompt=micro"], tmp_path / "cache", tmp_path)
+    micro = load_template("micro").single.split("\n")[0]
+    assert len(stub_server.texts) == 2 and all(t.startswith(micro) for t in stub_server.texts)
+    assert "prompt: micro" in (tmp_path / "run" / "config.yaml").read_text()

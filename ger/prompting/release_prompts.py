@@ -125,7 +125,7 @@ def release_template(name: str, labels: list[str], release_dir: str | Path | Non
 def select_template(
     name: str, labels: list[str], source: str, release_dir: str | Path | None
 ) -> PromptTemplate:
-    """conf/prompt/<name>.yaml (`ours`) or the release's own strings for it (`release`)."""
+    """conf/prompts/<name>.yaml (`ours`) or the release's own strings for it (`release`)."""
     if source == "ours":
         return load_template(name)
     if source == "release":

@@ -1,6 +1,6 @@
-"""The prompt templates: conf/prompt/<name>.yaml, validated when loaded.
+"""The prompt templates: conf/prompts/<name>.yaml, validated when loaded.
 
-Templates are YAML files in conf/prompt/, one per task kind, so a new wording is a
+Templates are YAML files in conf/prompts/, one per task kind, so a new wording is a
 new file, not code. A template has a `single` form (one sample per request), an
 optional `constrained` form (single mode with the answer constrained to one
 label), a `batch` form (several samples, answered as one record each), an `item`
@@ -152,13 +152,18 @@ class PromptTemplate:
 
 
 def available_templates() -> list[str]:
-    """Names of the templates in conf/prompt/."""
-    return group_names("prompt")
+    """Names of the templates in conf/prompts/."""
+    return group_names("prompts")
 
 
 def load_template(name: str) -> PromptTemplate:
-    """Read and validate conf/prompt/<name>.yaml (an unknown name lists the available ones)."""
-    return PromptTemplate.from_dict(name, load_group_yaml("prompt", name))
+    """Read and validate conf/prompts/<name>.yaml (an unknown name lists the available ones).
+
+    The folder is not conf/prompt/: Hydra takes every folder of conf/ for a config group, and one
+    named `prompt` made the `prompt=<name>` override a group choice that could never be made."""
+    if name not in available_templates():
+        raise ValueError(f"unknown prompt {name!r}; expected one of {available_templates()}")
+    return PromptTemplate.from_dict(name, load_group_yaml("prompts", name))
 
 
 def sample_ids(template: PromptTemplate, count: int) -> list[str]:

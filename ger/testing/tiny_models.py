@@ -40,7 +40,7 @@ EMOTIONS = (
     "happy sad angry worried surprised fearful disgusted neutral contempt positive negative "
     "happiness sadness anger fear disgust surprise"
 )
-# Tokenizer corpus in ger's own words (conf/prompt/ shapes), so common prompt words get few tokens.
+# Tokenizer corpus in ger's own words (conf/prompts/ shapes), so common prompt words get few tokens.
 PROMPT_WORDS = (
     "You are an expert in facial expression recognition. Several images follow. Look only at the "
     "expression and not at who the person is. Rank every candidate category by how well it fits, "
