@@ -182,6 +182,10 @@ def test_frame_folder_is_a_video(tmp_path: Path) -> None:
     for i in range(12):  # natural order: frame_2 comes before frame_10
         Image.fromarray(index_frame(i)).save(folder / f"frame_{i}.png")
     (folder / "notes.txt").write_text("not a frame")
+    # what a Mac leaves beside each file on a drive it does not format (AppleDouble), and thumbnails
+    for i in range(12):
+        (folder / f"._frame_{i}.png").write_bytes(b"\x00\x05\x16\x07" + bytes(60))
+    (folder / ".thumb.png").write_bytes(b"")
     assert video_info(folder) == (12, None)
     assert [decode_index(f) for f in read_frames(folder, [11, 2, 10])] == [11, 2, 10]
     empty = tmp_path / "empty"

@@ -327,6 +327,15 @@ def test_one_walk_indexes_files_frame_folders_and_transcript_files(tmp_path, med
     assert [e.rel for e in frames.sources] == ["B/clip1.annotprocessed"]
     assert [e.rel for e in videos.media["clip1"]] == ["B/Clip1.MP4"]
     assert videos.files == 3 and videos.dirs == 3
+    # unpacked from a Mac's zip: a __MACOSX/ mirror of AppleDouble files, and ._ files beside the data
+    for rel in ("__MACOSX/A/clip1/._001.jpg", "__MACOSX/B/._Clip1.MP4", "A/clip1/._001.jpg", "B/._Clip1.MP4"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(b"\x00\x05\x16\x07" + bytes(60))
+    frames = build_index(tmp_path, extensions=(), frames=True, source_files=["*.annotprocessed"])
+    videos = build_index(tmp_path, extensions=(".mp4",))
+    assert [e.rel for e in frames.media["clip1"]] == ["A/clip1"] and len(frames.media) == 1
+    assert [e.rel for e in videos.media["clip1"]] == ["B/Clip1.MP4"] and len(videos.media) == 1
+    assert videos.files == 3 and videos.dirs == 3
 
 
 # ------------------------------------------------------------------ ger run on prepared layouts

@@ -194,12 +194,13 @@ def _natural_key(path: Path) -> list[Any]:
 
 
 def frame_files(folder: Path | str) -> list[Path]:
-    """The image files of a folder of pre-extracted frames, in frame order."""
+    """The image files of a folder of pre-extracted frames, in frame order.
+
+    Hidden files are not frames: a Mac copying to a drive it did not format leaves an AppleDouble
+    `._frame_001.jpg` beside each frame, which would double the count and shift every index."""
     d = Path(folder)
-    files = sorted(
-        (f for f in d.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS),
-        key=_natural_key,
-    )
+    frames = (f for f in d.iterdir() if f.suffix.lower() in IMAGE_EXTENSIONS and not f.name.startswith("."))
+    files = sorted((f for f in frames if f.is_file()), key=_natural_key)
     if not files:
         raise MediaError(f"frame folder holds no image files ({', '.join(IMAGE_EXTENSIONS)}): {d}")
     return files

@@ -80,7 +80,10 @@ def pattern_regex(patterns: list[str]) -> re.Pattern[str] | None:
 
 
 def _scan(root: str):
-    """os.scandir walk, depth first; yields (relative folder, files, subfolders) as DirEntry lists."""
+    """os.scandir walk, depth first; yields (relative folder, files, subfolders) as DirEntry lists.
+
+    Hidden entries and __MACOSX are not data: an archive made on a Mac holds a __MACOSX/ mirror of
+    its tree, whose AppleDouble `._` files would make every frame folder ambiguous."""
     stack = [("", root)]
     while stack:
         rel, path = stack.pop()
@@ -88,6 +91,8 @@ def _scan(root: str):
         try:
             with os.scandir(path) as it:
                 for e in it:
+                    if e.name.startswith(".") or e.name == "__MACOSX":
+                        continue
                     try:
                         (dirs if e.is_dir() else files).append(e)
                     except OSError:
