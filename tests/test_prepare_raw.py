@@ -338,6 +338,30 @@ def test_one_walk_indexes_files_frame_folders_and_transcript_files(tmp_path, med
     assert videos.files == 3 and videos.dirs == 3
 
 
+def test_one_file_is_never_laid_out_for_two_samples(tmp_path):
+    """Names that key alike (case, leading zeros) where the download holds one file for them: both
+    names are ambiguous, never two samples on one file."""
+    from ger.data.layout import match
+
+    for rel in ("DFEW/00012.mp4", "FERV/AbC.mp4", "MAFW/00007.mp4", "DFEW/00008.mp4"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(rel.encode())
+    index = build_index(tmp_path, extensions=(".mp4",))
+    report = match(["12", "012", "AbC", "aBc", "7", "8"], index, "video")
+    assert sorted(report.found) == ["7", "8"]  # 7 is still taken from MAFW: one claim, nothing to compare
+    assert sorted(report.ambiguous) == ["012", "12", "AbC", "aBc"]
+    assert report.ambiguous["aBc"] == ["FERV/AbC.mp4 (also the file found for AbC)"]
+
+
+def test_keys_take_ascii_digits_only_and_transcript_files_obey_include_and_exclude(tmp_path):
+    assert name_key("00012") == "12" and name_key("\u00b2") == "\u00b2" and name_key("\u0661\u0662") != "12"
+    for rel in ("test/transcription.csv", "train_old/transcription.csv"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text("name,english\ns1,hi\n", encoding="utf-8")
+    index = build_index(tmp_path, extensions=(".mp4",), exclude=["train_old/**"], source_files=["*.csv"])
+    assert [e.rel for e in index.sources] == ["test/transcription.csv"]
+
+
 # ------------------------------------------------------------------ ger run on prepared layouts
 
 RUN = ["model=tiny-random-qwen2vl", "backend=hf", "sampling.max_tokens=8", "progress=false", "limit=2"]
@@ -389,11 +413,11 @@ def test_transcript_csv_columns(tmp_path, header, row, name, text, expect):
 
     path = tmp_path / "t.csv"
     path.write_text(f"{header}\n{row}\n", encoding="utf-8")
-    texts, used = read_sources(
+    texts, conflicts, used = read_sources(
         TranscriptSource("csv", ["t.csv"], name, text), [Entry(str(path), "t.csv", False)]
     )
     key = "video_0001_0002" if "video_id" in header else "sample_01"
-    assert texts == {key: expect} and used == ["t.csv"]
+    assert texts == {key: expect} and used == ["t.csv"] and conflicts == {}
 
 
 def test_a_csv_of_another_shape_is_not_read_as_transcripts(tmp_path):
@@ -403,4 +427,28 @@ def test_a_csv_of_another_shape_is_not_read_as_transcripts(tmp_path):
     path = tmp_path / "label.csv"
     path.write_text("name,gt\nx,happy\n", encoding="utf-8")  # a label list, not CH-SIMS's label.csv
     src = TranscriptSource("csv", ["label.csv"], "{video_id}_{clip_id:0>4}", ["text"])
-    assert read_sources(src, [Entry(str(path), "label.csv", False)]) == ({}, [])
+    assert read_sources(src, [Entry(str(path), "label.csv", False)]) == ({}, {}, [])
+
+
+def test_transcripts_follow_the_preferred_column_across_files_and_disagreements_are_reported(tmp_path):
+    """The last row read used to win: a duplicated row, or an older copy of the CSV elsewhere in the
+    download, silently gave a sample another clip's words, and a Chinese-only CSV read after the
+    English one replaced every English text."""
+    from ger.data.raw_index import Entry
+    from ger.data.raw_transcripts import TranscriptSource, read_sources
+
+    files = {
+        "a/transcription-engchi.csv": "name,chinese,english\ns1,zh1,en1\ns2,zh2,en2\ns3,zh3,en3\n",
+        "b/transcription.csv": "name,sentence\ns1,zh1\ns2,zh2\ns3,zh3\n",  # read after a/: less preferred
+        "c/transcription-old.csv": "name,english\ns3,an older en3\n",  # disagrees at the same column
+        "d/transcription-dup.csv": "name,english\ns2,en2\ns2,en2\n",  # agrees: no conflict
+    }
+    entries = []
+    for rel, text in files.items():
+        (tmp_path / rel).parent.mkdir(parents=True)
+        (tmp_path / rel).write_text(text, encoding="utf-8")
+        entries.append(Entry(str(tmp_path / rel), rel, False))
+    src = TranscriptSource("csv", ["*transcription*.csv"], "{name}", ["english", "sentence", "chinese"])
+    texts, conflicts, used = read_sources(src, entries)
+    assert texts == {"s1": "en1", "s2": "en2"} and len(used) == 4
+    assert conflicts == {"s3": ["a/transcription-engchi.csv", "c/transcription-old.csv"]}

@@ -67,11 +67,17 @@ class MatchReport:
     ambiguous: dict[str, list[str]] = field(default_factory=dict)
     transcripts: dict[str, str] = field(default_factory=dict)
     missing_transcripts: list[str] = field(default_factory=list)
+    conflicting_transcripts: dict[str, list[str]] = field(default_factory=dict)  # name -> files that disagree
     transcript_files: list[str] = field(default_factory=list)
 
     @property
     def problems(self) -> int:
-        return len(self.missing) + len(self.ambiguous) + len(self.missing_transcripts)
+        return (
+            len(self.missing)
+            + len(self.ambiguous)
+            + len(self.missing_transcripts)
+            + len(self.conflicting_transcripts)
+        )
 
 
 def _split_name(name: str, kind: str) -> tuple[list[str], str, str]:
@@ -97,6 +103,8 @@ def find(name: str, index: RawIndex, kind: str) -> list[Entry]:
 
 
 def match(names: list[str], index: RawIndex, kind: str) -> MatchReport:
+    """Each listed name's one file. A file two names would share is ambiguous for both: names that key
+    alike (`Abc` and `aBC`, `12` and `012`) where the download holds only one of them."""
     report = MatchReport()
     for name in names:
         hits = find(name, index, kind)
@@ -106,17 +114,27 @@ def match(names: list[str], index: RawIndex, kind: str) -> MatchReport:
             report.ambiguous[name] = sorted(e.rel for e in hits)
         else:
             report.missing.append(name)
+    claims: dict[str, list[str]] = {}
+    for name, entry in report.found.items():
+        claims.setdefault(entry.path, []).append(name)
+    for shared in (names for names in claims.values() if len(names) > 1):
+        for name in shared:
+            others = ", ".join(n for n in shared if n != name)
+            report.ambiguous[name] = [f"{report.found.pop(name).rel} (also the file found for {others})"]
     return report
 
 
 def match_transcripts(report: MatchReport, names: list[str], index: RawIndex, hints: RawHints) -> None:
     """The dataset's own transcript files first, then one `<name>.txt` per sample."""
     own: dict[str, str] = {}
+    disputed: dict[str, list[str]] = {}
     if hints.transcripts and hints.transcripts.format != "txt":
-        own, report.transcript_files = read_sources(hints.transcripts, index.sources)
+        own, disputed, report.transcript_files = read_sources(hints.transcripts, index.sources)
     for name in names:
         key = name_key(Path(name).stem if Path(name).suffix.lower() in VIDEO_EXTENSIONS else name)
-        if key in own:
+        if key in disputed:
+            report.conflicting_transcripts[name] = disputed[key]
+        elif key in own:
             report.transcripts[name] = own[key]
         elif len(index.texts.get(key, [])) == 1:
             report.transcripts[name] = Path(index.texts[key][0].path).read_text(encoding="utf-8").strip()
@@ -145,6 +163,8 @@ def summary(spec: DatasetSpec, report: MatchReport, index: RawIndex, hints: RawH
     amb = [f"{k}: {', '.join(v[:3])}{' ...' if len(v) > 3 else ''}" for k, v in report.ambiguous.items()]
     lines += _listing("ambiguous samples (one name, several files)", amb)
     lines += _listing("samples without a transcript", report.missing_transcripts)
+    clash = [f"{k}: {', '.join(v[:3])}" for k, v in report.conflicting_transcripts.items()]
+    lines += _listing("samples given different transcripts (pick the files with source_exclude=...)", clash)
     if report.ambiguous:
         hint = f" (this set's test split: {', '.join(hints.folders)})" if hints.folders else ""
         lines.append(f"  narrow the search with source_include='<folder>/**'{hint} or source_exclude=...")

@@ -50,9 +50,11 @@ class RawIndex:
 
 
 def name_key(stem: str) -> str:
-    """Case-insensitive key; an all-digit stem is keyed by its value (DFEW's `1` is `00001.mp4` on disk)."""
+    """Case-insensitive key; an all-digit stem is keyed by its value (DFEW's `1` is `00001.mp4` on disk).
+
+    ASCII digits only: str.isdigit() also takes `²` (which int() refuses) and other scripts' digits."""
     key = stem.strip().lower()
-    return str(int(key)) if key.isdigit() else key
+    return str(int(key)) if key.isascii() and key.isdigit() else key
 
 
 def pattern_regex(patterns: list[str]) -> re.Pattern[str] | None:
@@ -143,7 +145,7 @@ def build_index(
             stem, ext = os.path.splitext(f.name)
             ext = ext.lower()
             frel = f"{rel}/{f.name}" if rel else f.name
-            if src and any(fnmatch.fnmatch(f.name.lower(), p) for p in src):
+            if src and keep(frel) and any(fnmatch.fnmatch(f.name.lower(), p) for p in src):
                 index.sources.append(Entry(f.path, frel, False))
             if ext in images:
                 has_image = True

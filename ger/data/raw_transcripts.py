@@ -49,13 +49,16 @@ class TranscriptSource:
         return src
 
 
-def _read_csv(path: Path, src: TranscriptSource) -> dict[str, str]:
+Texts = dict[str, list[tuple[int, str]]]  # name key -> (rank of the column it came from, text) per row
+
+
+def _read_csv(path: Path, src: TranscriptSource) -> Texts:
     """Rows whose columns fill the name template; rows of another table shape are skipped whole."""
-    out: dict[str, str] = {}
+    out: Texts = {}
     with path.open(newline="", encoding="utf-8-sig") as f:
         reader = csv.DictReader(f)
         columns = {c.strip().lower(): c for c in reader.fieldnames or []}
-        text_cols = [columns[c.lower()] for c in src.text if c.lower() in columns]
+        text_cols = [(rank, columns[c.lower()]) for rank, c in enumerate(src.text) if c.lower() in columns]
         if not text_cols:
             return out
         for row in reader:
@@ -64,32 +67,52 @@ def _read_csv(path: Path, src: TranscriptSource) -> dict[str, str]:
                 name = src.name.format(**values)
             except (KeyError, ValueError):
                 return {}
-            text = next((row[c].strip() for c in text_cols if (row[c] or "").strip()), "")
-            out[name_key(name)] = text
+            rank, text = next(((i, row[c].strip()) for i, c in text_cols if (row[c] or "").strip()), (0, ""))
+            out.setdefault(name_key(name), []).append((rank, text))
     return out
 
 
-def _read_annotprocessed(path: Path) -> dict[str, str]:
-    out: dict[str, str] = {}
+def _read_annotprocessed(path: Path) -> Texts:
+    out: Texts = {}
     video = path.stem
     for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
         segment, sep, text = line.partition("_DELIM_")
         if sep:
-            out[name_key(f"{video}_{segment.strip()}")] = text.strip()
+            out.setdefault(name_key(f"{video}_{segment.strip()}"), []).append((0, text.strip()))
     return out
 
 
-def read_sources(src: TranscriptSource, files: list[Entry]) -> tuple[dict[str, str], list[str]]:
-    """Name key -> transcript from the dataset's own files, and the files that were read."""
-    texts: dict[str, str] = {}
+def read_sources(
+    src: TranscriptSource, files: list[Entry]
+) -> tuple[dict[str, str], dict[str, list[str]], list[str]]:
+    """Name key -> transcript from the dataset's own files; the keys given different texts (with the
+    files that give them); and the files that were read.
+
+    A sample's text comes from the column the dataset prefers (`text:`), across files too (an
+    English CSV beside a Chinese one); two different texts from equally preferred columns, in one
+    file or in two (a duplicated row, an older copy of the CSV), are a conflict for the user to
+    settle with source_exclude=, never a silent pick of whichever was read last."""
+    best: dict[str, tuple[int, str]] = {}
+    givers: dict[str, set[str]] = {}
+    conflicts: set[str] = set()
     used = []
     for entry in sorted(files, key=lambda e: e.rel):
         path = Path(entry.path)
         got = _read_csv(path, src) if src.format == "csv" else _read_annotprocessed(path)
         if got:
             used.append(entry.rel)
-            texts.update(got)
-    return texts, used
+        for key, rows in got.items():
+            for rank, text in rows:
+                held = best.get(key)
+                if held is None or rank < held[0]:  # a better column: earlier conflicts no longer matter
+                    best[key], givers[key] = (rank, text), {entry.rel}
+                    conflicts.discard(key)
+                elif rank == held[0]:
+                    givers[key].add(entry.rel)
+                    if text != held[1]:
+                        conflicts.add(key)
+    texts = {key: text for key, (_, text) in best.items() if key not in conflicts}
+    return texts, {key: sorted(givers[key]) for key in sorted(conflicts)}, used
 
 
 def write_transcript(path: Path, text: str) -> None:
