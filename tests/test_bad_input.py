@@ -386,6 +386,25 @@ def test_every_label_list_problem_is_listed_with_file_and_line(tmp_path: Path, c
     assert not (cache / "responses.sqlite").exists()
 
 
+def test_names_that_lead_to_one_file_stop_the_run_before_any_request(tmp_path: Path, cache: Path) -> None:
+    """A transcript is found by the name's stem alone, and a name without an extension takes the
+    layout's: `a/clip1.mp4` and `b/clip1.mp4` would read one transcript, `x` and `x.mp4` one clip."""
+    root = tmp_path / "data" / "demo_multimodal"
+    root.mkdir(parents=True)
+    write_labels(root, [("a/clip1.mp4", "happy"), ("b/clip1.mp4", "sad"), ("x", "happy"), ("x.mp4", "sad")])
+    args = ["run", "dataset=demo_multimodal", f"data_root={tmp_path / 'data'}", *QUIET]
+    proc = run_ger([*args, f"hydra.run.dir={tmp_path / 'run'}"], cache, tmp_path, check=False)
+    label_file = root / "label.csv"
+    assert_one_line_error(
+        proc,
+        "3 problems",  # x and x.mp4 share their clip and their transcript
+        f"{label_file}: a/clip1.mp4, b/clip1.mp4 all read {root / 'transcripts' / 'clip1.npy'}",
+        f"{label_file}: x, x.mp4 all read {root / 'videos' / 'x.mp4'}",
+        f"{label_file}: x, x.mp4 all read {root / 'transcripts' / 'x.npy'}",
+    )
+    assert not (cache / "responses.sqlite").exists()
+
+
 @pytest.mark.parametrize("gt", ["nan", "NaN", "inf", "-inf", "", "positive"])
 def test_continuous_labels_must_be_finite_numbers(tmp_path: Path, gt: str) -> None:
     spec = load_spec("cmumosi")

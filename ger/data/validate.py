@@ -24,6 +24,7 @@ class DatasetReport:
     duplicates: list[str] = field(default_factory=list)
     bad_names: list[str] = field(default_factory=list)  # names that leave the dataset folder
     links: list[str] = field(default_factory=list)  # symlinks out of the data root (not followed)
+    shared: list[str] = field(default_factory=list)  # different names that lead to one file
     missing: list[str] = field(default_factory=list)
     unreadable: list[str] = field(default_factory=list)
     # (container/codec, how it is read) -> video files; see ger/data/video.py for the choice
@@ -37,6 +38,7 @@ class DatasetReport:
         return [
             ("labels outside the label set", self.bad_labels),
             ("names listed more than once", self.duplicates),
+            ("names that lead to the same file", self.shared),
             ("names that point outside the dataset folder", self.bad_names),
             ("symlinks to files outside the dataset folder", self.links),
             ("missing files", self.missing),
@@ -46,7 +48,7 @@ class DatasetReport:
     def raise_for_labels(self) -> None:
         """A label list with unknown labels, repeated or escaping names is wrong as a whole: stop
         before any request, listing every such problem with its file and line."""
-        if self.bad_labels or self.duplicates or self.bad_names:
+        if self.bad_labels or self.duplicates or self.bad_names or self.shared:
             raise LabelListError(self.summary())
 
     def summary(self) -> str:
@@ -84,9 +86,21 @@ def check_labels(spec: DatasetSpec, samples: list[Sample], label_file: str = "")
     report.duplicates = [
         f"{where}: {name} (lines {', '.join(map(str, at))})" for name, at in lines.items() if len(at) > 1
     ]
+    report.shared = _shared_files(where, samples)
     report.bad_names = [f"{_where(where, s)}: {s.problem}" for s in samples if s.problem and s.media is None]
     report.links = [f"{_where(where, s)}: {s.problem}" for s in samples if s.problem and s.media is not None]
     return report
+
+
+def _shared_files(where: str, samples: list[Sample]) -> list[str]:
+    """Different names whose media or transcript is one file: a transcript is found by the name's stem
+    alone (`a/clip1.mp4` and `b/clip1.mp4` read one `clip1` file), and `x` with the layout's extension
+    is `x.jpg`; each sample would be scored on the other's input."""
+    names: dict[str, set[str]] = defaultdict(set)
+    for s in samples:
+        for path in {s.media, s.transcript} - {None}:
+            names[str(path)].add(s.name)
+    return [f"{where}: {', '.join(sorted(n))} all read {path}" for path, n in names.items() if len(n) > 1]
 
 
 def check_dataset(
