@@ -299,9 +299,8 @@ def test_a_digest_table_of_the_old_schema_is_replaced(tmp_path):
         assert conn.execute("SELECT count(*) FROM file_digests WHERE sha256 = 'stale'").fetchone() == (0,)
 
 
-def test_batch_mode_drops_an_undecodable_sample_from_its_batch(stub_server, tmp_path):
-    """A file that only fails when decoded (truncated) is found after batches were cut: it becomes
-    an error row, the rest of its batch is still asked, and order.csv keeps the batches as cut."""
+def faces_with_a_truncated_one(tmp_path: Path, stub_server) -> tuple[Path, bytes]:
+    """12 faces, face_05 truncated (found only by decoding), the stub a perfect model; (root, its bytes)."""
     root = tmp_path / "faces"
     (root / "images").mkdir(parents=True)
     pairs = [(f"face_{i:02d}", LABELS[i % len(LABELS)]) for i in range(12)]
@@ -309,9 +308,17 @@ def test_batch_mode_drops_an_undecodable_sample_from_its_batch(stub_server, tmp_
         draw(root / "images" / f"{name}.png", label, i)
     stub_server.model = PerfectModel(LABELS, truth_of(root, pairs))
     broken = root / "images" / "face_05.png"
-    broken.write_bytes(broken.read_bytes()[:200])  # truncated: found only by decoding
+    good = broken.read_bytes()
+    broken.write_bytes(good[:200])
     with (root / "label.csv").open("w", newline="") as f:
         csv.writer(f).writerows([("name", "gt"), *pairs])
+    return root, good
+
+
+def test_batch_mode_drops_an_undecodable_sample_from_its_batch(stub_server, tmp_path):
+    """A file that only fails when decoded (truncated) is found after batches were cut: it becomes
+    an error row, the rest of its batch is still asked, and order.csv keeps the batches as cut."""
+    root, _ = faces_with_a_truncated_one(tmp_path, stub_server)
     metrics = run_on_stub(
         stub_server.url, "demo", root, tmp_path / "cache", tmp_path / "run", "mode=batch", "batch_size=4"
     )
@@ -322,6 +329,27 @@ def test_batch_mode_drops_an_undecodable_sample_from_its_batch(stub_server, tmp_
     assert metrics["stream"]["decoded"] == 12 and metrics["batching"]["batches"] == 3
     with (tmp_path / "run" / "order.csv").open() as f:
         assert "face_05" in {r["name"] for r in csv.DictReader(f)}
+
+
+@pytest.mark.parametrize("mode", ["single", "batch"])
+def test_a_cached_rerun_decodes_nothing_even_where_a_file_does_not_decode(mode, stub_server, tmp_path):
+    """A file that fails only when decoded was decoded again by every rerun (in batch mode with its
+    batch, whose answer is cached under the key of the samples that did decode); its failure is now
+    remembered by content hash, and the batch keyed without it, as the first run asked it."""
+    root, good = faces_with_a_truncated_one(tmp_path, stub_server)
+    broken = root / "images" / "face_05.png"
+    cache, extra = tmp_path / "cache", (f"mode={mode}", "batch_size=4")
+    first = run_on_stub(stub_server.url, "demo", root, cache, tmp_path / "r1", *extra)
+    assert first["stream"]["decoded"] == 12
+    rerun = run_on_stub(stub_server.url, "demo", root, cache, tmp_path / "r2", *extra)
+    assert rerun["stream"]["decoded"] == 0 and rerun["requests"]["sent"] == 0
+    assert rows(tmp_path / "r2") == rows(tmp_path / "r1")  # the error row too, word for word
+    assert {r["name"]: r["status"] for r in rows(tmp_path / "r2")}["face_05"] == "error"
+
+    broken.write_bytes(good)  # mended: new bytes, so decoded and asked (with its batch: a new key)
+    mended = run_on_stub(stub_server.url, "demo", root, cache, tmp_path / "r3", *extra)
+    assert mended["stream"]["decoded"] == (1 if mode == "single" else 4) and mended["requests"]["sent"] == 1
+    assert all(r["status"] == "ok" and r["top1"] == r["gt"] for r in rows(tmp_path / "r3"))
 
 
 def test_the_order_csv_of_a_run_with_a_missing_file_and_a_limit_replays_its_batches(stub_server, tmp_path):

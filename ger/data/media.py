@@ -41,6 +41,10 @@ class MediaError(ValueError):
     """A media file is missing, empty, truncated or cannot be decoded."""
 
 
+class MediaChanged(MediaError):
+    """A media file changed between its digest and its decoding (a rerun reads it afresh)."""
+
+
 # ---------------------------------------------------------------- images
 
 
@@ -73,7 +77,7 @@ def check_unchanged(path: Path | str, stamp: Stamp, what: str) -> None:
     it (a dataset re-extracted under a running evaluation) would have the new pixels' answer cached
     under the old bytes' key, and served for them later. The stamp tells, as for the digest table."""
     if stamp_of(os.stat(path)) != stamp:
-        raise MediaError(f"{what} changed while the run was reading it: {path} (a rerun keys it again)")
+        raise MediaChanged(f"{what} changed while the run was reading it: {path} (a rerun keys it again)")
 
 
 def _not_found(e: OSError, path: Path | str, what: str) -> NoReturn:

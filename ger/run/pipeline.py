@@ -27,6 +27,7 @@ from ger.config import plain
 from ger.data.datasets import DatasetSpec, load_samples, spec_from_dict
 from ger.data.digests import DigestTable, use_table
 from ger.data.media import MediaError, decode, describe_sample
+from ger.data.undecodable import Undecodable
 from ger.data.validate import check_dataset
 from ger.errors import UserError
 from ger.options import check_option, check_options
@@ -181,6 +182,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     finally:
         use_table(None)
         table.close()
+    undecodable = Undecodable(cache_dir / "undecodable.sqlite")
+    # known not to decode: error rows now, yet kept among the shells so batches are cut as before
+    known_bad = undecodable.known({n: s.content_hash for n, s in shells.items()})
+    errors.update(known_bad)
 
     parts = key_parts(cfg, model.identity(), mode)
     frames_as = str(cfg.frames_as)  # read once: a config lookup costs ~0.1 ms
@@ -223,6 +228,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         asker.close()
         cache.close()
         partial.close(remove=False)
+        undecodable.remember({shells[n].content_hash: e for n, e in errors.items() if n in shells})
+        undecodable.close()
     preds += [Prediction(s.name, s.gt, [], ERROR, "", errors[s.name]) for s in samples if s.name in errors]
     preds.sort(key=lambda p: label_rank[p.name])
     log.info("stream: %s", stats.to_dict())
@@ -281,6 +288,10 @@ def predict(
         record_batches(groups)
         if plan.cap:
             log.warning("batch mode: %s (the paper used %d)", plan.cap, plan.paper_size)
+    cut = len(groups)
+    # samples already known not to decode (in `errors` and among the shells, see run()) leave their
+    # groups here: a batch is keyed as the first run asked it, without them
+    groups = [kept for g in groups if (kept := tuple(n for n in g if n not in errors))]
 
     keyed: dict[tuple[str, ...], Request] = {}  # built once: the cache check and the answers both need them
 
@@ -337,7 +348,7 @@ def predict(
         return preds, None
     counts = asdict(asker.batch)
     final = [answered[n][0] for n in names if n in answered]
-    summary = summarise(plan, len(groups), final, asker.stats.splits, counts)
+    summary = summarise(plan, cut, final, asker.stats.splits, counts)
     return preds, summary.to_dict()
 
 
