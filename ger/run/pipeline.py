@@ -228,7 +228,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         asker.close()
         cache.close()
         partial.close(remove=False)
-        undecodable.remember({shells[n].content_hash: e for n, e in errors.items() if n in shells})
+        found = {n: e for n, e in errors.items() if n in shells and n not in known_bad}  # this run's failures
+        undecodable.remember({shells[n].content_hash: e for n, e in found.items()})
         undecodable.close()
     preds += [Prediction(s.name, s.gt, [], ERROR, "", errors[s.name]) for s in samples if s.name in errors]
     preds.sort(key=lambda p: label_rank[p.name])
