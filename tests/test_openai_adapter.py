@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import sys
 import threading
+import time
 from dataclasses import asdict
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -118,6 +119,7 @@ class FakeAPI(BaseHTTPRequestHandler):
     the model GONE (OpenAI's body for a shut-down model), else 200. GET /v1/models lists gpt-4o."""
 
     seen: list[str] = []
+    busy: list[str] = []  # Retry-After values: the next POSTs answer 503 with them, one each
 
     def do_GET(self) -> None:  # noqa: N802
         self.reply(200, {"object": "list", "data": [{"id": "gpt-4o", "object": "model", "owned_by": "x"}]})
@@ -126,6 +128,9 @@ class FakeAPI(BaseHTTPRequestHandler):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         key = self.headers.get("Authorization", "").removeprefix("Bearer ")
         type(self).seen.append(key)
+        if type(self).busy:
+            self.reply(503, {"error": {"message": "overloaded"}}, {"Retry-After": type(self).busy.pop(0)})
+            return
         if key == LIMITED or key == GOOD + "-also-limited":
             self.reply(429, {"error": {"message": f"Rate limit reached for key {key}", "type": "requests"}})
             return
@@ -149,11 +154,13 @@ class FakeAPI(BaseHTTPRequestHandler):
             },
         )
 
-    def reply(self, status: int, payload: dict) -> None:
+    def reply(self, status: int, payload: dict, headers: dict[str, str] | None = None) -> None:
         data = json.dumps(payload).encode()
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
         self.end_headers()
         self.wfile.write(data)
 
@@ -163,7 +170,7 @@ class FakeAPI(BaseHTTPRequestHandler):
 
 @pytest.fixture
 def fake_api():
-    FakeAPI.seen = []
+    FakeAPI.seen, FakeAPI.busy = [], []
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), FakeAPI)
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
@@ -205,6 +212,26 @@ def test_all_keys_limited_is_a_scrubbed_error(fake_api, monkeypatch) -> None:
     assert response.error and "RateLimitError" in response.error
     assert LIMITED not in response.error and LIMITED[:12] not in response.error
     assert len(FakeAPI.seen) == 3  # first try + 2 retries
+
+
+def test_a_busy_server_is_asked_again_after_its_retry_after_and_no_more_than_max_retries(
+    fake_api, monkeypatch
+) -> None:
+    monkeypatch.setenv("OPENAI_API_KEY", GOOD)
+    monkeypatch.delenv("OPENAI_API_KEYS", raising=False)
+    backend = OpenAIBackend(backend_cfg(fake_api, max_retries=2, retry_max=5.0))
+    FakeAPI.busy = ["0.5", "0.3"]
+    start = time.monotonic()
+    [answer] = list(backend.generate([chat("a")]))
+    assert answer.ok and answer.text.startswith("Happiness"), answer
+    assert len(FakeAPI.seen) == 3 and time.monotonic() - start >= 0.8  # each attempt waited as told
+    FakeAPI.seen, FakeAPI.busy = [], ["0", "0"]
+    [failed] = list(OpenAIBackend(backend_cfg(fake_api, max_retries=1)).generate([chat("b")]))
+    assert failed.error and "InternalServerError" in failed.error and "503" in failed.error
+    assert len(FakeAPI.seen) == 2  # the first attempt and one retry
+    FakeAPI.seen, FakeAPI.busy = [], ["0"]
+    [failed] = list(OpenAIBackend(backend_cfg(fake_api, max_retries=0)).generate([chat("c")]))
+    assert failed.error and len(FakeAPI.seen) == 1
 
 
 def test_refuses_above_max_cost_before_sending(fake_api, monkeypatch, capsys) -> None:

@@ -523,6 +523,49 @@ def test_a_worker_task_of_several_samples_hands_each_back_in_its_place(tmp_path)
     assert stats.decoded == 11
 
 
+def test_the_feed_polled_gives_only_requests_whose_samples_are_decoded(tmp_path):
+    """Feed.poll (what the server backend reads first, in its own thread) never waits for a worker:
+    None while a request's samples decode, the requests in order once they are, the end once all are
+    answered; and a blocking read still works after a None."""
+    from ger.records import Request
+    from ger.run.stream import Decoder, DecodeSpec, Feed, StreamStats
+
+    shells = {}
+    for i in range(12):
+        path = tmp_path / f"face_{i:02d}.png"
+        draw(path, LABELS[i % len(LABELS)], i)
+        shells[path.stem] = describe_sample(Sample("demo", path.stem, "happy", media=path), "image")
+    stats = StreamStats(window=8, workers=1)
+    decoder = Decoder(DecodeSpec("image", 1, "paper", False), stats, progress=False)
+    build = lambda loaded, group: Request(key="-".join(group), names=group, messages=[])  # noqa: E731
+    feed = Feed([(n,) for n in shells], shells, decoder, 8, build)
+    got, nones = [], 0
+    try:
+        assert feed.poll() is None  # submitted now: a worker process is still starting
+        deadline = time.monotonic() + 60
+        while len(got) < 6 and time.monotonic() < deadline:
+            request = feed.poll()
+            if request is None:
+                nones += 1
+                time.sleep(0.01)
+                continue
+            assert all(name in feed._samples for name in request.names)  # decoded, not waited for
+            got.append(request.names)
+        got.append(next(feed).names)  # a blocking read after the polls
+        for names in got:
+            feed.done(names)
+        while len(got) < 12:
+            request = feed.poll() or next(feed)
+            got.append(request.names)
+            feed.done(request.names)
+        with pytest.raises(StopIteration):
+            feed.poll()
+    finally:
+        feed.close()
+        decoder.close()
+    assert got == [(n,) for n in shells] and nones >= 1
+
+
 def test_a_window_of_whole_worker_tasks_still_bounds_the_decoded_samples(many_faces, stub_server, tmp_path):
     """Where the window gives tasks of 8 samples (window 32, one worker), topping up waits for
     room for a whole task: still never more than the window decoded at once."""

@@ -20,6 +20,7 @@ import json
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -168,44 +169,76 @@ class ServerBackend:
         return self._stream(requests)
 
     def _stream(self, requests: Iterable[Request]) -> Iterator[Response]:
-        """Keep `concurrency` requests in flight, taking the next one from `requests` as one finishes."""
+        """Keep `concurrency` requests in flight, taking the next one from `requests` as one finishes.
+
+        Finished tasks queue up through their done callbacks, in the order they finish: waiting with
+        asyncio.wait(FIRST_COMPLETED) instead hooked and unhooked every task in flight for each answer."""
         if self._loop is None:
             self._loop = asyncio.new_event_loop()
         loop, source = self._loop, iter(requests)
         direct = isinstance(requests, (list, tuple))  # nothing to wait for: no reading thread
         semaphore = asyncio.Semaphore(self.settings.concurrency)
         pending: set[asyncio.Future] = set()
-        unread: set[asyncio.Future] = set()  # finished but not yielded when a fatal error ends the run
+        finished: deque[asyncio.Future] = deque()  # done, not yet yielded
         feeding: asyncio.Future | None = None  # the next request, being read (built) off the loop
+        wake: asyncio.Future | None = None  # what the generator waits on when nothing is finished
+
+        def on_done(future: asyncio.Future) -> None:
+            pending.discard(future)
+            finished.append(future)
+            if wake is not None and not wake.done():
+                wake.set_result(None)
+
+        def launch(request: Request) -> None:
+            task = loop.create_task(self._answer(request, semaphore, self._clients))
+            pending.add(task)
+            task.add_done_callback(on_done)
+
+        def launch_ready() -> bool:
+            """Launch the source's next request if it is ready now (poll()); False if it is not."""
+            try:
+                request = poll()
+            except StopIteration:
+                request = _END
+            if request is None:
+                return False
+            if request is _END:
+                nonlocal source
+                source = None
+            else:
+                launch(request)
+            return True
+
+        poll = None if direct else getattr(source, "poll", None)  # ger/run/ask.py Unsent
         try:
             while True:
                 while feeding is None and source is not None and len(pending) < self.settings.concurrency:
+                    if poll is not None and launch_ready():
+                        continue
                     if not direct:
                         feeding = self._next(loop, source)
+                        feeding.add_done_callback(on_done)
                     elif (request := next(source, _END)) is _END:
                         source = None
                     else:
-                        pending.add(loop.create_task(self._answer(request, semaphore, self._clients)))
-                waiting = pending | ({feeding} if feeding is not None else set())
-                if not waiting:
-                    return
-                done, _ = loop.run_until_complete(asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED))
-                if feeding in done:  # no local keeps the request: a feed counts its pixels alive until freed
-                    done.discard(feeding)
-                    if feeding.result() is _END:  # raises what building the request raised
-                        source = None
-                    else:
-                        answer = self._answer(feeding.result(), semaphore, self._clients)
-                        pending.add(loop.create_task(answer))
-                        del answer
-                    feeding = None
-                pending -= done
-                unread = set(done)
-                for task in done:
-                    unread.discard(task)
-                    yield task.result()  # raises a FatalBackendError (404: no such model)
+                        launch(request)
+                if not finished:
+                    if not pending and feeding is None:
+                        return
+                    wake = loop.create_future()
+                    loop.run_until_complete(wake)
+                while finished:
+                    future = finished.popleft()
+                    if future is feeding:  # no local keeps the request: a feed counts its pixels alive
+                        feeding = None
+                        if future.result() is _END:  # raises what building the request raised
+                            source = None
+                        else:
+                            launch(future.result())
+                        continue
+                    yield future.result()  # raises a FatalBackendError (404: no such model)
         finally:  # also when the caller stops iterating early
-            loop.run_until_complete(_cancel(pending | unread))
+            loop.run_until_complete(_cancel(pending | set(finished) - {feeding}))
 
     def _next(self, loop: asyncio.AbstractEventLoop, source: Iterator[Request]) -> asyncio.Future:
         """The next request of `source` (or _END), read in a thread: a feed may wait for decoding."""
@@ -370,9 +403,18 @@ class ServerBackend:
         return self._text(text, choices), choice.get("finish_reason"), usage.get("completion_tokens")
 
     async def post_with_retries(self, body: bytes, clients: dict) -> dict[str, Any]:
-        """One chat completion's JSON, retried on 429 / 5xx / dropped connections, rotating keys."""
+        """One chat completion's JSON, retried on 429 / 5xx / dropped connections, rotating keys.
+
+        The first attempt goes out without tenacity, whose machinery cost as much CPU per request
+        as aiohttp's against a fast server; a failed one is handed to tenacity as its first attempt."""
         from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt
 
+        try:
+            return await self._post_once(body, clients)
+        except Exception as exc:
+            if not retryable(exc) or self.settings.max_retries < 1:
+                raise
+            failed: list[BaseException] = [exc]
         async for attempt in AsyncRetrying(
             stop=stop_after_attempt(self.settings.max_retries + 1),
             wait=self._wait,
@@ -380,6 +422,8 @@ class ServerBackend:
             reraise=True,
         ):
             with attempt:
+                if failed:  # attempt 1, already made: tenacity waits and counts from it
+                    raise failed.pop()
                 return await self._post_once(body, clients)
         raise AssertionError("unreachable: tenacity reraises the last error")
 

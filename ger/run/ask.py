@@ -13,7 +13,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -106,6 +106,30 @@ class CacheWriter:
                 return
 
 
+class Unsent:
+    """The requests of a feed (ger/run/stream.py Feed) that go to the backend: `sendable` answers the
+    others on the spot. An iterator, plus poll(): the next one only if it is ready now (None if not;
+    StopIteration at the end), which the server backend reads first, in its own thread.
+
+    No local keeps a request (and its pixels) past its return: the feed counts them alive."""
+
+    def __init__(self, feed: Any, sendable: Callable[[Request], bool]) -> None:
+        self._feed, self._sendable = feed, sendable
+
+    def __iter__(self) -> Unsent:
+        return self
+
+    def __next__(self) -> Request:
+        while not self._sendable(request := next(self._feed)):
+            pass
+        return request
+
+    def poll(self) -> Request | None:
+        while (request := self._feed.poll()) is not None and not self._sendable(request):
+            pass
+        return request
+
+
 class Asker:
     """Answers requests through the cache and a lazily created backend."""
 
@@ -192,21 +216,13 @@ class Asker:
                 flying[req.key] = [req]
                 return True
 
-        def uncached() -> Iterator[Request]:
-            # no local keeps a request (and its pixels) past its yield: the feed counts them alive
-            box = [r for r in (next(feed, None),) if r is not None]
-            while box:
-                if sendable(box[0]):
-                    yield box.pop()
-                box = [r for r in (next(feed, None),) if r is not None]
-
         def answered(response: Response) -> None:
             with lock:
                 for req in flying.pop(response.key, []):
                     on_answer(req, response)
 
         try:
-            for response in self.backend.generate(uncached()):
+            for response in self.backend.generate(Unsent(feed, sendable)):
                 self._writer.put(response)  # committed within milliseconds, off this thread
                 self.stats.sent += 1
                 self.stats.failed += not response.ok

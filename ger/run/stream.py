@@ -158,6 +158,11 @@ class Decoder:
             handles += [(task, j, shell) for j, shell in enumerate(shells[i : i + self.per_task])]
         return handles
 
+    @staticmethod
+    def ready(handles: list[Handle]) -> bool:
+        """Whether collect(handles) returns without waiting for a worker."""
+        return all(not isinstance(h, tuple) or h[0].done() for h in handles)
+
     def collect(self, handles: list[Handle]) -> list[LoadedSample | str]:
         """The decoded samples (or error messages) of start(), in its order."""
         out = []
@@ -297,8 +302,9 @@ class Feed:
             self._decoding.append((group, handles[: len(group)]))
             handles = handles[len(group) :]
 
-    def _pull(self, block: bool) -> Request | None | object:
-        """The next request; None when one would have to wait (block=False); _END when all are done."""
+    def _pull(self, block: bool, decoded_only: bool = False) -> Request | None | object:
+        """The next request; None when one would have to wait (block=False; with decoded_only, also
+        when its samples are still decoding); _END when all are done."""
         while True:
             with self._cond:
                 head = None
@@ -309,10 +315,14 @@ class Feed:
                         return self._retries.popleft()
                     self._top_up()
                     if self._decoding:
+                        if decoded_only and not self.decoder.ready(self._decoding[0][1]):
+                            return None
                         head = self._decoding.popleft()
                         self._top_up()
                     elif not self._groups and not self._outstanding:
                         return _END
+                    elif decoded_only and not self._outstanding and self._groups:
+                        return None  # the blocking read waits for pixels to be freed
                     elif not self._outstanding and self._groups:
                         # only pixels not yet freed block (the consumer is letting go of its last answer):
                         # give them a moment, then go on anyway (a holder that never lets go shows in
@@ -343,6 +353,16 @@ class Feed:
 
     def __next__(self) -> Request:
         request = self._pull(block=True)
+        if request is _END:
+            raise StopIteration
+        return request  # type: ignore[return-value]
+
+    def poll(self) -> Request | None:
+        """The next request if it is ready now (its samples decoded), else None; StopIteration at the end.
+
+        The server backend reads the feed here first, in its own thread: handing each request over
+        from a reading thread cost 0.15 ms of CPU a request."""
+        request = self._pull(block=False, decoded_only=True)
         if request is _END:
             raise StopIteration
         return request  # type: ignore[return-value]
