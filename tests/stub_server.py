@@ -124,6 +124,8 @@ class StubServer:
             text, finish = text[: int(budget) * CHARS_PER_TOKEN], "length"
             with self._lock:
                 self.cut_by_budget += 1
+        # an answer stopped for length used its whole budget, whatever the model's text (vLLM's usage)
+        completion = int(budget) if finish == "length" and budget else tokens(text)
         extra = {}
         if self.prompt_logprobs is not None and body.get("prompt_logprobs") is not None:
             extra["prompt_logprobs"] = self.prompt_logprobs(body)
@@ -142,8 +144,8 @@ class StubServer:
             ],
             "usage": {
                 "prompt_tokens": prompt_tokens,
-                "completion_tokens": tokens(text),
-                "total_tokens": prompt_tokens + tokens(text),
+                "completion_tokens": completion,
+                "total_tokens": prompt_tokens + completion,
             },
         }
 

@@ -143,6 +143,21 @@ def test_a_perfect_model_scores_95_through_the_server_backend(kind, mode, stub_s
         assert batching["planned_size"] == 4 and "set by the run" in batching["note"]
 
 
+def test_a_batch_cut_at_its_max_tokens_is_cached_and_its_rerun_sends_nothing(face_set, stub_server, tmp_path):
+    """An answer cut at the request's own max_tokens (finish "length", its whole budget used) is the
+    model's answer to that request: cached, and split from the cache on a rerun, which sends nothing.
+    (Only a cut by the served context, under max_tokens, is left out of the cache.)"""
+    table, names = truth_table("demo", face_set)
+    stub_server.model = PerfectModel(LABELS, table, batch_styles=("cut", "json_ids"))
+    extra = ["mode=batch", "batch_size=4"]
+    first = run_on_stub(stub_server.url, "demo", face_set, tmp_path / "cache", tmp_path / "a", *extra)
+    assert first["batching"]["split_cut"] > 0 and value(first, "acc") == 100.0
+    again = run_on_stub(stub_server.url, "demo", face_set, tmp_path / "cache", tmp_path / "b", *extra)
+    assert again["requests"]["sent"] == 0 and again["stream"]["decoded"] == 0, again
+    assert again["batching"]["split_cut"] == first["batching"]["split_cut"]
+    assert rows(tmp_path / "b") == rows(tmp_path / "a")
+
+
 def test_a_20_record_answer_fits_the_budget_and_a_cut_one_is_split(face_set, stub_server, tmp_path):
     """The per-record budget lets 20 records through; the old fixed 256 tokens cut them, and then
     the cut batch is split and asked again instead of being scored from fragments."""

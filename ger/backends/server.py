@@ -118,6 +118,45 @@ async def _cancel(pending: set[asyncio.Task]) -> None:
     await asyncio.gather(*pending, return_exceptions=True)
 
 
+def _polled(poll: Any) -> Request | None | object:
+    """A request the source has ready now, None if it has none yet, or _END."""
+    try:
+        return poll()
+    except StopIteration:
+        return _END
+
+
+class _InFlight:
+    """Tasks running on the backend's loop, and those finished (in the order they finished), not yet
+    read: their done callbacks queue them, where asyncio.wait(FIRST_COMPLETED) hooked and unhooked
+    every task in flight for each answer."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.pending: set[asyncio.Future] = set()
+        self.finished: deque[asyncio.Future] = deque()
+        self._wake: asyncio.Future | None = None
+
+    def add(self, future: asyncio.Future) -> None:
+        self.pending.add(future)
+        future.add_done_callback(self._done)
+
+    def _done(self, future: asyncio.Future) -> None:
+        self.pending.discard(future)
+        self.finished.append(future)
+        if self._wake is not None and not self._wake.done():
+            self._wake.set_result(None)
+
+    def wait(self) -> bool:
+        """Run the loop until something has finished; False when nothing is running or finished."""
+        if not self.finished:
+            if not self.pending:
+                return False
+            self._wake = self.loop.create_future()
+            self.loop.run_until_complete(self._wake)
+        return True
+
+
 class ServerBackend:
     """Chat completions against an OpenAI-compatible server (see the module docstring)."""
 
@@ -171,74 +210,50 @@ class ServerBackend:
     def _stream(self, requests: Iterable[Request]) -> Iterator[Response]:
         """Keep `concurrency` requests in flight, taking the next one from `requests` as one finishes.
 
-        Finished tasks queue up through their done callbacks, in the order they finish: waiting with
-        asyncio.wait(FIRST_COMPLETED) instead hooked and unhooked every task in flight for each answer."""
+        A source with poll() (ger/run/ask.py Unsent) is read here while it has requests ready; only
+        for one that must wait (for decoding) is it read in a thread."""
         if self._loop is None:
             self._loop = asyncio.new_event_loop()
         loop, source = self._loop, iter(requests)
         direct = isinstance(requests, (list, tuple))  # nothing to wait for: no reading thread
-        semaphore = asyncio.Semaphore(self.settings.concurrency)
-        pending: set[asyncio.Future] = set()
-        finished: deque[asyncio.Future] = deque()  # done, not yet yielded
+        poll = None if direct else getattr(source, "poll", None)
+        most = self.settings.concurrency
+        semaphore = asyncio.Semaphore(most)
+        flight = _InFlight(loop)
         feeding: asyncio.Future | None = None  # the next request, being read (built) off the loop
-        wake: asyncio.Future | None = None  # what the generator waits on when nothing is finished
-
-        def on_done(future: asyncio.Future) -> None:
-            pending.discard(future)
-            finished.append(future)
-            if wake is not None and not wake.done():
-                wake.set_result(None)
 
         def launch(request: Request) -> None:
-            task = loop.create_task(self._answer(request, semaphore, self._clients))
-            pending.add(task)
-            task.add_done_callback(on_done)
+            flight.add(loop.create_task(self._answer(request, semaphore, self._clients)))
 
-        def launch_ready() -> bool:
-            """Launch the source's next request if it is ready now (poll()); False if it is not."""
-            try:
-                request = poll()
-            except StopIteration:
-                request = _END
-            if request is None:
-                return False
-            if request is _END:
-                nonlocal source
-                source = None
-            else:
-                launch(request)
-            return True
-
-        poll = None if direct else getattr(source, "poll", None)  # ger/run/ask.py Unsent
         try:
             while True:
-                while feeding is None and source is not None and len(pending) < self.settings.concurrency:
-                    if poll is not None and launch_ready():
-                        continue
-                    if not direct:
+                while feeding is None and source is not None and len(flight.pending) < most:
+                    request = _polled(poll) if poll is not None else None
+                    if request is None and not direct:
                         feeding = self._next(loop, source)
-                        feeding.add_done_callback(on_done)
-                    elif (request := next(source, _END)) is _END:
+                        flight.add(feeding)
+                    elif request is None:
+                        request = next(source, _END)
+                    if request is _END:
+                        source = None
+                    elif request is not None:
+                        launch(request)
+                    request = None  # no local keeps a request: a feed counts its pixels alive until freed
+                if not flight.wait():
+                    return
+                while flight.finished:
+                    future = flight.finished.popleft()
+                    if future is not feeding:
+                        yield future.result()  # raises a FatalBackendError (404: no such model)
+                        continue
+                    feeding = None
+                    if future.result() is _END:  # raises what building the request raised
                         source = None
                     else:
-                        launch(request)
-                if not finished:
-                    if not pending and feeding is None:
-                        return
-                    wake = loop.create_future()
-                    loop.run_until_complete(wake)
-                while finished:
-                    future = finished.popleft()
-                    if future is feeding:  # no local keeps the request: a feed counts its pixels alive
-                        feeding = None
-                        if future.result() is _END:  # raises what building the request raised
-                            source = None
-                        else:
-                            launch(future.result())
-                        continue
-                    yield future.result()  # raises a FatalBackendError (404: no such model)
+                        launch(future.result())
+                    future = None
         finally:  # also when the caller stops iterating early
-            loop.run_until_complete(_cancel(pending | set(finished) - {feeding}))
+            loop.run_until_complete(_cancel(flight.pending | set(flight.finished) - {feeding}))
 
     def _next(self, loop: asyncio.AbstractEventLoop, source: Iterator[Request]) -> asyncio.Future:
         """The next request of `source` (or _END), read in a thread: a feed may wait for decoding."""
