@@ -244,8 +244,9 @@ def chunks(groups: list[Group], size: int) -> list[list[Group]]:
 class Feed:
     """The requests of `groups`, built as their samples decode, never more than `window` decoded alive.
 
-    An iterator (the server backend reads it from its own thread as room frees up) that also hands
-    out chunks (take(), for engines that take lists). Decoding runs ahead in the worker pool as far
+    An iterator (the server backend polls it for requests ready now and waits for the next one in a
+    thread of its own, as room frees up) that also hands out chunks (take(), for engines that take
+    lists). Decoding runs ahead in the worker pool as far
     as the window allows: a group is submitted only while the decoded samples alive (Decoder's
     count, until the garbage collector frees their pixels) leave room for it, so answered requests
     must be dropped by whoever holds them. The consumer reports each answered request with done(),
