@@ -6,7 +6,8 @@ loopback stub server (tests/stub_server.py):
   in worker processes;
 - a fully cached rerun decodes nothing and sends nothing (its server is unreachable) and gives
   the same predictions; changing one file's bytes sends and decodes exactly that sample again;
-- file digests persist in the cache folder, so an unchanged file is not read again.
+- file digests persist in the cache folder, so an unchanged file is not read again;
+- a run whose decoding workers are SIGKILLed midway gives the predictions of an undisturbed one.
 """
 
 from __future__ import annotations
@@ -14,8 +15,12 @@ from __future__ import annotations
 import base64
 import csv
 import hashlib
+import json
 import os
 import shutil
+import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -23,7 +28,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from conftest import rows, run_on_stub
+from conftest import REPO, STUB_MODEL, rows, run_on_stub
 from stub_server import PerfectModel
 
 from ger.data import digests
@@ -775,3 +780,62 @@ def test_grids_are_drawn_from_pixels_when_workers_hand_back_sent_images(tmp_path
                 for p in m["content"] if p["type"] == "image_url"]  # fmt: skip
         assert len(urls) == 1 and urls[0].startswith("data:image/jpeg;base64,")
         assert Image.open(io.BytesIO(base64.b64decode(urls[0].split(",", 1)[1]))).size == (3 * 64, 48)
+
+
+def _decoding_workers(pid: int) -> list[int]:
+    """The spawned worker processes of process `pid` (not its resource tracker)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            if parent == pid and b"spawn_main" in (entry / "cmdline").read_bytes():
+                found.append(int(entry.name))
+        except (OSError, IndexError, ValueError):  # gone meanwhile
+            continue
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds the workers through /proc")
+def test_a_run_whose_workers_are_killed_midway_gives_the_undisturbed_predictions(
+    many_faces, stub_server, tmp_path
+):
+    """SIGKILL the decoding workers three times while `ger run` streams 120 images one request at a time
+    (as the OOM killer would; ger/run/workers.py): the run ends as an undisturbed one does."""
+    perfect = PerfectModel(LABELS, truth(many_faces))
+    stub_server.model = lambda body: (time.sleep(0.01), perfect(body))[1]
+    args = ["run", "dataset=demo", f"dataset.layout.root={many_faces}", "dataset.demo=false",
+            f"model={STUB_MODEL}", "backend=server", f"backend.base_url={stub_server.url}",
+            "backend.max_retries=0", "backend.concurrency=1", "progress=false", "limit=120",
+            "stream.workers=2", "stream.window=8"]  # fmt: skip
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    calm = subprocess.run([sys.executable, "-m", "ger.cli", *args, f"hydra.run.dir={tmp_path / 'calm'}"],
+                          cwd=REPO, env={**env, "GER_CACHE_DIR": str(tmp_path / "c1")},
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert calm.returncode == 0, calm.stderr[-3000:]
+
+    sent_before = len(stub_server.bodies)
+    proc = subprocess.Popen([sys.executable, "-m", "ger.cli", *args, f"hydra.run.dir={tmp_path / 'killed'}"],
+                            cwd=REPO, env={**env, "GER_CACHE_DIR": str(tmp_path / "c2")},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    killed = []
+    try:
+        for after in (10, 40, 70):  # requests answered before each round of kills
+            deadline = time.monotonic() + 120
+            while len(stub_server.bodies) - sent_before < after and proc.poll() is None:
+                assert time.monotonic() < deadline, "the run stopped asking"
+                time.sleep(0.01)
+            for pid in _decoding_workers(proc.pid):
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+        err = proc.communicate(timeout=300)[1]
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err[-3000:]
+    assert len(killed) >= 3, killed
+    metrics = json.loads((tmp_path / "killed" / "metrics.json").read_text())
+    assert metrics["stream"]["workers_lost"] >= 3 and metrics["stream"]["decoded"] == 120
+    assert "a decoding worker died (signal 9)" in (tmp_path / "killed" / "cli.log").read_text()
+    assert rows(tmp_path / "killed") == rows(tmp_path / "calm")
+    assert all(r["status"] == "ok" for r in rows(tmp_path / "killed"))

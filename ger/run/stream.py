@@ -20,9 +20,8 @@ import threading
 import weakref
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import Future
 from dataclasses import asdict, dataclass, field, replace
-from multiprocessing import get_context
 from typing import Any
 
 from tqdm import tqdm
@@ -32,6 +31,7 @@ from ger.backends.chat_format import wire_image
 from ger.data.media import DECODED_FIELDS, MediaError, decode
 from ger.records import LoadedSample, Request
 from ger.run.cache import ResponseCache
+from ger.run.workers import WorkerDied, WorkerPool
 
 log = logging.getLogger("ger")
 Group = tuple[str, ...]
@@ -39,6 +39,8 @@ Group = tuple[str, ...]
 # itself when decoding runs in this process
 Handle = tuple[Future, int, LoadedSample] | LoadedSample
 _END = object()  # a feed with nothing more to give
+WORKER_DIED = "WorkerDied: "  # the error row of a sample whose decoding killed its worker each time alone
+_ALONE_TRIES = 2  # an unrelated kill (the OOM killer choosing that process) is not held against a sample
 
 
 @dataclass
@@ -50,6 +52,7 @@ class StreamStats:
     from_cache: int = 0  # samples answered from cached answers without decoding
     decoded: int = 0  # samples whose media were decoded
     peak_decoded: int = 0  # most decoded samples alive at once (from submission until their pixels are freed)
+    workers_lost: int = 0  # decoding workers that died (killed, or crashed in a decoder) and were replaced
     _alive: int = field(default=0, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
@@ -125,7 +128,7 @@ class Decoder:
 
     def __init__(self, spec: DecodeSpec, stats: StreamStats, progress: bool = True) -> None:
         self.spec, self.stats, self.progress = spec, stats, progress
-        self._pool: ProcessPoolExecutor | None = None
+        self._pool: WorkerPool | None = None
         self._lock = threading.Lock()
         self.bar: tqdm | None = None
         self.on_free: Callable[[], None] | None = None
@@ -150,8 +153,7 @@ class Decoder:
         if not self.stats.workers:
             return list(shells)  # decoded in collect(), in this process
         if self._pool is None:
-            ctx = get_context("spawn")  # never fork a process that may hold an engine's threads
-            self._pool = ProcessPoolExecutor(self.stats.workers, mp_context=ctx)
+            self._pool = WorkerPool(self.stats.workers, "ger-decoders")
         handles: list[Handle] = []
         for i in range(0, len(shells), self.per_task):
             task = self._pool.submit(_decode_task, shells[i : i + self.per_task], self.spec)
@@ -160,8 +162,9 @@ class Decoder:
 
     @staticmethod
     def ready(handles: list[Handle]) -> bool:
-        """Whether collect(handles) returns without waiting for a worker."""
-        return all(not isinstance(h, tuple) or h[0].done() for h in handles)
+        """Whether collect(handles) returns without waiting for a worker (a sample whose worker died
+        is decoded again there, so it is not)."""
+        return all(not isinstance(h, tuple) or (h[0].done() and not _lost(h[0])) for h in handles)
 
     def collect(self, handles: list[Handle]) -> list[LoadedSample | str]:
         """The decoded samples (or error messages) of start(), in its order."""
@@ -169,8 +172,11 @@ class Decoder:
         for h in handles:
             if isinstance(h, tuple):
                 task, j, shell = h
-                results = task.result()
-                result, results[j] = results[j], None  # the task's list lets go of the pixels
+                try:
+                    results = task.result()
+                    result, results[j] = results[j], None  # the task's list lets go of the pixels
+                except WorkerDied:
+                    result = self._decode_alone(shell)
                 result = result if isinstance(result, str) else replace(shell, **result)
             else:
                 result = _decode(h, self.spec)
@@ -184,12 +190,38 @@ class Decoder:
                 self.bar.update()
         return out
 
+    def _decode_alone(self, shell: LoadedSample) -> dict[str, Any] | str:
+        """What decoding `shell` adds to it, decoded as a task of its own: its task was running when
+        its worker died, so the sample that killed it (a decoder aborting on a corrupt file, a clip
+        too large for memory) may be this one. Alone, a death is the sample's own: after _ALONE_TRIES
+        it gets an error row, not remembered as undecodable (the system may have killed the process
+        for memory others were using); any other sample of the task decodes as if nothing happened."""
+        assert self._pool is not None
+        for _ in range(_ALONE_TRIES):
+            try:
+                return self._pool.submit(_decode_task, [shell], self.spec).result()[0]
+            except WorkerDied:
+                continue
+            finally:
+                self.stats.workers_lost = self._pool.deaths
+        media = os.fspath(shell.sample.media or shell.sample.name)
+        log.warning("decoding %s killed its worker each of %d times alone: an error row", media, _ALONE_TRIES)
+        return (f"{WORKER_DIED}the process decoding {media} died each of the {_ALONE_TRIES} times it was "
+                "tried alone (a crash in the decoder, or the system killing it for memory); "
+                "a rerun tries again")  # fmt: skip
+
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
         if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool.close()
+            self.stats.workers_lost = self._pool.deaths
             self._pool = None
+
+
+def _lost(task: Future) -> bool:
+    """Whether a finished task failed because its worker died."""
+    return not task.cancelled() and isinstance(task.exception(), WorkerDied)
 
 
 class Prefetched:
