@@ -3,7 +3,8 @@
 - a worker killed halfway through writing its answer (where ProcessPoolExecutor's shared pipe left
   its reader waiting forever) fails only the task it ran; the tasks queued behind it finish;
 - a task whose worker dies fails with WorkerDied, an ordinary exception reaches the caller as it
-  was, and the pool goes on with new processes; close() stops them all;
+  was (an answer or argument that does not pickle fails its own task), and the pool goes on with
+  new processes; close() stops them all;
 - workers that exit as they start (a script that starts a pool without a main guard) stop the
   pool with an error instead of being started again for ever;
 - a sample whose decoding kills its worker every time gets an error row of its own, and the
@@ -53,6 +54,10 @@ def die() -> None:
 
 def refuse(x: int) -> None:
     raise ValueError(f"no {x}")
+
+
+def unsendable() -> object:
+    return lambda: None  # a lambda does not pickle
 
 
 def die_halfway_through_the_answer() -> None:
@@ -106,6 +111,19 @@ def test_a_dead_worker_fails_its_task_and_the_pool_goes_on_with_new_ones():
                 assert future.result(TIMEOUT) == x * x
         assert pool.deaths == 4
         assert pool.submit(square, 9).result(TIMEOUT) == 81  # after four deaths, still two workers
+    finally:
+        pool.close()
+
+
+def test_what_does_not_pickle_fails_its_own_task_only():
+    pool = WorkerPool(1)
+    try:
+        bad_answer, bad_argument = pool.submit(unsendable), pool.submit(square, lambda: 2)
+        with pytest.raises(RuntimeError, match="could not be sent back"):
+            bad_answer.result(TIMEOUT)
+        with pytest.raises(Exception, match="pickle"):
+            bad_argument.result(TIMEOUT)
+        assert pool.submit(square, 6).result(TIMEOUT) == 36 and pool.deaths == 0
     finally:
         pool.close()
 

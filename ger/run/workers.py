@@ -77,6 +77,8 @@ def _serve(conn: Connection) -> None:
             answer = (False, exc)
         try:
             conn.send(answer)
+        except OSError:  # the parent is gone
+            return
         except Exception as exc:  # a result or an error that does not pickle
             conn.send((False, RuntimeError(f"the worker's answer could not be sent back: {exc!r}")))
 
