@@ -202,8 +202,6 @@ class Decoder:
                 return self._pool.submit(_decode_task, [shell], self.spec).result()[0]
             except WorkerDied:
                 continue
-            finally:
-                self.stats.workers_lost = self._pool.deaths
         media = os.fspath(shell.sample.media or shell.sample.name)
         log.warning("decoding %s killed its worker each of %d times alone: an error row", media, _ALONE_TRIES)
         return (f"{WORKER_DIED}the process decoding {media} died each of the {_ALONE_TRIES} times it was "
