@@ -7,8 +7,10 @@
   new processes; close() stops them all;
 - workers that exit as they start (a script that starts a pool without a main guard) stop the
   pool with an error instead of being started again for ever;
-- a sample whose decoding kills its worker every time gets an error row of its own, and the
-  samples that shared its task decode as if nothing happened.
+- a task that makes no progress for longer than its timeout (a decoder hanging in native code) has
+  its worker killed; a long task that says it is making progress (beat()) is left alone;
+- a sample whose decoding kills or hangs its worker every time gets an error row of its own, and
+  the samples that shared its task decode as if nothing happened.
 
 A run whose workers are killed midway: tests/test_stream.py.
 
@@ -34,7 +36,7 @@ from test_stream import LABELS, draw
 from ger.data.media import describe_sample
 from ger.data.undecodable import REMEMBERED
 from ger.records import Sample
-from ger.run.workers import WorkerDied, WorkerPool
+from ger.run.workers import WorkerDied, WorkerPool, beat
 
 TIMEOUT = 60  # a hung pool fails the test instead of hanging it
 
@@ -52,6 +54,18 @@ def die() -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
+def hang() -> None:
+    time.sleep(3600)
+
+
+def beating(steps: int) -> int:
+    """A long task that says it is making progress after each step."""
+    for _ in range(steps):
+        time.sleep(0.4)
+        beat()
+    return steps
+
+
 def refuse(x: int) -> None:
     raise ValueError(f"no {x}")
 
@@ -66,6 +80,19 @@ def die_halfway_through_the_answer() -> None:
     conn = sys._getframe(1).f_locals["conn"]  # the worker loop's own pipe (ger/run/workers.py _serve)
     os.write(conn.fileno(), struct.pack("!i", 1 << 20) + b"x" * 1024)
     die()
+
+
+class HangsItsReader(os.PathLike):
+    """A media path whose reading never ends, as decord's get_batch on some H.264 files
+    (dmlc/decord#375); only in a worker process."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = str(path)
+
+    def __fspath__(self) -> str:
+        if multiprocessing.parent_process() is not None:
+            hang()
+        return self.path
 
 
 class KillsItsReader(os.PathLike):
@@ -111,6 +138,21 @@ def test_a_dead_worker_fails_its_task_and_the_pool_goes_on_with_new_ones():
                 assert future.result(TIMEOUT) == x * x
         assert pool.deaths == 4
         assert pool.submit(square, 9).result(TIMEOUT) == 81  # after four deaths, still two workers
+    finally:
+        pool.close()
+
+
+def test_a_task_without_progress_past_its_timeout_is_killed_and_one_that_beats_is_not():
+    pool = WorkerPool(1)
+    try:
+        started = time.monotonic()
+        stuck, after = pool.submit(hang, timeout=1), pool.submit(square, 7, timeout=1)
+        with pytest.raises(WorkerDied, match="killed after 1 s without progress"):
+            stuck.result(TIMEOUT)
+        assert after.result(TIMEOUT) == 49  # queued behind it: run by the next worker
+        assert time.monotonic() - started < 20 and pool.deaths == 1
+        # 3.2 s in all, past a 2 s timeout, but never 2 s without a beat
+        assert pool.submit(beating, 8, timeout=2).result(TIMEOUT) == 8 and pool.deaths == 1
     finally:
         pool.close()
 
@@ -190,3 +232,39 @@ def test_a_sample_that_kills_its_worker_gets_an_error_row_and_its_task_mates_dec
             assert got.images[0].tobytes() == im.convert("RGB").tobytes()
     assert stats.workers_lost == 3  # in its task, then twice alone
     assert stats.decoded == 11
+
+
+def test_a_sample_whose_decoding_hangs_gets_an_error_row_after_its_timeout(tmp_path):
+    from ger.run.stream import WORKER_DIED, Decoder, DecodeSpec, StreamStats
+
+    shells = []
+    for i in range(11):
+        path = tmp_path / f"face_{i:02d}.png"
+        draw(path, LABELS[i % len(LABELS)], i)
+        media = HangsItsReader(path) if i == 5 else path
+        shells.append(describe_sample(Sample("demo", path.stem, "happy", media=media), "image"))
+    stats = StreamStats(window=64, workers=2, timeout_s=1.0)
+    decoder = Decoder(DecodeSpec("image", 1, "paper", False), stats, progress=False)
+    try:
+        results = decoder.collect(decoder.start(shells, len(shells)))
+    finally:
+        decoder.close()
+    hung = results.pop(5)
+    assert hung.startswith(WORKER_DIED) and "killed after 1 s without progress" in hung, hung
+    assert [r.sample.name for r in results] == [f"face_{i:02d}" for i in range(11) if i != 5]
+    assert stats.workers_lost == 3  # in its task, then twice alone
+
+
+@pytest.mark.parametrize(("value", "expected"), [(None, None), (300, 300.0), ("2.5", 2.5)])
+def test_stream_timeout_reads_seconds_or_none(value, expected):
+    from ger.run.stream import sample_timeout
+
+    assert sample_timeout({"timeout_s": value}) == expected
+
+
+@pytest.mark.parametrize("value", [0, -1])
+def test_stream_timeout_refuses_what_no_run_can_use(value):
+    from ger.run.stream import sample_timeout
+
+    with pytest.raises(ValueError, match="stream.timeout_s must be > 0 or null"):
+        sample_timeout({"timeout_s": value})

@@ -46,6 +46,7 @@ from ger.run.stream import (
     Feed,
     Prefetched,
     StreamStats,
+    sample_timeout,
     window_size,
     worker_count,
 )
@@ -209,7 +210,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         )
 
     stream_cfg = cfg.get("stream") or {}
-    stats = StreamStats(window_size(stream_cfg, cfg.backend), worker_count(stream_cfg))
+    stats = StreamStats(
+        window_size(stream_cfg, cfg.backend), worker_count(stream_cfg), sample_timeout(stream_cfg)
+    )
     kind = spec.layout.media_kind
     # grids are drawn from pixels when the request is built; everything else can travel as workers encode it
     wire = None if frames_as == "grid" and kind != "image" else settings.wire_quality()

@@ -31,7 +31,7 @@ from ger.backends.chat_format import wire_image
 from ger.data.media import DECODED_FIELDS, MediaError, decode
 from ger.records import LoadedSample, Request
 from ger.run.cache import ResponseCache
-from ger.run.workers import WorkerDied, WorkerPool
+from ger.run.workers import WorkerDied, WorkerPool, beat
 
 log = logging.getLogger("ger")
 Group = tuple[str, ...]
@@ -49,6 +49,7 @@ class StreamStats:
 
     window: int
     workers: int
+    timeout_s: float | None = None  # most seconds a worker may spend on one sample before it is killed
     from_cache: int = 0  # samples answered from cached answers without decoding
     decoded: int = 0  # samples whose media were decoded
     peak_decoded: int = 0  # most decoded samples alive at once (from submission until their pixels are freed)
@@ -94,6 +95,7 @@ def _decode_task(shells: list[LoadedSample], spec: DecodeSpec) -> list[dict[str,
     for shell in shells:
         loaded = _decode(shell, spec)
         out.append(loaded if isinstance(loaded, str) else {f: getattr(loaded, f) for f in DECODED_FIELDS})
+        beat()  # the task's timeout is one sample's: a hung decoder is told from a long task
     return out
 
 
@@ -107,6 +109,16 @@ def window_size(stream_cfg: Any, backend_cfg: Any) -> int:
     concurrency, chunk, batch = (backend_cfg.get(k) for k in ("concurrency", "chunk_size", "batch_size"))
     unit = 2 * int(concurrency) if concurrency else int(chunk or 0) or 4 * int(batch or 0)
     return 2 * max(16, unit)
+
+
+def sample_timeout(stream_cfg: Any) -> float | None:
+    """stream.timeout_s: the most seconds a decoding worker may spend on one sample, or None."""
+    timeout = stream_cfg.get("timeout_s")
+    if timeout is None:
+        return None
+    if float(timeout) <= 0:
+        raise ValueError(f"stream.timeout_s must be > 0 or null, got {timeout}")
+    return float(timeout)
 
 
 def worker_count(stream_cfg: Any) -> int:
@@ -156,9 +168,13 @@ class Decoder:
             self._pool = WorkerPool(self.stats.workers, "ger-decoders")
         handles: list[Handle] = []
         for i in range(0, len(shells), self.per_task):
-            task = self._pool.submit(_decode_task, shells[i : i + self.per_task], self.spec)
+            task = self._submit(shells[i : i + self.per_task])
             handles += [(task, j, shell) for j, shell in enumerate(shells[i : i + self.per_task])]
         return handles
+
+    def _submit(self, shells: list[LoadedSample]) -> Future:
+        assert self._pool is not None
+        return self._pool.submit(_decode_task, shells, self.spec, timeout=self.stats.timeout_s)
 
     @staticmethod
     def ready(handles: list[Handle]) -> bool:
@@ -192,21 +208,21 @@ class Decoder:
 
     def _decode_alone(self, shell: LoadedSample) -> dict[str, Any] | str:
         """What decoding `shell` adds to it, decoded as a task of its own: its task was running when
-        its worker died, so the sample that killed it (a decoder aborting on a corrupt file, a clip
-        too large for memory) may be this one. Alone, a death is the sample's own: after _ALONE_TRIES
-        it gets an error row, not remembered as undecodable (the system may have killed the process
-        for memory others were using); any other sample of the task decodes as if nothing happened."""
-        assert self._pool is not None
+        its worker died or was killed for hanging, so the sample that ended it (a decoder aborting or
+        hanging on a corrupt file, a clip too large for memory) may be this one. Alone, an ended
+        worker is the sample's own doing: after _ALONE_TRIES it gets an error row, not remembered as
+        undecodable (the system may have killed the process for memory others were using); any other
+        sample of the task decodes as if nothing happened."""
         for _ in range(_ALONE_TRIES):
             try:
-                return self._pool.submit(_decode_task, [shell], self.spec).result()[0]
-            except WorkerDied:
-                continue
+                return self._submit([shell]).result()[0]
+            except WorkerDied as exc:
+                last = exc
         media = os.fspath(shell.sample.media or shell.sample.name)
-        log.warning("decoding %s killed its worker each of %d times alone: an error row", media, _ALONE_TRIES)
-        return (f"{WORKER_DIED}the process decoding {media} died each of the {_ALONE_TRIES} times it was "
-                "tried alone (a crash in the decoder, or the system killing it for memory); "
-                "a rerun tries again")  # fmt: skip
+        log.warning("decoding %s ended its worker each of %d times alone: an error row", media, _ALONE_TRIES)
+        return (f"{WORKER_DIED}decoding {media} ended its worker each of the {_ALONE_TRIES} times it was "
+                f"tried alone, the last: {last} (a decoder that crashes or hangs on the file, or the "
+                "system killing the process for memory); a rerun tries again")  # fmt: skip
 
     def close(self) -> None:
         if self.bar is not None:

@@ -21,6 +21,7 @@ import os
 import queue
 import signal
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -33,6 +34,8 @@ log = logging.getLogger("ger")
 
 _DEPTH = 2  # tasks sent to a worker at once: the next one waits in its pipe, so it never idles between tasks
 _FAILED_STARTS = 3  # workers in a row that exit before they start: they cannot; the pool stops
+_BEAT = "beat"  # a worker's word that its task is making progress (beat())
+_BEAT_EVERY = 1.0  # seconds: a worker says so at most this often, so fast tasks send nothing extra
 
 
 class WorkerDied(RuntimeError):
@@ -48,6 +51,7 @@ class _Task:
     future: Future
     fn: Callable[..., Any]
     args: tuple[Any, ...]
+    timeout: float | None  # most seconds without progress (a beat) before its worker is killed
 
 
 @dataclass
@@ -56,12 +60,31 @@ class _Worker:
     conn: Connection
     sent: deque[_Task] = field(default_factory=deque)  # in the order the worker runs them
     ready: bool = False  # it said it started: a death from then on is a task's doing
+    since: float = 0.0  # when its running task started or last said it was making progress
+    overdue: float | None = None  # the timeout it was killed for
+
+
+_conn: Connection | None = None  # in a worker: its pipe to the pool (beat())
+_last_beat = 0.0
+
+
+def beat() -> None:
+    """Tell the pool the running task is making progress; a task that works through several items
+    calls it after each, so its timeout measures one item, not the whole task. A no-op outside a
+    worker."""
+    global _last_beat
+    now = time.monotonic()
+    if _conn is not None and now - _last_beat >= _BEAT_EVERY:
+        _last_beat = now
+        _conn.send(_BEAT)
 
 
 def _serve(conn: Connection) -> None:
     """A worker: say it started (None), then run each task sent and answer (True, result) or
     (False, exception), until None."""
+    global _conn, _last_beat
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle: it closes the pool
+    _conn = conn
     conn.send(None)
     while True:
         try:
@@ -71,6 +94,7 @@ def _serve(conn: Connection) -> None:
         if task is None:
             return
         fn, args = task
+        _last_beat = time.monotonic()
         try:
             answer: tuple[bool, Any] = (True, fn(*args))
         except Exception as exc:  # handed to the caller, as a pool would
@@ -107,10 +131,11 @@ class WorkerPool:
         self._thread = threading.Thread(target=self._manage, name=name, daemon=True)
         self._thread.start()
 
-    def submit(self, fn: Callable[..., Any], *args: Any) -> Future:
-        """`fn(*args)` in a worker; the future fails with WorkerDied if its worker dies running it."""
+    def submit(self, fn: Callable[..., Any], *args: Any, timeout: float | None = None) -> Future:
+        """`fn(*args)` in a worker; the future fails with WorkerDied if its worker dies running it, or
+        is killed after `timeout` seconds without progress (from the start, or from its last beat())."""
         future: Future = Future()
-        task = _Task(future, fn, args)
+        task = _Task(future, fn, args, timeout)
         with self._lock:
             if self._closed or self._stopped:
                 raise RuntimeError(f"submit() on a stopped WorkerPool ({self._failed or 'closed'})")
@@ -181,6 +206,8 @@ class WorkerPool:
                 except Exception as exc:  # the task's arguments do not pickle
                     task.future.set_exception(exc)
                     continue
+                if not worker.sent:
+                    worker.since = time.monotonic()
                 worker.sent.append(task)
 
     def _start_worker(self) -> _Worker:
@@ -191,12 +218,13 @@ class WorkerPool:
         return _Worker(process, ours)
 
     def _wait_once(self, workers: list[_Worker], waiting: deque[_Task]) -> None:
-        """Wait for an answer, a death or a wake-up, and handle what came."""
+        """Wait for an answer, a death, a wake-up or a task's timeout, and handle what came."""
         conns = {w.conn: w for w in workers}
         sentinels = {w.process.sentinel: w for w in workers}
-        ready = set(wait([self._wake_r, *conns, *sentinels]))
+        ready = set(wait([self._wake_r, *conns, *sentinels], self._next_timeout(workers)))
         if self._wake_r in ready:
             os.read(self._wake_r, 4096)
+        self._kill_overdue(workers)
         dead: list[_Worker] = []
         for conn in ready & conns.keys():
             worker = conns[conn]
@@ -205,8 +233,11 @@ class WorkerPool:
             except (EOFError, OSError):  # the worker died, maybe halfway through its answer
                 dead.append(worker)
                 continue
-            if message is None:  # it started
+            worker.since = time.monotonic()  # it started, made progress, or its next task starts
+            if message is None:
                 worker.ready, self._failed_starts = True, 0
+                continue
+            if message == _BEAT:
                 continue
             ok, value = message
             task = worker.sent.popleft()
@@ -219,6 +250,29 @@ class WorkerPool:
             workers.remove(worker)
             self._bury(worker, waiting)
 
+    @staticmethod
+    @staticmethod
+    def _timed(worker: _Worker) -> float | None:
+        """The timeout of the task a started worker is running, if it has one and was not killed yet."""
+        if worker.ready and worker.sent and worker.overdue is None:
+            return worker.sent[0].timeout
+        return None
+
+    def _next_timeout(self, workers: list[_Worker]) -> float | None:
+        """Seconds until the first running task's timeout, None when none has one."""
+        ends = [w.since + t for w in workers if (t := self._timed(w))]
+        return max(0.0, min(ends) - time.monotonic()) if ends else None
+
+    def _kill_overdue(self, workers: list[_Worker]) -> None:
+        """Kill each worker whose running task went past its timeout without progress (a decoder that
+        hangs in native code holding the GIL answers no signal but SIGKILL); _bury takes it from there."""
+        now = time.monotonic()
+        for worker in workers:
+            timeout = self._timed(worker)
+            if timeout and now - worker.since >= timeout:
+                worker.overdue = timeout
+                worker.process.kill()
+
     def _bury(self, worker: _Worker, waiting: deque[_Task]) -> None:
         """A worker died: the task it was running fails, the ones queued behind it wait for another.
         One that died before it started ran nothing: its tasks all wait for another."""
@@ -230,6 +284,8 @@ class WorkerPool:
         code = worker.process.exitcode
         worker.conn.close()
         how = f"signal {-code}" if code is not None and code < 0 else f"exit status {code}"
+        if worker.overdue is not None:
+            how = f"killed after {worker.overdue:g} s without progress: a decoder that hangs"
         if worker.sent and worker.ready:
             running = worker.sent.popleft()
             running.future.set_exception(WorkerDied(f"the worker process running this task died ({how})"))
