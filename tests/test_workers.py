@@ -26,6 +26,7 @@ import struct
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from concurrent.futures import CancelledError
 from pathlib import Path
 
@@ -82,29 +83,17 @@ def die_halfway_through_the_answer() -> None:
     die()
 
 
-class HangsItsReader(os.PathLike):
-    """A media path whose reading never ends, as decord's get_batch on some H.264 files
-    (dmlc/decord#375); only in a worker process."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = str(path)
-
-    def __fspath__(self) -> str:
-        if multiprocessing.parent_process() is not None:
-            hang()
-        return self.path
-
-
-class KillsItsReader(os.PathLike):
-    """A media path that kills the process reading it, as a decoder aborting on a corrupt file does;
+class EndsItsReader(os.PathLike):
+    """A media path whose reading ends the process reading it, as a decoder aborting on a corrupt file
+    does (`die`), or never returns, as decord's get_batch on some H.264 files (dmlc/decord#375, `hang`);
     only in a worker process (describe_sample reads it in the test's own)."""
 
-    def __init__(self, path: Path) -> None:
-        self.path = str(path)
+    def __init__(self, path: Path, how: Callable[[], None]) -> None:
+        self.path, self.how = str(path), how
 
     def __fspath__(self) -> str:
         if multiprocessing.parent_process() is not None:
-            die()
+            self.how()
         return self.path
 
 
@@ -203,7 +192,13 @@ def test_workers_that_cannot_start_stop_the_pool_with_an_error(tmp_path):
     assert "3 decoding workers in a row exited as they started (exit status 1)" in proc.stderr, proc.stderr
 
 
-def test_a_sample_that_kills_its_worker_gets_an_error_row_and_its_task_mates_decode(tmp_path):
+@pytest.mark.parametrize(
+    ("how", "timeout", "says"), [(die, None, "(signal 9)"), (hang, 1.0, "killed after 1 s without progress")]
+)
+def test_a_sample_that_ends_its_worker_gets_an_error_row_and_its_task_mates_decode(
+    how, timeout, says, tmp_path
+):
+    """face_05's decoding kills its worker, or hangs it past stream.timeout_s, each time it is tried."""
     from PIL import Image
 
     from ger.run.stream import WORKER_DIED, Decoder, DecodeSpec, StreamStats
@@ -212,9 +207,9 @@ def test_a_sample_that_kills_its_worker_gets_an_error_row_and_its_task_mates_dec
     for i in range(11):
         path = tmp_path / f"face_{i:02d}.png"
         draw(path, LABELS[i % len(LABELS)], i)
-        media = KillsItsReader(path) if i == 5 else path
+        media = EndsItsReader(path, how) if i == 5 else path
         shells.append(describe_sample(Sample("demo", path.stem, "happy", media=media), "image"))
-    stats = StreamStats(window=64, workers=2)
+    stats = StreamStats(window=64, workers=2, timeout_s=timeout)
     decoder = Decoder(DecodeSpec("image", 1, "paper", False), stats, progress=False)
     try:
         handles = decoder.start(shells, len(shells))
@@ -224,7 +219,7 @@ def test_a_sample_that_kills_its_worker_gets_an_error_row_and_its_task_mates_dec
         decoder.close()
     for i, got in enumerate(results):
         if i == 5:
-            assert got.startswith(WORKER_DIED) and "face_05.png" in got, got
+            assert got.startswith(WORKER_DIED) and "face_05.png" in got and says in got, got
             assert not got.startswith(REMEMBERED)  # not held against the file in later runs
             continue
         assert got.sample.name == f"face_{i:02d}"
@@ -232,27 +227,6 @@ def test_a_sample_that_kills_its_worker_gets_an_error_row_and_its_task_mates_dec
             assert got.images[0].tobytes() == im.convert("RGB").tobytes()
     assert stats.workers_lost == 3  # in its task, then twice alone
     assert stats.decoded == 11
-
-
-def test_a_sample_whose_decoding_hangs_gets_an_error_row_after_its_timeout(tmp_path):
-    from ger.run.stream import WORKER_DIED, Decoder, DecodeSpec, StreamStats
-
-    shells = []
-    for i in range(11):
-        path = tmp_path / f"face_{i:02d}.png"
-        draw(path, LABELS[i % len(LABELS)], i)
-        media = HangsItsReader(path) if i == 5 else path
-        shells.append(describe_sample(Sample("demo", path.stem, "happy", media=media), "image"))
-    stats = StreamStats(window=64, workers=2, timeout_s=1.0)
-    decoder = Decoder(DecodeSpec("image", 1, "paper", False), stats, progress=False)
-    try:
-        results = decoder.collect(decoder.start(shells, len(shells)))
-    finally:
-        decoder.close()
-    hung = results.pop(5)
-    assert hung.startswith(WORKER_DIED) and "killed after 1 s without progress" in hung, hung
-    assert [r.sample.name for r in results] == [f"face_{i:02d}" for i in range(11) if i != 5]
-    assert stats.workers_lost == 3  # in its task, then twice alone
 
 
 @pytest.mark.parametrize(("value", "expected"), [(None, None), (300, 300.0), ("2.5", 2.5)])
