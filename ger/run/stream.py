@@ -39,7 +39,7 @@ Group = tuple[str, ...]
 # itself when decoding runs in this process
 Handle = tuple[Future, int, LoadedSample] | LoadedSample
 _END = object()  # a feed with nothing more to give
-WORKER_DIED = "WorkerDied: "  # the error row of a sample whose decoding killed its worker each time alone
+WORKER_DIED = "WorkerDied: "  # the error row of a sample whose decoding ended its worker each time alone
 _ALONE_TRIES = 2  # an unrelated kill (the OOM killer choosing that process) is not held against a sample
 
 

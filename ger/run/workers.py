@@ -251,7 +251,6 @@ class WorkerPool:
             self._bury(worker, waiting)
 
     @staticmethod
-    @staticmethod
     def _timed(worker: _Worker) -> float | None:
         """The timeout of the task a started worker is running, if it has one and was not killed yet."""
         if worker.ready and worker.sent and worker.overdue is None:
@@ -277,10 +276,7 @@ class WorkerPool:
         """A worker died: the task it was running fails, the ones queued behind it wait for another.
         One that died before it started ran nothing: its tasks all wait for another."""
         self.deaths += 1
-        worker.process.join(timeout=5)
-        if worker.process.is_alive():  # its pipe was closed under it (a library closing every file)
-            worker.process.kill()
-            worker.process.join()
+        _reap(worker.process)  # still running only if its pipe was closed under it (a library closing files)
         code = worker.process.exitcode
         worker.conn.close()
         how = f"signal {-code}" if code is not None and code < 0 else f"exit status {code}"
@@ -316,8 +312,13 @@ class WorkerPool:
             except (OSError, ValueError):
                 pass
         for worker in workers:
-            worker.process.join(timeout=5)
-            if worker.process.is_alive():
-                worker.process.kill()
-                worker.process.join()
+            _reap(worker.process)
             worker.conn.close()
+
+
+def _reap(process: Any) -> None:
+    """Wait for a worker process that should be ending; one still running after 5 s is killed."""
+    process.join(timeout=5)
+    if process.is_alive():
+        process.kill()
+        process.join()
