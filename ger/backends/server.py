@@ -253,7 +253,7 @@ class ServerBackend:
                         launch(future.result())
                     future = None
         finally:  # also when the caller stops iterating early
-            loop.run_until_complete(_cancel(flight.pending | set(flight.finished) - {feeding}))
+            loop.run_until_complete(_cancel(flight.pending | set(flight.finished)))
 
     def _next(self, loop: asyncio.AbstractEventLoop, source: Iterator[Request]) -> asyncio.Future:
         """The next request of `source` (or _END), read in a thread: a feed may wait for decoding."""
