@@ -5,15 +5,18 @@ Run by hand:  python benchmarks/bench_stream.py [--n 4000] [--small 1000] [--rou
               python benchmarks/bench_stream.py --workers 1   # stream.workers (default: one per core)
 
 Makes --n 640x480 JPEG images (smooth gradients, small noise; --clips: 2 s mp4v clips of
-50 640x480 frames, 3 frames sampled), starts the loopback
+50 640x480 frames, 3 frames sampled; no two files alike), starts the loopback
 stub server of tests/stub_server.py answering every request at once, and runs `ger run
 backend=server` as a subprocess, as a user would, sampling the resident memory of ger and its
 decoding workers (the process tree, summed) every 50 ms. --rounds times (3), from an empty cache
-each time: a first run, its cached rerun, and the decode-only pass, so each ratio pairs figures
-measured a few seconds apart (this machine's pace drifts by tens of percent over minutes); prints
-each round's ratios and their median:
+each time: a first run, its cached reruns (of all, then of one; each three times, the median), and
+the decode-only pass, so each ratio pairs figures measured seconds apart (this machine's pace
+drifts by tens of percent over minutes); prints each round's ratios and their median:
   (b) peak memory at N=--n vs N=--small images (target <= 1.3);
-  (c) a fully cached rerun of --n images vs the first run (target >= 10x faster);
+  (c) a fully cached rerun of --n images vs the first run (target >= 10x faster); a cached rerun
+      of one sample (`limit=1`: all that does not grow with the samples asked, and the label list
+      read), with the most (c) can be while that part stays; and of that, how long the interpreter
+      and Hydra alone take (a Hydra app over the same config whose task does nothing);
   (a) ger's end-to-end rate vs decoding the same images only, with the same reader in the same
       worker pool (ger/run/stream.py Decoder; target >= 80%); and the same without the run's fixed
       part (interpreter and Hydra start-up, file digests, scoring's imports, writing the files),
@@ -35,6 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+SHORT = 3  # runs of each sub-second measurement a round (the cached reruns, the Hydra-only app)
 sys.path.insert(0, str(REPO / "tests"))
 
 
@@ -69,6 +73,7 @@ def make_clips(root: Path, n: int) -> None:
                                  25, (640, 480))  # fmt: skip
         for k in range(50):
             base = ((x * (1 + i % 5) + y + 3 * k) % 256).astype(np.uint8)
+            base[:16, :16], base[:16, 16:32] = i % 256, i // 256  # the clip's number: no two files alike
             writer.write(np.ascontiguousarray(np.stack([base, 255 - base, base // 2], axis=-1)))
         writer.release()
         lines.append(f"img_{i:05d},{labels[i % 7]}")
@@ -118,15 +123,20 @@ def children_cpu() -> float:
     return use.ru_utime + use.ru_stime
 
 
+def overrides(url: str, root: Path, out: Path, clips: bool) -> list[str]:
+    """The benchmark's `ger run` overrides."""
+    dataset = ["dataset=demo_video"] if clips else ["dataset=demo", "dataset.layout.extension=.jpg"]
+    return [
+        *dataset, f"dataset.layout.root={root}", "dataset.demo=false", "model=qwen2_5_vl_7b",
+        "backend=server", f"backend.base_url={url}", "progress=false", f"hydra.run.dir={out}",
+    ]  # fmt: skip
+
+
 def ger_run(
     url: str, root: Path, cache: Path, out: Path, limit: int | None, clips: bool, workers: int | None
 ):
     """Wall seconds, peak tree RSS (bytes) and metrics.json of one `ger run`."""
-    dataset = ["dataset=demo_video"] if clips else ["dataset=demo", "dataset.layout.extension=.jpg"]
-    args = [
-        "run", *dataset, f"dataset.layout.root={root}", "dataset.demo=false", "model=qwen2_5_vl_7b",
-        "backend=server", f"backend.base_url={url}", "progress=false", f"hydra.run.dir={out}",
-    ]  # fmt: skip
+    args = ["run", *overrides(url, root, out, clips)]
     if limit:
         args.append(f"limit={limit}")
     if workers is not None:
@@ -151,6 +161,24 @@ def ger_run(
     workers = sum(v for k, v in cpu.items() if k != proc.pid)
     used = CpuUse(tree, tree - workers, time.process_time() - own)
     return seconds, peak, json.loads((out / "metrics.json").read_text()), used
+
+
+# a Hydra app over ger's conf/ whose task does nothing
+HYDRA_ONLY = """
+import sys, hydra
+@hydra.main(config_path=sys.argv.pop(1), config_name="config", version_base="1.3")
+def app(cfg): pass
+app()
+"""
+
+
+def hydra_only(url: str, root: Path, out: Path, clips: bool) -> float:
+    """Wall seconds of the interpreter, Hydra's import and its composition of the run's config (twice,
+    as hydra.main does), with a task that does nothing: the part of a `ger run` that is not ger's."""
+    args = [sys.executable, "-c", HYDRA_ONLY, str(REPO / "conf"), *overrides(url, root, out, clips)]
+    start = time.perf_counter()
+    subprocess.run(args, cwd=REPO, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return time.perf_counter() - start
 
 
 def decode_only(root: Path, n: int, clips: bool, workers: int | None) -> float:
@@ -226,6 +254,8 @@ class Round:
     again_s: float
     again_mem: int
     again_stream: dict
+    one_s: float  # a cached rerun of one sample: the run's fixed part alone
+    hydra_s: float  # the part of it that is the interpreter and Hydra (hydra_only)
     decode_s: float
     decode_cpu: CpuUse
 
@@ -265,13 +295,21 @@ def main() -> None:
         rounds = []
         for i in range(args.rounds):  # each round from an empty cache; the machine's pace drifts between
             first_s, first_mem, first, first_cpu = run(f"c{i}", f"first{i}", None)
-            again_s, again_mem, again, _ = run(f"c{i}", f"again{i}", None)
+            # the short runs, interleaved, SHORT times each (their median): one sub-second run varies by
+            # a third on this machine
+            reruns, ones, hydras = [], [], []
+            for k in range(SHORT):
+                reruns.append(run(f"c{i}", f"again{i}_{k}", None))
+                ones.append(run(f"c{i}", f"one{i}_{k}", 1)[0])
+                hydras.append(hydra_only(server.url, root, tmp_path / f"hydra{i}_{k}", args.clips))
+            again_s, again = median([r[0] for r in reruns]), reruns[0][2]
+            again_mem, one_s, hydra_s = max(r[1] for r in reruns), median(ones), median(hydras)
             own, before = time.process_time(), children_cpu()
             decode_s = decode_only(root, args.n, args.clips, args.workers)
             main_cpu = time.process_time() - own  # this process: the pool's results, nothing else
             decode_cpu = CpuUse(children_cpu() - before + main_cpu, main_cpu, 0.0)
             rounds.append(Round(first_s, first_mem, first_cpu, first["stream"], again_s, again_mem,
-                                again["stream"], decode_s, decode_cpu))  # fmt: skip
+                                again["stream"], one_s, hydra_s, decode_s, decode_cpu))  # fmt: skip
             print(f"round {i + 1}: first run {first_s:.1f} s, cached rerun {again_s:.1f} s, "
                   f"decode only {decode_s:.1f} s", flush=True)  # fmt: skip
         server.bodies.clear()
@@ -297,6 +335,16 @@ def report(
     print(f"(c) first run vs cached rerun: {pairs} "
           f"(peak {last.again_mem / mib:.0f} MiB): {median(speedups):.1f}x faster "
           f"(rounds {', '.join(f'{x:.1f}x' for x in speedups)}; target >= 10x)")  # fmt: skip
+    # what any rerun pays before its first sample: the interpreter, Hydra's composition, the imports,
+    # the label list, opening the caches, scoring and writing the files
+    ones = ", ".join(f"{r.one_s:.2f}" for r in rounds)
+    share = 100 * median([r.one_s / r.again_s for r in rounds])
+    most = median([r.first_s / r.one_s for r in rounds])
+    print(f"    a cached rerun of 1 {what[:-1]} (the fixed part): {ones} s, {share:.0f}% of the cached "
+          f"rerun; the most (c) can be while that part stays: {most:.1f}x")  # fmt: skip
+    hydras = ", ".join(f"{r.hydra_s:.2f}" for r in rounds)
+    print(f"    of it, the interpreter and Hydra alone (a task that does nothing over the same config): "
+          f"{hydras} s, {100 * median([r.hydra_s / r.one_s for r in rounds]):.0f}%")  # fmt: skip
     shares = [r.decode_s / r.first_s for r in rounds]
     workers = last.stream["workers"]
     print(f"(a) end to end vs decode only: "
