@@ -8,6 +8,9 @@ prints one line and exits 2; `--debug` anywhere on the line, or HYDRA_FULL_ERROR
 from __future__ import annotations
 
 import argparse
+import gc
+import os
+import select
 import sys
 from pathlib import Path
 
@@ -133,5 +136,42 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def console() -> None:
+    """The `ger` program: main(), then an exit that leaves the process's objects to the system.
+
+    At exit the interpreter runs the garbage collector over everything the command left (the modules,
+    the config, the samples): 0.1 s of the 1 s a cached rerun of 4,000 images takes here. Frozen, they
+    are freed with the process. Nothing is lost: ger closes (and fsyncs) what it writes before main()
+    returns, atexit handlers (logging's flush) still run, and objects freed by reference count are
+    finalized as before; only a finalizer of an object in a reference cycle is skipped.
+    """
+    try:
+        code = main()
+        sys.stdout.flush()  # what is still buffered fails here, not in the interpreter's exit
+    except BrokenPipeError:
+        if not _stdout_gone():
+            raise
+        code = 1  # `ger datasets | head`: the reader left early, which needs no traceback
+    finally:
+        gc.freeze()
+    sys.exit(code)
+
+
+def _stdout_gone() -> bool:
+    """Whether stdout is a pipe whose reader has closed it (poll says POLLERR); if so stdout now goes
+    to /dev/null, so that the interpreter's own flush at exit fails no more. A BrokenPipeError from
+    anywhere else (a socket) is not this and keeps its traceback."""
+    try:
+        fd = sys.stdout.fileno()
+        poller = select.poll()
+        poller.register(fd, select.POLLOUT)
+        gone = any(events & select.POLLERR for _, events in poller.poll(0))
+    except (AttributeError, OSError, ValueError):  # no stdout, or not a file descriptor
+        return False
+    if gone:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), fd)
+    return gone
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    console()
