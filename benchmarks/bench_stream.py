@@ -163,12 +163,13 @@ def ger_run(
     return seconds, peak, json.loads((out / "metrics.json").read_text()), used
 
 
-# a Hydra app over ger's conf/ whose task does nothing
+# a Hydra app over ger's conf/ whose task does nothing, leaving the exit's collection out as ger does
 HYDRA_ONLY = """
-import sys, hydra
+import gc, sys, hydra
 @hydra.main(config_path=sys.argv.pop(1), config_name="config", version_base="1.3")
 def app(cfg): pass
 app()
+gc.freeze()
 """
 
 
