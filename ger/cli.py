@@ -140,10 +140,11 @@ def console() -> None:
     """The `ger` program: main(), then an exit that leaves the process's objects to the system.
 
     At exit the interpreter runs the garbage collector over everything the command left (the modules,
-    the config, the samples): 0.1 s of the 1 s a cached rerun of 4,000 images takes here. Frozen, they
-    are freed with the process. Nothing is lost: ger closes (and fsyncs) what it writes before main()
-    returns, atexit handlers (logging's flush) still run, and objects freed by reference count are
-    finalized as before; only a finalizer of an object in a reference cycle is skipped.
+    the config, the samples, torch's objects where a model ran): 0.85 s of a tiny-model run here
+    (benchmarks/bench_rerun.py). Frozen, they are freed with the process. Nothing is lost: ger closes
+    (and fsyncs) what it writes before main() returns, atexit handlers (logging's flush) still run,
+    and objects freed by reference count are finalized as before; only a finalizer of an object in a
+    reference cycle is skipped.
     """
     try:
         code = main()

@@ -52,7 +52,7 @@ def test_a_broken_pipe_that_is_not_stdout_keeps_its_traceback() -> None:
 
 
 def test_the_program_leaves_its_objects_frozen_for_the_exit() -> None:
-    """The interpreter's exit then skips collecting them (0.1 s of a cached rerun); atexit still runs."""
+    """The interpreter's exit then skips collecting them; atexit handlers still run."""
     code = (
         "import atexit, gc, sys\n"
         "atexit.register(lambda: print('frozen', gc.get_freeze_count(), file=sys.stderr))\n"
