@@ -116,25 +116,26 @@ def make_spec(**kw):
 STUB_MODEL = "qwen2_5_vl_7b"  # a real model config (max_images 20); the stub serves it, nothing is loaded
 
 
+def stub_run_args(url: str, dataset: str, root: Path, out: Path, *extra: str) -> list[str]:
+    """The arguments of `ger run backend=server` on the test set at `root` against a loopback stub."""
+    return [
+        "run",
+        f"dataset={dataset}",
+        f"dataset.layout.root={root}",
+        "dataset.demo=false",
+        f"model={STUB_MODEL}",
+        "backend=server",
+        f"backend.base_url={url}",
+        "backend.max_retries=0",
+        "progress=false",
+        f"hydra.run.dir={out}",
+        *extra,
+    ]
+
+
 def run_on_stub(url: str, dataset: str, root: Path, cache: Path, out: Path, *extra: str) -> dict:
     """`ger run backend=server` on the test set at `root` against a loopback stub; metrics.json's content."""
     import json
 
-    run_ger(
-        [
-            "run",
-            f"dataset={dataset}",
-            f"dataset.layout.root={root}",
-            "dataset.demo=false",
-            f"model={STUB_MODEL}",
-            "backend=server",
-            f"backend.base_url={url}",
-            "backend.max_retries=0",
-            "progress=false",
-            f"hydra.run.dir={out}",
-            *extra,
-        ],
-        cache,
-        REPO,
-    )
+    run_ger(stub_run_args(url, dataset, root, out, *extra), cache, REPO)
     return json.loads((out / "metrics.json").read_text())

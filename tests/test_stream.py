@@ -28,7 +28,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from conftest import REPO, STUB_MODEL, rows, run_on_stub
+from conftest import REPO, rows, run_on_stub, stub_run_args
 from stub_server import PerfectModel
 
 from ger.data import digests
@@ -805,19 +805,13 @@ def test_a_run_whose_workers_are_killed_midway_gives_the_undisturbed_predictions
     (as the OOM killer would; ger/run/workers.py): the run ends as an undisturbed one does."""
     perfect = PerfectModel(LABELS, truth(many_faces))
     stub_server.model = lambda body: (time.sleep(0.01), perfect(body))[1]
-    args = ["run", "dataset=demo", f"dataset.layout.root={many_faces}", "dataset.demo=false",
-            f"model={STUB_MODEL}", "backend=server", f"backend.base_url={stub_server.url}",
-            "backend.max_retries=0", "backend.concurrency=1", "progress=false", "limit=120",
-            "stream.workers=2", "stream.window=8"]  # fmt: skip
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    calm = subprocess.run([sys.executable, "-m", "ger.cli", *args, f"hydra.run.dir={tmp_path / 'calm'}"],
-                          cwd=REPO, env={**env, "GER_CACHE_DIR": str(tmp_path / "c1")},
-                          capture_output=True, text=True, timeout=300)  # fmt: skip
-    assert calm.returncode == 0, calm.stderr[-3000:]
+    extra = ["backend.concurrency=1", "limit=120", "stream.workers=2", "stream.window=8"]
+    run_on_stub(stub_server.url, "demo", many_faces, tmp_path / "c1", tmp_path / "calm", *extra)
 
     sent_before = len(stub_server.bodies)
-    proc = subprocess.Popen([sys.executable, "-m", "ger.cli", *args, f"hydra.run.dir={tmp_path / 'killed'}"],
-                            cwd=REPO, env={**env, "GER_CACHE_DIR": str(tmp_path / "c2")},
+    args = stub_run_args(stub_server.url, "demo", many_faces, tmp_path / "killed", *extra)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "GER_CACHE_DIR": str(tmp_path / "c2")}
+    proc = subprocess.Popen([sys.executable, "-m", "ger.cli", *args], cwd=REPO, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
     killed = []
     try:
