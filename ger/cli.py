@@ -12,6 +12,8 @@ import gc
 import os
 import select
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from ger.errors import USER_ERRORS, one_line, want_traceback
@@ -57,8 +59,71 @@ def _hydra_app(task: str, argv: list[str]) -> int:
             sys.exit(2)
 
     sys.argv = [f"ger {task}", *argv]
-    app()
+    with _mode_known(argv, conf_dir()):
+        app()
     return 0
+
+
+_PLAIN_FLAGS = ("-m", "--multirun", "-r", "--run")
+
+
+def _mode_set_by_config(argv: list[str], conf: Path) -> bool:
+    """Whether the config could set `hydra.mode` (and so must be composed to learn the run mode): an
+    override of hydra.mode, of the search path or of a hydra/ group, a flag that changes where configs
+    come from, or a file in conf/ that may set it. When none can, the mode is the command line's."""
+    for arg in argv:
+        if arg.startswith("-"):
+            if arg not in _PLAIN_FLAGS:
+                return True
+            continue
+        key = arg.split("=", 1)[0].lstrip("+~")
+        if key == "hydra" or key.startswith(("hydra/", "hydra.mode", "hydra.searchpath")):
+            return True
+    files = conf.rglob("*.yaml")
+    return any(_may_set_mode(path.read_text(encoding="utf-8", errors="replace")) for path in files)
+
+
+def _may_set_mode(text: str) -> bool:
+    """Whether a config file may set hydra.mode: it names hydra.mode or a search path, its top level is
+    hydra's (`# @package hydra`), or it has a `mode:` key that is not at the top level (ger's own `mode`
+    option) or in a comment. String searches, not a regular expression: 0.2 ms for all of conf/, not 4."""
+    if "hydra.mode" in text or "searchpath" in text:
+        return True
+    first = text.partition("\n")[0].split()
+    if first[1:3] == ["@package", "hydra"]:
+        return True
+    at = text.find("mode")
+    while at >= 0:
+        after = text[at + 4 : at + 40].lstrip(" \t")
+        line = text[text.rfind("\n", 0, at) + 1 : at]
+        if after.startswith(":") and not (line[-1:].isalnum() or line.endswith("_")) and "#" not in line:
+            if line:  # indented, or inside a flow mapping: below the top level
+                return True
+        at = text.find("mode", at + 4)
+    return False
+
+
+@contextmanager
+def _mode_known(argv: list[str], conf: Path) -> Iterator[None]:
+    """Skip the composition Hydra makes only to learn the run mode, when nothing but -m can set it.
+
+    hydra.main composes the config twice: once to read `hydra.mode` (Hydra.get_mode), then again to
+    run (hydra-ecosystem/hydra#3440). The first costs ~0.1 s, a sixth of a cached rerun. Where no
+    config or override can set the mode, get_mode would find none (None: the command line's -m
+    decides), so it answers that without composing; otherwise Hydra's own get_mode runs, as does
+    every other path (--cfg, --info). A Hydra without get_mode is left as it is.
+    """
+    from hydra._internal.hydra import Hydra
+
+    original = getattr(Hydra, "get_mode", None)
+    if original is None or _mode_set_by_config(argv, conf):
+        yield
+        return
+    Hydra.get_mode = lambda self, *args, **kwargs: None  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        Hydra.get_mode = original  # type: ignore[method-assign]
 
 
 def cmd_reproduce(argv: list[str]) -> int:

@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import tomllib
 from pathlib import Path
+
+import pytest
+
+from ger.cli import _may_set_mode, _mode_set_by_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -64,3 +69,103 @@ def test_the_program_leaves_its_objects_frozen_for_the_exit() -> None:
     assert "| rafdb |" in proc.stdout
     frozen = int(proc.stderr.split("frozen ")[1].split()[0])
     assert frozen > 10_000, proc.stderr  # the imported modules' objects at least
+
+
+# the task replaced by one that says how Hydra ran it; Hydra's compositions counted
+MODE_PROBE = """
+import atexit, sys
+import hydra._internal.hydra as internal
+import ger.run.pipeline as pipeline
+from hydra.core.hydra_config import HydraConfig
+composed = []
+compose = internal.Hydra.compose_config
+def counted(self, *args, **kwargs):
+    composed.append(kwargs.get("run_mode"))
+    return compose(self, *args, **kwargs)
+internal.Hydra.compose_config = counted
+pipeline.prepare = lambda cfg: print("mode", HydraConfig.get().mode.name, file=sys.stderr)
+atexit.register(lambda: print("composed", len(composed), file=sys.stderr))
+from ger.cli import console
+console()
+"""
+
+
+def hydra_mode(tmp_path: Path, args: list[str], conf: Path | None = None) -> tuple[list[str], int]:
+    """The run modes of a `ger prepare` (one per job) and how many times Hydra composed the config."""
+    out = [f"hydra.run.dir={tmp_path / 'run'}", f"hydra.sweep.dir={tmp_path / 'sweep'}"]
+    env = {**os.environ, "GER_CACHE_DIR": str(tmp_path / "cache")}
+    if conf is not None:
+        env["GER_CONF_DIR"] = str(conf)
+    program = f"import sys; sys.argv = ['ger', *sys.argv[1:]]; {MODE_PROBE}"
+    proc = subprocess.run([sys.executable, "-c", program, "prepare", *args, *out], stderr=subprocess.PIPE,
+                          stdout=subprocess.DEVNULL, text=True, cwd=ROOT, env=env, timeout=120)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stderr.splitlines()
+    modes = [line.split()[1] for line in lines if line.startswith("mode ")]
+    return modes, int(next(line for line in lines if line.startswith("composed ")).split()[1])
+
+
+def test_the_run_mode_is_not_composed_for_when_only_the_command_line_sets_it(tmp_path: Path) -> None:
+    """hydra.main composes the config once to learn the run mode and again to run (hydra#3440); where
+    nothing in conf/ or the overrides can set hydra.mode, ger composes once, in the mode -m says."""
+    assert hydra_mode(tmp_path / "a", ["dataset=demo", "frames=2"]) == (["RUN"], 1)
+    modes, composed = hydra_mode(tmp_path / "b", ["-m", "dataset=demo", "frames=2,3"])
+    assert modes == ["MULTIRUN", "MULTIRUN"]
+    assert composed == 1  # the sweep's (the launcher composes each job's): none to learn the mode
+
+
+def test_a_run_mode_set_by_the_config_is_still_honoured(tmp_path: Path) -> None:
+    """An override or a config file that sets hydra.mode: Hydra composes to learn it, as before."""
+    assert hydra_mode(tmp_path / "a", ["dataset=demo", "hydra.mode=MULTIRUN"])[0] == ["MULTIRUN"]
+    conf = tmp_path / "conf"
+    shutil.copytree(ROOT / "conf", conf)
+    preset = "# @package _global_\n# a preset that always sweeps\nhydra:\n  mode: MULTIRUN\n"
+    (conf / "experiment" / "always_sweep.yaml").write_text(preset)
+    assert hydra_mode(tmp_path / "b", ["dataset=demo", "+experiment=always_sweep"], conf)[0] == ["MULTIRUN"]
+    assert hydra_mode(tmp_path / "c", ["dataset=demo"], conf) == (["RUN"], 2)  # the file could be chosen
+
+
+def test_no_preset_of_gers_conf_sets_the_run_mode() -> None:
+    """Hydra's own composition of each experiment preset (the files a user picks to sweep) leaves
+    hydra.mode unset, as the text search over conf/ says (ger/cli.py _mode_set_by_config)."""
+    from hydra import compose, initialize_config_dir
+
+    presets = sorted(p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml"))
+    assert presets
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        for preset in presets:
+            cfg = compose("config", [f"+experiment={preset}"], return_hydra_config=True)
+            assert cfg.hydra.mode is None, preset
+    assert not _mode_set_by_config([], ROOT / "conf")
+
+
+@pytest.mark.parametrize(
+    ("text", "sets"),
+    [
+        ("hydra:\n  mode: MULTIRUN\n", True),
+        ("hydra: {mode: MULTIRUN}\n", True),
+        ("# @package hydra\nmode: MULTIRUN\n", True),
+        ("hydra.mode: RUN\n", True),
+        ("hydra:\n  searchpath: [file:///elsewhere]\n", True),
+        ("mode: single   # ger's own option, at the top level\n", False),
+        ("# @package hydra.launcher\nmode: x\n", False),
+        ("batch_size: null   # batch mode: the paper's\n", False),
+        ("max_model_len: 4096\nfoo_mode: 3\n", False),
+    ],
+)
+def test_which_config_files_may_set_the_run_mode(text: str, sets: bool) -> None:
+    assert _may_set_mode(text) is sets
+
+
+@pytest.mark.parametrize(
+    ("argv", "sets"),
+    [
+        (["dataset=demo", "hydra.run.dir=out", "-m", "frames=1,2"], False),
+        (["hydra.mode=MULTIRUN"], True),
+        (["+hydra.searchpath=[file:///x]"], True),
+        (["hydra/launcher=slurm"], True),
+        (["--config-dir", "/x"], True),
+    ],
+)
+def test_which_command_lines_may_set_the_run_mode(argv: list[str], sets: bool) -> None:
+    assert _mode_set_by_config(argv, ROOT / "conf") is sets
