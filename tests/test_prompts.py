@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import re
 import shutil
 
@@ -9,7 +10,7 @@ import pytest
 from PIL import Image
 
 from ger.config import conf_dir
-from ger.prompting.prompts import build_request
+from ger.prompting.prompts import KeyOnlyRequests, build_request
 from ger.prompting.templates import PromptTemplate, available_templates, load_template, placeholders, render
 from ger.records import LoadedSample, Sample
 
@@ -374,3 +375,62 @@ def test_the_prompt_override_picks_a_template_on_the_command_line(stub_server, t
     micro = load_template("micro").single.split("\n")[0]
     assert len(stub_server.texts) == 2 and all(t.startswith(micro) for t in stub_server.texts)
     assert "prompt: micro" in (tmp_path / "run" / "config.yaml").read_text()
+
+
+# ------------------------------------------------------------------ keys without building each request
+
+
+def _shell(i: int, n_images: int = 1, clip: bool = False, text: str | None = None, rate: int = 0):
+    """A sample as describe_sample leaves it: a content hash and counts, no pixels."""
+    digest = hashlib.sha256(f"media {i}".encode()).hexdigest()
+    return LoadedSample(Sample("demo", f"s_{i}", "Happiness"), content_hash=digest, n_images=n_images,
+                        clip=clip, text=text, audio_rate=rate)  # fmt: skip
+
+
+CHOICE = {"key_parts": {**KEY_PARTS, "structured_output": True}}
+KEY_ONLY_CASES = [  # template, modality, frames_as, shells (shapes repeat and differ), extra arguments
+    ("facial", "visual", "images", [_shell(i) for i in range(5)], {}),
+    ("facial", "visual", "images", [_shell(i) for i in range(3)], CHOICE),
+    ("facial", "visual", "images", [_shell(i) for i in range(3)], {"candidates": ["Sadness", "Happiness"]}),
+    ("video", "visual", "images", [_shell(i, n_images=3 + i % 2 * 5, clip=True) for i in range(6)], {}),
+    ("video", "visual", "grid", [_shell(i, n_images=3 + i % 2 * 5, clip=True) for i in range(6)], {}),
+    ("video", "visual", "video", [_shell(i, n_images=1 + i % 2, clip=True) for i in range(6)], {}),
+    ("multimodal", "multi", "images", [_shell(i, 3, True, f'said {i % 3} "so" ü') for i in range(7)], {}),
+    ("audio_multimodal", "audio_multi", "images", [_shell(i, 3, True, "said", 16000) for i in range(4)], {}),
+    ("audio", "audio", "images", [_shell(i, 3, True, None, 8000 * (1 + i % 2)) for i in range(4)], {}),
+]
+
+
+@pytest.mark.parametrize("template, modality, frames_as, shells, extra", KEY_ONLY_CASES,
+                         ids=[f"{c[0]}-{c[2]}-{sorted(c[4])}" for c in KEY_ONLY_CASES])  # fmt: skip
+def test_key_only_requests_are_build_requests_own(template, modality, frames_as, shells, extra):
+    """KeyOnlyRequests composes a single-mode key once per prompt shape and puts each sample's hash
+    in: every request, key included, must be the one build_request(key_only=True) makes."""
+    kw = {"key_parts": KEY_PARTS, "modality": modality, "candidates": None, **extra}
+    tmpl = load_template(template)
+    keys = KeyOnlyRequests(tmpl, LABELS, mode="single", frames_as=frames_as, **kw)
+    for max_tokens in (256, 64):
+        for shell in shells:
+            made = keys([shell], max_tokens)
+            assert made == build_request([shell], tmpl, LABELS, mode="single", frames_as=frames_as,
+                                         max_tokens=max_tokens, key_only=True, **kw)  # fmt: skip
+    assert 1 <= len(keys._shapes) <= 2 * len(shells)  # the shortcut was taken, shared where shapes agree
+    assert len({keys([s], 256).key for s in shells}) == len(shells)
+
+
+def test_key_only_requests_fall_back_to_build_request_elsewhere():
+    """Batches, a hash that is not plain hex, and a transcript holding the hash's mark: build_request."""
+    tmpl = load_template("multimodal")
+    kw = {"frames_as": "images", "key_parts": KEY_PARTS, "modality": "multi", "candidates": None}
+    batch = [_shell(i, 3, True, "said") for i in range(3)]
+    assert KeyOnlyRequests(tmpl, LABELS, mode="batch", **kw)(batch, 300) == build_request(
+        batch, tmpl, LABELS, mode="batch", max_tokens=300, key_only=True, **kw)  # fmt: skip
+    odd = [_shell(0, 3, True, "said \ue000content hash\ue000 it"), _shell(1, 3, True, "said")]
+    odd[1].content_hash = "sha256:" + odd[1].content_hash
+    keys = KeyOnlyRequests(tmpl, LABELS, mode="single", **kw)
+    for shell in odd:
+        assert keys([shell], 256) == build_request([shell], tmpl, LABELS, mode="single", max_tokens=256,
+                                                   key_only=True, **kw)  # fmt: skip
+    assert not keys._shapes
+    with pytest.raises(ValueError, match="no content hash"):
+        keys([LoadedSample(Sample("demo", "x", "y"), n_images=3, clip=True, text="said")], 256)

@@ -15,11 +15,12 @@ Samples built without a content hash are keyed by the digest of their pixels.
 from __future__ import annotations
 
 import hashlib
+from dataclasses import replace
 from typing import Any
 
 from ger.prompting.templates import FRAMES_AS, PromptTemplate, available_templates, render, sample_ids
 from ger.records import LoadedSample, Request
-from ger.run.cache import request_key
+from ger.run.cache import canonical_json, request_key
 
 MODES = ("single", "batch")
 # What a request gives the model: visual = images or frames, text = the transcript, multi = both;
@@ -209,6 +210,27 @@ def build_request(
     the backend scores as the whole answer; the prompt takes the constrained form (answer with one
     label) and the key the candidates.
     """
+    keyed, fields = _compose(
+        samples, template, labels, mode=mode, frames_as=frames_as, key_parts=key_parts,
+        max_tokens=max_tokens, modality=modality, key_only=key_only, candidates=candidates,
+    )  # fmt: skip
+    return Request(key=request_key(keyed), **fields)
+
+
+def _compose(
+    samples: list[LoadedSample],
+    template: PromptTemplate,
+    labels: list[str],
+    *,
+    mode: str,
+    frames_as: str,
+    key_parts: dict[str, Any],
+    max_tokens: int,
+    modality: str = "visual",
+    key_only: bool = False,
+    candidates: list[str] | None = None,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """build_request's work: what its key hashes, and the request's other fields."""
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; expected one of {list(MODES)}")
     if frames_as not in FRAMES_AS:
@@ -280,14 +302,50 @@ def build_request(
     }
     if candidates is not None:  # only likelihood keys carry them: the other keys stay as they were
         keyed["candidates"] = list(candidates)
-    key = request_key(keyed)
     messages = [] if key_only else [{"role": "user", "content": [p for parts, _ in pairs for p in parts]}]
-    return Request(
-        key=key,
-        names=tuple(names),
-        messages=messages,
-        choices=choices,
-        candidates=list(candidates) if candidates is not None else None,
-        max_tokens=max_tokens,
-        ids=tuple(ids) if mode == "batch" else (),
-    )
+    return keyed, {
+        "names": tuple(names),
+        "messages": messages,
+        "choices": choices,
+        "candidates": list(candidates) if candidates is not None else None,
+        "max_tokens": max_tokens,
+        "ids": tuple(ids) if mode == "batch" else (),
+    }
+
+
+_HASH_MARK = "\ue000content hash\ue000"  # where a sample's content hash goes in a shared key text
+
+
+class KeyOnlyRequests:
+    """build_request(samples, ..., key_only=True) for one run's fixed arguments, cheap in single mode.
+
+    A cached rerun keys every sample before it knows what to ask. In single mode two samples whose
+    prompts read the same (the same frame count, transcript and sound rate, as every still of a test
+    set) have keys that differ only in their content hash; so the canonical text a key hashes is
+    composed once per such shape, with a mark where the hash goes, and each sample's key hashes that
+    text with its own hash put in: 3 us a sample, where composing and encoding it all took 60 (a
+    sixth of a cached rerun of 4,000 images). Anything else is build_request itself.
+    """
+
+    def __init__(self, template: PromptTemplate, labels: list[str], **fixed: Any) -> None:
+        self.template, self.labels, self.fixed = template, labels, fixed
+        self._shapes: dict[tuple[Any, ...], tuple[list[bytes], dict[str, Any]]] = {}
+
+    def __call__(self, samples: list[LoadedSample], max_tokens: int) -> Request:
+        one, args = samples[0], (self.template, self.labels)
+        digest = one.content_hash
+        plain = digest.isascii() and digest.isalnum() and _HASH_MARK not in (one.text or "")
+        if len(samples) != 1 or self.fixed.get("mode") != "single" or not plain:
+            return build_request(samples, *args, max_tokens=max_tokens, key_only=True, **self.fixed)
+        shape = (max_tokens, one.image_count, one.is_clip, one.text, one.audio_rate)
+        made = self._shapes.get(shape)
+        if made is None:
+            marked = replace(one, content_hash=_HASH_MARK)
+            keyed, fields = _compose([marked], *args, max_tokens=max_tokens, key_only=True, **self.fixed)
+            pieces = [piece.encode() for piece in canonical_json(keyed).split(_HASH_MARK)]
+            made = self._shapes[shape] = (pieces, fields)
+        pieces, fields = made
+        key = hashlib.sha256(digest.encode().join(pieces)).hexdigest()
+        choices, candidates = fields["choices"], fields["candidates"]
+        return Request(key, (one.sample.name,), [], None if choices is None else list(choices),
+                       None if candidates is None else list(candidates), max_tokens)  # fmt: skip

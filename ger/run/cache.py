@@ -63,13 +63,17 @@ CREATE TABLE IF NOT EXISTS failures (
 
 
 def request_key(parts: dict[str, Any]) -> str:
-    """sha256 of the canonical JSON of `parts` (sorted keys, fixed separators).
+    """sha256 of the canonical JSON of `parts` (canonical_json).
 
     Only JSON values are accepted (no PIL images, no paths): a value that silently
     stringified differently across runs would break cache hits.
     """
-    canonical = json.dumps(parts, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
-    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+    return hashlib.sha256(canonical_json(parts).encode("utf-8")).hexdigest()
+
+
+def canonical_json(parts: dict[str, Any]) -> str:
+    """The text request_key hashes: JSON with sorted keys and fixed separators, not ASCII-escaped."""
+    return json.dumps(parts, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
 
 
 def _is_busy(exc: sqlite3.Error) -> bool:

@@ -32,7 +32,7 @@ from ger.data.validate import check_dataset
 from ger.errors import UserError
 from ger.options import check_option, check_options
 from ger.prompting.batching import batch_order, plan_batches, summarise, write_order
-from ger.prompting.prompts import build_request, modality_inputs
+from ger.prompting.prompts import KeyOnlyRequests, build_request, modality_inputs
 from ger.prompting.release_prompts import select_template
 from ger.records import ERROR, LoadedSample, Prediction, Request, Response, Sample
 from ger.run.ask import Asker
@@ -193,21 +193,17 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     budgets: dict[int, int] = {}
     candidates = mode.candidates(spec.labels)
 
+    fixed = {"mode": mode.layout, "frames_as": frames_as, "key_parts": parts, "modality": modality,
+             "candidates": candidates}  # fmt: skip
+    keys_only = KeyOnlyRequests(template, spec.labels, **fixed)  # every group is keyed before any is asked
+
     def request_for(by_name: dict[str, LoadedSample], names: tuple[str, ...], key_only: bool) -> Request:
         if len(names) not in budgets:
             budgets[len(names)] = mode.max_tokens(cfg.sampling, len(names))
-        return build_request(
-            [by_name[n] for n in names],
-            template,
-            spec.labels,
-            mode=mode.layout,
-            frames_as=frames_as,
-            key_parts=parts,
-            max_tokens=budgets[len(names)],
-            modality=modality,
-            key_only=key_only,
-            candidates=candidates,
-        )
+        samples = [by_name[n] for n in names]
+        if key_only:
+            return keys_only(samples, budgets[len(names)])
+        return build_request(samples, template, spec.labels, max_tokens=budgets[len(names)], **fixed)
 
     stream_cfg = cfg.get("stream") or {}
     stats = StreamStats(
