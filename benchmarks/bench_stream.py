@@ -26,6 +26,7 @@ drifts by tens of percent over minutes); prints each round's ratios and their me
 from __future__ import annotations
 
 import argparse
+import compileall
 import json
 import os
 import resource
@@ -163,22 +164,28 @@ def ger_run(
     return seconds, peak, json.loads((out / "metrics.json").read_text()), used
 
 
-# a Hydra app over ger's conf/ whose task does nothing, leaving the exit's collection out as ger does
+# a Hydra app over ger's conf/ whose task does nothing; as ger does, it composes the config once
+# where nothing but -m sets the run mode (ger/cli.py _mode_known) and leaves out the exit's collection
 HYDRA_ONLY = """
 import gc, sys, hydra
-@hydra.main(config_path=sys.argv.pop(1), config_name="config", version_base="1.3")
+from pathlib import Path
+from ger.cli import _mode_known
+conf = sys.argv.pop(1)
+@hydra.main(config_path=conf, config_name="config", version_base="1.3")
 def app(cfg): pass
-app()
+with _mode_known(sys.argv[1:], Path(conf)):
+    app()
 gc.freeze()
 """
 
 
 def hydra_only(url: str, root: Path, out: Path, clips: bool) -> float:
-    """Wall seconds of the interpreter, Hydra's import and its composition of the run's config (twice,
-    as hydra.main does), with a task that does nothing: the part of a `ger run` that is not ger's."""
+    """Wall seconds of the interpreter, Hydra's import and its composition of the run's config, with a
+    task that does nothing: the part of a `ger run` that is not ger's."""
     args = [sys.executable, "-c", HYDRA_ONLY, str(REPO / "conf"), *overrides(url, root, out, clips)]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
     start = time.perf_counter()
-    subprocess.run(args, cwd=REPO, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    subprocess.run(args, cwd=REPO, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     return time.perf_counter() - start
 
 
@@ -277,6 +284,10 @@ def main() -> None:
     args = parser.parse_args()
     what = "clips" if args.clips else "images"
     from stub_server import StubServer
+
+    # ger's modules byte-compiled, as an installed package has them: a run under PYTHONDONTWRITEBYTECODE
+    # (as on this project's machines) would compile them all again each time, on both sides of (c)
+    compileall.compile_dir(str(REPO / "ger"), quiet=1)
 
     server = StubServer(lambda body: ("happy", "stop")).start()
     with tempfile.TemporaryDirectory() as tmp:
