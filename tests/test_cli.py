@@ -88,6 +88,14 @@ atexit.register(lambda: print("composed", len(composed), file=sys.stderr))
 from ger.cli import console
 console()
 """
+# the task replaced by one that says how many objects the collector leaves alone while it runs
+FREEZE_PROBE = """
+import gc, sys
+import ger.run.pipeline as pipeline
+pipeline.prepare = lambda cfg: print("frozen", gc.get_freeze_count(), file=sys.stderr)
+from ger.cli import {entry}
+{entry}()
+"""
 
 
 def hydra_mode(tmp_path: Path, args: list[str], conf: Path | None = None) -> tuple[list[str], int]:
@@ -169,3 +177,17 @@ def test_which_config_files_may_set_the_run_mode(text: str, sets: bool) -> None:
 )
 def test_which_command_lines_may_set_the_run_mode(argv: list[str], sets: bool) -> None:
     assert _mode_set_by_config(argv, ROOT / "conf") is sets
+
+
+@pytest.mark.parametrize("entry", ["console", "main"])
+def test_the_program_freezes_what_lives_as_long_as_it_and_main_alone_does_not(tmp_path: Path, entry: str):
+    """The `ger` program keeps Hydra's and ger's modules and the config out of the collector's full
+    passes (gc.freeze before the task); main() called from someone's Python leaves their collector be."""
+    code = f"import sys; sys.argv = ['ger', *sys.argv[1:]]; {FREEZE_PROBE.format(entry=entry)}"
+    args = ["prepare", "dataset=demo", f"hydra.run.dir={tmp_path / 'run'}"]
+    env = {**os.environ, "GER_CACHE_DIR": str(tmp_path / "cache")}
+    proc = subprocess.run([sys.executable, "-c", code, *args], stderr=subprocess.PIPE,
+                          stdout=subprocess.DEVNULL, text=True, cwd=ROOT, env=env, timeout=120)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    frozen = int(proc.stderr.split("frozen ")[1].split()[0])
+    assert (frozen > 20_000) if entry == "console" else (frozen == 0), proc.stderr
