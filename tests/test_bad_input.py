@@ -597,3 +597,19 @@ def test_a_corrupt_cache_names_the_file_and_the_fix(tmp_path: Path, cache: Path)
     ]
     proc = run_ger(args, cache, tmp_path, check=False)
     assert_one_line_error(proc, f"response cache {db} cannot be used", "not a database", "move the file away")
+
+
+ODD_NAMES = ["img_1", "img_1.jpg", "img_1.", ".hidden", "..", "a/..", "a.b/c", "a.b/c.png", "a/b/",
+             "a/b/.", "a//b.tar.gz", "./x.y", "x.y/./", "", "/", "clip.01/frame", "v.mp4/", "ü.jpeg",
+             "a b.JPG"]  # fmt: skip
+
+
+@pytest.mark.parametrize("name", ODD_NAMES)
+def test_a_names_extension_is_read_as_pathlib_reads_it(name: str) -> None:
+    """A label-list name with an extension is the file; one without gets the layout's (.jpg). ger
+    reads the extension with string operations (ger/data/datasets.py _suffix), as Path does."""
+    from pathlib import PurePosixPath
+
+    from ger.data.datasets import _suffix
+
+    assert _suffix(name) == PurePosixPath(name).suffix
