@@ -88,7 +88,7 @@ def _mode_set_by_config(argv: list[str], conf: Path) -> bool:
 def _may_set_mode(text: str) -> bool:
     """Whether a config file may set hydra.mode: it names hydra.mode or a search path, its top level is
     hydra's (`# @package hydra`), or it has a `mode:` key that is not at the top level (ger's own `mode`
-    option) or in a comment. String searches, not a regular expression: 0.2 ms for all of conf/, not 4."""
+    option) or in a comment. String searches, not a regular expression: 0.5 ms for all of conf/, not 4.5."""
     if "hydra.mode" in text or "searchpath" in text:
         return True
     first = text.partition("\n")[0].split()
@@ -110,10 +110,11 @@ def _mode_known(argv: list[str], conf: Path) -> Iterator[None]:
     """Skip the composition Hydra makes only to learn the run mode, when nothing but -m can set it.
 
     hydra.main composes the config twice: once to read `hydra.mode` (Hydra.get_mode), then again to
-    run (hydra-ecosystem/hydra#3440). The first costs ~0.1 s, a sixth of a cached rerun. Where no
-    config or override can set the mode, get_mode would find none (None: the command line's -m
-    decides), so it answers that without composing; otherwise Hydra's own get_mode runs, as does
-    every other path (--cfg, --info). A Hydra without get_mode is left as it is.
+    run (hydra-ecosystem/hydra#3440). The first costs as much as the second, 0.15-0.3 s on this
+    project's 2-core machines, a tenth of a cached rerun of 4,000 images. Where no config or override
+    can set the mode, get_mode would find none (None: the command line's -m decides), so it answers
+    that without composing; otherwise Hydra's own get_mode runs, as does every other path (--cfg,
+    --info). A Hydra without get_mode is left as it is.
     """
     from hydra._internal.hydra import Hydra
 
@@ -136,8 +137,8 @@ def _freeze_the_long_lived() -> None:
     """Keep what lives as long as the process out of the collector's passes (gc.freeze).
 
     A full pass walks every object tracked so far; two of them came during a cached rerun, over
-    Hydra's and ger's modules and the config (50,000-90,000 objects): 0.12 s of a 1.7 s rerun of 4,000
-    images here, 0.02 s with those objects frozen. Only in the `ger` program: main() called from a
+    Hydra's and ger's modules and the config (50,000-90,000 objects): 0.12-0.17 s of a 1.7 s rerun of
+    4,000 images here, 0.02 s with those objects frozen. Only in the `ger` program: main() called from a
     caller's Python leaves that process's collector as it is."""
     if _OWN_PROCESS:
         gc.freeze()

@@ -323,8 +323,8 @@ class KeyOnlyRequests:
     prompts read the same (the same frame count, transcript and sound rate, as every still of a test
     set) have keys that differ only in their content hash; so the canonical text a key hashes is
     composed once per such shape, with a mark where the hash goes, and each sample's key hashes that
-    text with its own hash put in: 3 us a sample, where composing and encoding it all took 60 (a
-    sixth of a cached rerun of 4,000 images). Anything else is build_request itself.
+    text with its own hash put in: 7 us a sample, where composing and encoding it all took 75 (a
+    seventh of a cached rerun of 4,000 images). Anything else is build_request itself.
     """
 
     def __init__(self, template: PromptTemplate, labels: list[str], **fixed: Any) -> None:
