@@ -129,8 +129,8 @@ def _mode_known(argv: list[str], conf: Path) -> Iterator[None]:
         Hydra.get_mode = original  # type: ignore[method-assign]
 
 
-# set by console(): the process is the `ger` program's own, so its collector is ger's to tune
-_OWN_PROCESS = False
+# set by console() to the freezes of the first task's start: the `ger` program's process is its own
+_freezes_left = 0
 
 
 def _freeze_the_long_lived() -> None:
@@ -138,9 +138,13 @@ def _freeze_the_long_lived() -> None:
 
     A full pass walks every object tracked so far; two of them came during a cached rerun, over
     Hydra's and ger's modules and the config (50,000-90,000 objects): 0.12-0.17 s of a 1.7 s rerun of
-    4,000 images here, 0.02 s with those objects frozen. Only in the `ger` program: main() called from a
-    caller's Python leaves that process's collector as it is."""
-    if _OWN_PROCESS:
+    4,000 images here, 0.02 s with those objects frozen. Only in the `ger` program (main() called from a
+    caller's Python leaves that process's collector as it is), and only as the first task starts: a
+    sweep's later jobs freeze nothing, so what a job leaves in reference cycles (an engine, its
+    tensors) is still collected, not kept for good."""
+    global _freezes_left
+    if _freezes_left > 0:
+        _freezes_left -= 1
         gc.freeze()
 
 
@@ -229,8 +233,8 @@ def console() -> None:
     and objects freed by reference count are finalized as before; only a finalizer of an object in a
     reference cycle is skipped.
     """
-    global _OWN_PROCESS
-    _OWN_PROCESS = True
+    global _freezes_left
+    _freezes_left = 2  # Hydra and the config, then ger's modules (_hydra_app)
     try:
         code = main()
         sys.stdout.flush()  # what is still buffered fails here, not in the interpreter's exit

@@ -191,3 +191,40 @@ def test_the_program_freezes_what_lives_as_long_as_it_and_main_alone_does_not(tm
     assert proc.returncode == 0, proc.stderr
     frozen = int(proc.stderr.split("frozen ")[1].split()[0])
     assert (frozen > 20_000) if entry == "console" else (frozen == 0), proc.stderr
+
+
+# each job of a sweep: says whether the cycle the job before left (as an engine's objects may be) can
+# still be collected, then leaves one of its own, old by then, and says how many objects are frozen
+SWEEP_PROBE = """
+import gc, sys, weakref
+import ger.run.pipeline as pipeline
+left = []
+class Engine:
+    pass
+def task(cfg):
+    if left:
+        gc.collect()
+        print("collected", left[-1]() is None, file=sys.stderr)
+    engine = Engine()
+    engine.me = engine
+    left.append(weakref.ref(engine))
+    gc.collect()  # it lives through the job, as an engine does: the oldest generation
+    print("frozen", gc.get_freeze_count(), file=sys.stderr)
+pipeline.prepare = task
+from ger.cli import console
+console()
+"""
+
+
+def test_a_sweeps_later_jobs_freeze_nothing_so_what_a_job_left_is_collected(tmp_path: Path) -> None:
+    code = f"import sys; sys.argv = ['ger', *sys.argv[1:]]; {SWEEP_PROBE}"
+    args = ["prepare", "-m", "dataset=demo", "frames=1,2,3", f"hydra.sweep.dir={tmp_path / 'sweep'}"]
+    env = {**os.environ, "GER_CACHE_DIR": str(tmp_path / "cache")}
+    proc = subprocess.run([sys.executable, "-c", code, *args], stderr=subprocess.PIPE,
+                          stdout=subprocess.DEVNULL, text=True, cwd=ROOT, env=env, timeout=120)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stderr.splitlines()
+    frozen = [int(line.split()[1]) for line in lines if line.startswith("frozen ")]
+    # frozen as the first job started, none after (frozen objects freed by reference count leave it)
+    assert len(frozen) == 3 and frozen[0] > 20_000 and frozen[0] >= frozen[1] >= frozen[2], proc.stderr
+    assert [line for line in lines if line.startswith("collected ")] == ["collected True"] * 2, proc.stderr
