@@ -1,4 +1,4 @@
-"""The `ger` program around main(): how it exits (ger/cli.py console)."""
+"""The `ger` program around main(): how it exits, how often Hydra composes its config, what it freezes."""
 
 from __future__ import annotations
 
