@@ -15,6 +15,7 @@ Samples built without a content hash are keyed by the digest of their pixels.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
@@ -198,6 +199,7 @@ def build_request(
     modality: str = "visual",
     key_only: bool = False,
     candidates: list[str] | None = None,
+    keyer: Callable[[dict[str, Any]], str] = request_key,
 ) -> Request:
     """One user message asking about `samples` (one in single mode), keyed for the cache.
 
@@ -208,29 +210,9 @@ def build_request(
     revision, backend settings, sampling); a truthy `structured_output` in it
     constrains a single-mode answer to one of `labels`. `candidates` (answer=likelihood): the labels
     the backend scores as the whole answer; the prompt takes the constrained form (answer with one
-    label) and the key the candidates.
+    label) and the key the candidates. `keyer` turns what the key covers into the key (request_key);
+    KeyOnlyRequests asks for the canonical text itself.
     """
-    keyed, fields = _compose(
-        samples, template, labels, mode=mode, frames_as=frames_as, key_parts=key_parts,
-        max_tokens=max_tokens, modality=modality, key_only=key_only, candidates=candidates,
-    )  # fmt: skip
-    return Request(key=request_key(keyed), **fields)
-
-
-def _compose(
-    samples: list[LoadedSample],
-    template: PromptTemplate,
-    labels: list[str],
-    *,
-    mode: str,
-    frames_as: str,
-    key_parts: dict[str, Any],
-    max_tokens: int,
-    modality: str = "visual",
-    key_only: bool = False,
-    candidates: list[str] | None = None,
-) -> tuple[dict[str, Any], dict[str, Any]]:
-    """build_request's work: what its key hashes, and the request's other fields."""
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; expected one of {list(MODES)}")
     if frames_as not in FRAMES_AS:
@@ -303,14 +285,15 @@ def _compose(
     if candidates is not None:  # only likelihood keys carry them: the other keys stay as they were
         keyed["candidates"] = list(candidates)
     messages = [] if key_only else [{"role": "user", "content": [p for parts, _ in pairs for p in parts]}]
-    return keyed, {
-        "names": tuple(names),
-        "messages": messages,
-        "choices": choices,
-        "candidates": list(candidates) if candidates is not None else None,
-        "max_tokens": max_tokens,
-        "ids": tuple(ids) if mode == "batch" else (),
-    }
+    return Request(
+        key=keyer(keyed),
+        names=tuple(names),
+        messages=messages,
+        choices=choices,
+        candidates=list(candidates) if candidates is not None else None,
+        max_tokens=max_tokens,
+        ids=tuple(ids) if mode == "batch" else (),
+    )
 
 
 _HASH_MARK = "\ue000content hash\ue000"  # where a sample's content hash goes in a shared key text
@@ -329,7 +312,7 @@ class KeyOnlyRequests:
 
     def __init__(self, template: PromptTemplate, labels: list[str], **fixed: Any) -> None:
         self.template, self.labels, self.fixed = template, labels, fixed
-        self._shapes: dict[tuple[Any, ...], tuple[list[bytes], dict[str, Any]]] = {}
+        self._shapes: dict[tuple[Any, ...], tuple[list[bytes], Request]] = {}
 
     def __call__(self, samples: list[LoadedSample], max_tokens: int) -> Request:
         one, args = samples[0], (self.template, self.labels)
@@ -340,12 +323,11 @@ class KeyOnlyRequests:
         shape = (max_tokens, one.image_count, one.is_clip, one.text, one.audio_rate)
         made = self._shapes.get(shape)
         if made is None:
-            marked = replace(one, content_hash=_HASH_MARK)
-            keyed, fields = _compose([marked], *args, max_tokens=max_tokens, key_only=True, **self.fixed)
-            pieces = [piece.encode() for piece in canonical_json(keyed).split(_HASH_MARK)]
-            made = self._shapes[shape] = (pieces, fields)
-        pieces, fields = made
+            marked = build_request([replace(one, content_hash=_HASH_MARK)], *args, max_tokens=max_tokens,
+                                   key_only=True, keyer=canonical_json, **self.fixed)  # fmt: skip
+            made = self._shapes[shape] = ([piece.encode() for piece in marked.key.split(_HASH_MARK)], marked)
+        pieces, marked = made
         key = hashlib.sha256(digest.encode().join(pieces)).hexdigest()
-        choices, candidates = fields["choices"], fields["candidates"]
+        choices, candidates = marked.choices, marked.candidates
         return Request(key, (one.sample.name,), [], None if choices is None else list(choices),
                        None if candidates is None else list(candidates), max_tokens)  # fmt: skip
