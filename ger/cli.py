@@ -81,28 +81,43 @@ def _mode_set_by_config(argv: list[str], conf: Path) -> bool:
         key = arg.split("=", 1)[0].lstrip("+~")
         if key == "hydra" or key.startswith(("hydra/", "hydra.mode", "hydra.searchpath")):
             return True
-    files = conf.rglob("*.yaml")
-    return any(_may_set_mode(path.read_text(encoding="utf-8", errors="replace")) for path in files)
+    for path in conf.rglob("*.yaml"):
+        in_hydra = path.parent == conf / "hydra"  # the `hydra` group: its files' top level is hydra's
+        if _may_set_mode(path.read_text(encoding="utf-8", errors="replace"), in_hydra):
+            return True
+    return False
 
 
-def _may_set_mode(text: str) -> bool:
+def _may_set_mode(text: str, hydras: bool = False) -> bool:
     """Whether a config file may set hydra.mode: it names hydra.mode or a search path, its top level is
-    hydra's (`# @package hydra`), or it has a `mode:` key that is not at the top level (ger's own `mode`
-    option) or in a comment. String searches, not a regular expression: 0.5 ms for all of conf/, not 4.5."""
+    hydra's (`hydras`, or `# @package hydra`) and has a `mode:` key, or it has a `mode:` key below the
+    top level (the top level's is ger's own `mode` option) that is not in a comment. String searches,
+    not a regular expression: 0.5 ms for all of conf/, not 4.5."""
     if "hydra.mode" in text or "searchpath" in text:
         return True
-    first = text.partition("\n")[0].split()
-    if first[1:3] == ["@package", "hydra"]:
-        return True
+    hydras = hydras or _package(text).rpartition(".")[2] == "hydra"
     at = text.find("mode")
     while at >= 0:
         after = text[at + 4 : at + 40].lstrip(" \t")
         line = text[text.rfind("\n", 0, at) + 1 : at]
         if after.startswith(":") and not (line[-1:].isalnum() or line.endswith("_")) and "#" not in line:
-            if line:  # indented, or inside a flow mapping: below the top level
+            if line or hydras:  # indented, or inside a flow mapping: below the top level
                 return True
         at = text.find("mode", at + 4)
     return False
+
+
+def _package(text: str) -> str:
+    """A config file's `# @package` header, as Hydra reads it: among the leading `# @key value` lines."""
+    for line in map(str.strip, text.splitlines()):
+        words = line.lstrip("#").split()
+        if not line:
+            continue
+        if not line.startswith("#") or not words or not words[0].startswith("@"):
+            break
+        if words[0] == "@package" and len(words) > 1:
+            return words[1]
+    return ""
 
 
 @contextmanager

@@ -153,6 +153,9 @@ def test_no_preset_of_gers_conf_sets_the_run_mode() -> None:
         ("hydra:\n  mode: MULTIRUN\n", True),
         ("hydra: {mode: MULTIRUN}\n", True),
         ("# @package hydra\nmode: MULTIRUN\n", True),
+        ("\n#@package hydra\nmode: MULTIRUN\n", True),
+        ("# @foo bar\n# @package _global_.hydra\nmode: MULTIRUN\n", True),
+        ("# a comment first ends the header\n# @package hydra\nmode: single\n", False),
         ("hydra.mode: RUN\n", True),
         ("hydra:\n  searchpath: [file:///elsewhere]\n", True),
         ("mode: single   # ger's own option, at the top level\n", False),
@@ -163,6 +166,18 @@ def test_no_preset_of_gers_conf_sets_the_run_mode() -> None:
 )
 def test_which_config_files_may_set_the_run_mode(text: str, sets: bool) -> None:
     assert _may_set_mode(text) is sets
+
+
+def test_a_file_of_the_hydra_group_may_set_the_run_mode_at_its_top_level(tmp_path: Path) -> None:
+    """conf/hydra/<name>.yaml is packaged as `hydra`: its top-level `mode:` is hydra.mode. Its
+    subgroups' (conf/hydra/launcher/) are not, nor is ger's own top-level `mode`."""
+    conf = tmp_path / "conf"
+    (conf / "hydra" / "launcher").mkdir(parents=True)
+    (conf / "config.yaml").write_text("mode: single\n")
+    (conf / "hydra" / "launcher" / "local.yaml").write_text("mode: fork\n")
+    assert not _mode_set_by_config([], conf)
+    (conf / "hydra" / "always_sweep.yaml").write_text("mode: MULTIRUN\n")
+    assert _mode_set_by_config([], conf)
 
 
 @pytest.mark.parametrize(
