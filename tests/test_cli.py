@@ -98,17 +98,23 @@ from ger.cli import {entry}
 """
 
 
-def hydra_mode(tmp_path: Path, args: list[str], conf: Path | None = None) -> tuple[list[str], int]:
-    """The run modes of a `ger prepare` (one per job) and how many times Hydra composed the config."""
+def probe(tmp_path: Path, program: str, args: list[str], conf: Path | None = None) -> list[str]:
+    """The stderr lines of `ger prepare ARGS` run by `program` (a probe that replaces the task), with its
+    run and sweep folders and cache under tmp_path, and conf/ at `conf` if given; it must exit 0."""
     out = [f"hydra.run.dir={tmp_path / 'run'}", f"hydra.sweep.dir={tmp_path / 'sweep'}"]
     env = {**os.environ, "GER_CACHE_DIR": str(tmp_path / "cache")}
     if conf is not None:
         env["GER_CONF_DIR"] = str(conf)
-    program = f"import sys; sys.argv = ['ger', *sys.argv[1:]]; {MODE_PROBE}"
-    proc = subprocess.run([sys.executable, "-c", program, "prepare", *args, *out], stderr=subprocess.PIPE,
+    code = f"import sys; sys.argv = ['ger', *sys.argv[1:]]; {program}"
+    proc = subprocess.run([sys.executable, "-c", code, "prepare", *args, *out], stderr=subprocess.PIPE,
                           stdout=subprocess.DEVNULL, text=True, cwd=ROOT, env=env, timeout=120)  # fmt: skip
     assert proc.returncode == 0, proc.stderr
-    lines = proc.stderr.splitlines()
+    return proc.stderr.splitlines()
+
+
+def hydra_mode(tmp_path: Path, args: list[str], conf: Path | None = None) -> tuple[list[str], int]:
+    """The run modes of a `ger prepare` (one per job) and how many times Hydra composed the config."""
+    lines = probe(tmp_path, MODE_PROBE, args, conf)
     modes = [line.split()[1] for line in lines if line.startswith("mode ")]
     return modes, int(next(line for line in lines if line.startswith("composed ")).split()[1])
 
@@ -198,14 +204,9 @@ def test_which_command_lines_may_set_the_run_mode(argv: list[str], sets: bool) -
 def test_the_program_freezes_what_lives_as_long_as_it_and_main_alone_does_not(tmp_path: Path, entry: str):
     """The `ger` program keeps Hydra's and ger's modules and the config out of the collector's full
     passes (gc.freeze before the task); main() called from someone's Python leaves their collector be."""
-    code = f"import sys; sys.argv = ['ger', *sys.argv[1:]]; {FREEZE_PROBE.format(entry=entry)}"
-    args = ["prepare", "dataset=demo", f"hydra.run.dir={tmp_path / 'run'}"]
-    env = {**os.environ, "GER_CACHE_DIR": str(tmp_path / "cache")}
-    proc = subprocess.run([sys.executable, "-c", code, *args], stderr=subprocess.PIPE,
-                          stdout=subprocess.DEVNULL, text=True, cwd=ROOT, env=env, timeout=120)  # fmt: skip
-    assert proc.returncode == 0, proc.stderr
-    frozen = int(proc.stderr.split("frozen ")[1].split()[0])
-    assert (frozen > 20_000) if entry == "console" else (frozen == 0), proc.stderr
+    lines = probe(tmp_path, FREEZE_PROBE.format(entry=entry), ["dataset=demo"])
+    (frozen,) = [int(line.split()[1]) for line in lines if line.startswith("frozen ")]
+    assert (frozen > 20_000) if entry == "console" else (frozen == 0), lines
 
 
 # each job of a sweep: says whether the cycle the job before left (as an engine's objects may be) can
@@ -232,14 +233,8 @@ console()
 
 
 def test_a_sweeps_later_jobs_freeze_nothing_so_what_a_job_left_is_collected(tmp_path: Path) -> None:
-    code = f"import sys; sys.argv = ['ger', *sys.argv[1:]]; {SWEEP_PROBE}"
-    args = ["prepare", "-m", "dataset=demo", "frames=1,2,3", f"hydra.sweep.dir={tmp_path / 'sweep'}"]
-    env = {**os.environ, "GER_CACHE_DIR": str(tmp_path / "cache")}
-    proc = subprocess.run([sys.executable, "-c", code, *args], stderr=subprocess.PIPE,
-                          stdout=subprocess.DEVNULL, text=True, cwd=ROOT, env=env, timeout=120)  # fmt: skip
-    assert proc.returncode == 0, proc.stderr
-    lines = proc.stderr.splitlines()
+    lines = probe(tmp_path, SWEEP_PROBE, ["-m", "dataset=demo", "frames=1,2,3"])
     frozen = [int(line.split()[1]) for line in lines if line.startswith("frozen ")]
     # frozen as the first job started, none after (frozen objects freed by reference count leave it)
-    assert len(frozen) == 3 and frozen[0] > 20_000 and frozen[0] >= frozen[1] >= frozen[2], proc.stderr
-    assert [line for line in lines if line.startswith("collected ")] == ["collected True"] * 2, proc.stderr
+    assert len(frozen) == 3 and frozen[0] > 20_000 and frozen[0] >= frozen[1] >= frozen[2], lines
+    assert [line for line in lines if line.startswith("collected ")] == ["collected True"] * 2, lines
