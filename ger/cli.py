@@ -101,7 +101,7 @@ def _may_set_mode(text: str, hydras: bool = False) -> bool:
         after = text[at + 4 : at + 40].lstrip(" \t")
         line = text[text.rfind("\n", 0, at) + 1 : at]
         if after.startswith(":") and not (line[-1:].isalnum() or line.endswith("_")) and "#" not in line:
-            if line or hydras:  # indented, or inside a flow mapping: below the top level
+            if line or hydras:  # below the top level (indented, or in a flow mapping), or hydra's own
                 return True
         at = text.find("mode", at + 4)
     return False
@@ -110,9 +110,9 @@ def _may_set_mode(text: str, hydras: bool = False) -> bool:
 def _package(text: str) -> str:
     """A config file's `# @package` header, as Hydra reads it: among the leading `# @key value` lines."""
     for line in map(str.strip, text.splitlines()):
-        words = line.lstrip("#").split()
         if not line:
             continue
+        words = line.lstrip("#").split()
         if not line.startswith("#") or not words or not words[0].startswith("@"):
             break
         if words[0] == "@package" and len(words) > 1:
