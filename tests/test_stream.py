@@ -657,6 +657,42 @@ def test_json_payload_is_json_dumps_without_scanning_the_media():
         assert json_payload(body) == json.dumps(body).encode(), repr(c)
 
 
+@pytest.mark.parametrize("video_as", ["images", "video"])
+def test_media_ger_encodes_skip_the_scan_and_still_give_json_dumps_bytes(monkeypatch, video_as):
+    """Data URLs and sound that ger base64-encodes itself are marked (Base64Text): json_payload
+    takes them without scanning their characters and still writes exactly json.dumps' bytes. A data
+    URL of a type ger does not make stays a plain str, which json_payload scans."""
+    import io
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    from ger.backends import chat_format as cf
+    from ger.records import EncodedImage
+
+    image = Image.new("RGB", (64, 48), (10, 200, 30))
+    png = io.BytesIO()
+    image.save(png, format="PNG")
+    frames = [EncodedImage("image/jpeg", cf.jpeg_base64(image), 64, 48) for _ in range(2)]
+    content = [
+        {"type": "text", "text": 'look "here"'},
+        {"type": "image", "image": image},  # sent as a JPEG
+        {"type": "image", "image": image, "source": ("image/png", png.getvalue())},  # sent as its file
+        {"type": "video", "frames": frames},  # a worker's JPEGs
+        {"type": "audio", "audio": np.linspace(-1, 1, 1600), "sampling_rate": 16000},
+    ]
+    body = {"model": "m", "messages": cf.to_openai_messages([{"role": "user", "content": content}], video_as)}
+    parts = body["messages"][0]["content"]
+    media = [p[p["type"]].get("url", p[p["type"]].get("data")) for p in parts if p["type"] != "text"]
+    assert len(media) == (5 if video_as == "images" else 4)
+    assert all(type(m) is cf.Base64Text for m in media), [type(m) for m in media]
+    expected = json.dumps(body).encode()
+    monkeypatch.setattr(cf, "_json_safe", lambda value: pytest.fail("json_payload scanned ger's own base64"))
+    assert cf.json_payload(body) == expected
+    assert type(cf.image_data_url(EncodedImage('image/x"y', "AAAA", 1, 1))) is str
+
+
 def test_real_paths_resolve_as_pathlib_does(tmp_path):
     """RealPaths (each folder resolved once, a file only when it is a link) against Path.resolve()."""
     import os

@@ -50,10 +50,25 @@ def jpeg_base64(image: Any, quality: int = 90) -> str:
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
+_IMAGE_TYPES = frozenset({"image/jpeg", "image/png", "image/webp"})  # what wire_image makes
+
+
+class Base64Text(str):
+    """A str json.dumps writes as it is: base64 that ger encoded, behind a header ger wrote.
+
+    json_payload would otherwise check each media string character by character to learn that it
+    needs no escaping: about 70 us for a 640x480 JPEG, a tenth of ger's own CPU per request against
+    a fast server. Only the functions here that build the string with base64.b64encode mark it.
+    """
+
+    __slots__ = ()
+
+
 def image_data_url(image: Any, quality: int = 90, source: tuple[str, bytes] | None = None) -> str:
     """A data URL of the image's own file where the part carries one (a still sent as it is), else JPEG."""
     made = wire_image(image, quality, source)
-    return f"data:{made.mime};base64,{made.data}"
+    url = f"data:{made.mime};base64,{made.data}"
+    return Base64Text(url) if made.mime in _IMAGE_TYPES else url  # another type: json_payload checks it
 
 
 def image_base64(image: Any, quality: int = 90, source: tuple[str, bytes] | None = None) -> str:
@@ -66,7 +81,7 @@ def video_data_url(frames: list[Any], quality: int = 90) -> str:
     if not frames:
         raise ValueError("a video part needs at least one frame")
     # RGB always: vLLM stacks the decoded frames into one (T, H, W, 3) array
-    return "data:video/jpeg;base64," + ",".join(_frame_jpeg(f, quality) for f in frames)
+    return Base64Text("data:video/jpeg;base64," + ",".join(_frame_jpeg(f, quality) for f in frames))
 
 
 def _frame_jpeg(frame: Any, quality: int) -> str:
@@ -90,7 +105,7 @@ def wav_base64(samples: Any, rate: int) -> str:
         w.setsampwidth(2)
         w.setframerate(int(rate))
         w.writeframes(pcm.tobytes())
-    return base64.b64encode(buf.getvalue()).decode("ascii")
+    return Base64Text(base64.b64encode(buf.getvalue()).decode("ascii"))
 
 
 def _image_part(
@@ -209,7 +224,9 @@ def json_payload(body: dict[str, Any]) -> bytes:
     token, media = _TOKEN, []
 
     def slim(value: Any) -> Any:
-        if not (isinstance(value, str) and len(value) > 256 and _json_safe(value)):
+        if type(value) is Base64Text:
+            pass  # known to need no escaping
+        elif not (isinstance(value, str) and len(value) > 256 and _json_safe(value)):
             return value
         media.append(value)
         return f"ger-media-{token}-{len(media) - 1}"
