@@ -183,7 +183,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     finally:
         use_table(None)
         table.close()
-    undecodable = Undecodable(cache_dir / "undecodable.sqlite")
+    stream_cfg = cfg.get("stream") or {}
+    stats = StreamStats(
+        window_size(stream_cfg, cfg.backend), worker_count(stream_cfg), sample_timeout(stream_cfg)
+    )
+    undecodable = Undecodable(cache_dir / "undecodable.sqlite", stats.timeout_s)
     # known not to decode: error rows now, yet kept among the shells so batches are cut as before
     known_bad = undecodable.known({n: s.content_hash for n, s in shells.items()})
     errors.update(known_bad)
@@ -205,10 +209,6 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             return keys_only(samples, budgets[len(names)])
         return build_request(samples, template, spec.labels, max_tokens=budgets[len(names)], **fixed)
 
-    stream_cfg = cfg.get("stream") or {}
-    stats = StreamStats(
-        window_size(stream_cfg, cfg.backend), worker_count(stream_cfg), sample_timeout(stream_cfg)
-    )
     kind = spec.layout.media_kind
     # grids are drawn from pixels when the request is built; everything else can travel as workers encode it
     wire = None if frames_as == "grid" and kind != "image" else settings.wire_quality()
@@ -228,7 +228,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         cache.close()
         partial.close(remove=False)
         found = {n: e for n, e in errors.items() if n in shells and n not in known_bad}  # this run's failures
-        undecodable.remember({shells[n].content_hash: e for n, e in found.items()})
+        decoded = {shells[n].content_hash for n in decoder.decoded_names}  # a hang seen through is forgotten
+        undecodable.remember({shells[n].content_hash: e for n, e in found.items()}, decoded)
         undecodable.close()
     preds += [Prediction(s.name, s.gt, [], ERROR, "", errors[s.name]) for s in samples if s.name in errors]
     preds.sort(key=lambda p: label_rank[p.name])

@@ -29,6 +29,7 @@ from tqdm import tqdm
 from ger.answers.parse import LabelMatcher, parse_batch
 from ger.backends.chat_format import wire_image
 from ger.data.media import DECODED_FIELDS, MediaError, decode
+from ger.data.undecodable import HUNG
 from ger.records import LoadedSample, Request
 from ger.run.cache import ResponseCache
 from ger.run.workers import WorkerDied, WorkerPool, beat
@@ -144,6 +145,7 @@ class Decoder:
         self._lock = threading.Lock()
         self.bar: tqdm | None = None
         self.on_free: Callable[[], None] | None = None
+        self.decoded_names: set[str] = set()  # the samples that decoded: a hang remembered before is not
         # samples per worker task: up to 8, fewer where the window is small, so every worker still
         # gets work while a window's worth decodes
         self.per_task = max(1, min(8, stats.window // (4 * max(1, stats.workers))))
@@ -196,6 +198,8 @@ class Decoder:
                 result = result if isinstance(result, str) else replace(shell, **result)
             else:
                 result = _decode(h, self.spec)
+            if isinstance(result, LoadedSample):
+                self.decoded_names.add(result.sample.name)
             if isinstance(result, LoadedSample) and result.images:
                 weakref.finalize(result.images[0], self._freed)
             else:
@@ -210,18 +214,28 @@ class Decoder:
         """What decoding `shell` adds to it, decoded as a task of its own: its task was running when
         its worker died or was killed for hanging, so the sample that ended it (a decoder aborting or
         hanging on a corrupt file, a clip too large for memory) may be this one. Alone, an ended
-        worker is the sample's own doing: after _ALONE_TRIES it gets an error row, not remembered as
-        undecodable (the system may have killed the process for memory others were using); any other
-        sample of the task decodes as if nothing happened."""
+        worker is the sample's own doing: after _ALONE_TRIES it gets an error row; any other sample of
+        the task decodes as if nothing happened.
+
+        A death is not remembered (the system may have killed the process for memory others were
+        using), so a rerun tries again. A hang each time is: the pool itself killed the worker for
+        making no progress, and a rerun would wait out the timeout _ALONE_TRIES + 1 times again for
+        the same row (ger/data/undecodable.py keeps it with the timeout it was given)."""
+        deaths = []
         for _ in range(_ALONE_TRIES):
             try:
                 return self._submit([shell]).result()[0]
             except WorkerDied as exc:
-                last = exc
+                deaths.append(exc)
         media = os.fspath(shell.sample.media or shell.sample.name)
         log.warning("decoding %s ended its worker each of %d times alone: an error row", media, _ALONE_TRIES)
+        if all(d.hung_after is not None for d in deaths):
+            waited = deaths[-1].hung_after
+            return (f"{HUNG}decoding {media} made no progress for {waited:g} s (stream.timeout_s) each of "
+                    f"the {_ALONE_TRIES} times it was tried alone, and its worker was killed; a rerun gives "
+                    "this row without decoding it, unless stream.timeout_s is longer")  # fmt: skip
         return (f"{WORKER_DIED}decoding {media} ended its worker each of the {_ALONE_TRIES} times it was "
-                f"tried alone, the last: {last} (a decoder that crashes or hangs on the file, or the "
+                f"tried alone, the last: {deaths[-1]} (a decoder that crashes or hangs on the file, or the "
                 "system killing the process for memory); a rerun tries again")  # fmt: skip
 
     def close(self) -> None:

@@ -39,7 +39,15 @@ _BEAT_EVERY = 1.0  # seconds: a worker says so at most this often, so fast tasks
 
 
 class WorkerDied(RuntimeError):
-    """The worker process running a task died before it answered (killed, or crashed in native code)."""
+    """The worker process running a task died before it answered (killed, or crashed in native code).
+
+    hung_after: the timeout it was killed for, when the pool killed it for making no progress; None
+    when it died of anything else (a crash, a signal from outside, the system's OOM killer).
+    """
+
+    def __init__(self, message: str, hung_after: float | None = None) -> None:
+        super().__init__(message)
+        self.hung_after = hung_after
 
 
 class WorkersCannotStart(RuntimeError):
@@ -284,7 +292,8 @@ class WorkerPool:
             how = f"killed after {worker.overdue:g} s without progress: a decoder that hangs"
         if worker.sent and worker.ready:
             running = worker.sent.popleft()
-            running.future.set_exception(WorkerDied(f"the worker process running this task died ({how})"))
+            died = WorkerDied(f"the worker process running this task died ({how})", worker.overdue)
+            running.future.set_exception(died)
         waiting.extendleft(reversed(worker.sent))
         if not worker.ready and code is not None and code > 0:
             self._failed_starts += 1
