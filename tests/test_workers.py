@@ -12,7 +12,8 @@
 - a sample whose decoding kills or hangs its worker every time gets an error row of its own, and
   the samples that shared its task decode as if nothing happened;
 - a hang is remembered with its timeout (a death is not): a rerun gives its row without waiting, a
-  rerun with a longer timeout tries it again, and once it decodes the hang is forgotten.
+  rerun with a longer timeout tries it again, and once it decodes the hang is forgotten;
+- a sample that runs out of memory while decoding gets an error row; the run goes on.
 
 A run whose workers are killed midway: tests/test_stream.py.
 
@@ -59,6 +60,10 @@ def die() -> None:
 
 def hang() -> None:
     time.sleep(3600)
+
+
+def run_out_of_memory() -> None:
+    raise MemoryError("Unable to allocate 10.1 GiB for an array with shape (3, 60000, 60000, 1)")
 
 
 def beating(steps: int) -> int:
@@ -232,6 +237,31 @@ def test_a_sample_that_ends_its_worker_gets_an_error_row_and_its_task_mates_deco
     assert stats.workers_lost == 3  # in its task, then twice alone
     assert stats.decoded == 11
     assert decoder.decoded_names == {f"face_{i:02d}" for i in range(11) if i != 5}
+
+
+def test_a_sample_that_runs_out_of_memory_gets_an_error_row_and_the_run_goes_on(tmp_path):
+    """A MemoryError decoding one sample (numpy refusing the frames of a corrupt header's size) failed
+    its whole worker task, and collect() raised it: the run ended. It is now that sample's error row,
+    not remembered; its task mates decode and no worker dies."""
+    from ger.run.stream import Decoder, DecodeSpec, StreamStats
+
+    shells = []
+    for i in range(11):
+        path = tmp_path / f"face_{i:02d}.png"
+        draw(path, LABELS[i % len(LABELS)], i)
+        media = EndsItsReader(path, run_out_of_memory) if i == 5 else path
+        shells.append(describe_sample(Sample("demo", path.stem, "happy", media=media), "image"))
+    stats = StreamStats(window=64, workers=2, timeout_s=None)
+    decoder = Decoder(DecodeSpec("image", 1, "paper", False), stats, progress=False)
+    try:
+        results = decoder.collect(decoder.start(shells, len(shells)))
+    finally:
+        decoder.close()
+    oom = results.pop(5)
+    assert oom.startswith("MemoryError: decoding sample face_05 ran out of memory (Unable to allocate"), oom
+    assert not oom.startswith((REMEMBERED, HUNG))
+    assert [r.sample.name for r in results] == [f"face_{i:02d}" for i in range(11) if i != 5]
+    assert all(r.images for r in results) and stats.workers_lost == 0
 
 
 def test_a_hang_applies_while_a_run_would_wait_as_long_and_is_forgotten_once_decoded(tmp_path):

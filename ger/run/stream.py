@@ -81,6 +81,9 @@ def _decode(shell: LoadedSample, spec: DecodeSpec) -> LoadedSample | str:
                         greyscale=spec.greyscale)  # fmt: skip
     except (MediaError, OSError) as exc:
         return f"{type(exc).__name__}: {exc}"
+    except MemoryError as exc:  # frames no memory holds (a corrupt header's size): a row, not the run's end
+        why, name = str(exc) or "no detail", shell.sample.name
+        return f"MemoryError: decoding sample {name} ran out of memory ({why}); a rerun tries again"
     if spec.wire is not None and loaded.images:
         source, loaded.source = loaded.source, None  # a still's file is now its EncodedImage
         loaded.images = [wire_image(im, spec.wire, source) for im in loaded.images]
