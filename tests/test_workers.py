@@ -199,6 +199,17 @@ def test_workers_that_cannot_start_stop_the_pool_with_an_error(tmp_path):
     assert "3 decoding workers in a row exited as they started (exit status 1)" in proc.stderr, proc.stderr
 
 
+def faces_with_a_bad_reader(tmp_path: Path, how: Callable[[], None]) -> list:
+    """The shells of 11 still faces; reading face_05 in a worker does `how`."""
+    shells = []
+    for i in range(11):
+        path = tmp_path / f"face_{i:02d}.png"
+        draw(path, LABELS[i % len(LABELS)], i)
+        media = EndsItsReader(path, how) if i == 5 else path
+        shells.append(describe_sample(Sample("demo", path.stem, "happy", media=media), "image"))
+    return shells
+
+
 @pytest.mark.parametrize(
     ("how", "timeout", "says"), [(die, None, "(signal 9)"), (hang, 1.0, "killed after 1 s without progress")]
 )
@@ -210,12 +221,7 @@ def test_a_sample_that_ends_its_worker_gets_an_error_row_and_its_task_mates_deco
 
     from ger.run.stream import WORKER_DIED, Decoder, DecodeSpec, StreamStats
 
-    shells = []
-    for i in range(11):
-        path = tmp_path / f"face_{i:02d}.png"
-        draw(path, LABELS[i % len(LABELS)], i)
-        media = EndsItsReader(path, how) if i == 5 else path
-        shells.append(describe_sample(Sample("demo", path.stem, "happy", media=media), "image"))
+    shells = faces_with_a_bad_reader(tmp_path, how)
     stats = StreamStats(window=64, workers=2, timeout_s=timeout)
     decoder = Decoder(DecodeSpec("image", 1, "paper", False), stats, progress=False)
     try:
@@ -245,12 +251,7 @@ def test_a_sample_that_runs_out_of_memory_gets_an_error_row_and_the_run_goes_on(
     not remembered; its task mates decode and no worker dies."""
     from ger.run.stream import Decoder, DecodeSpec, StreamStats
 
-    shells = []
-    for i in range(11):
-        path = tmp_path / f"face_{i:02d}.png"
-        draw(path, LABELS[i % len(LABELS)], i)
-        media = EndsItsReader(path, run_out_of_memory) if i == 5 else path
-        shells.append(describe_sample(Sample("demo", path.stem, "happy", media=media), "image"))
+    shells = faces_with_a_bad_reader(tmp_path, run_out_of_memory)
     stats = StreamStats(window=64, workers=2, timeout_s=None)
     decoder = Decoder(DecodeSpec("image", 1, "paper", False), stats, progress=False)
     try:
