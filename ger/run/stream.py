@@ -148,7 +148,7 @@ class Decoder:
         self._lock = threading.Lock()
         self.bar: tqdm | None = None
         self.on_free: Callable[[], None] | None = None
-        self.decoded_names: set[str] = set()  # the samples that decoded: a hang remembered before is not
+        self.decoded_names: set[str] = set()  # decoded in this run: a hang remembered for one is forgotten
         # samples per worker task: up to 8, fewer where the window is small, so every worker still
         # gets work while a window's worth decodes
         self.per_task = max(1, min(8, stats.window // (4 * max(1, stats.workers))))
