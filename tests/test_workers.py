@@ -353,11 +353,9 @@ def test_a_rerun_does_not_wait_again_for_a_file_that_hung_its_decoder(stub_serve
     first, got = run("r1", 1, hang=True)
     assert first["stream"]["workers_lost"] == 3 and first["stream"]["decoded"] == 12
     assert got["face_05"]["status"] == "error" and got["face_05"]["detail"].startswith(HUNG), got["face_05"]
-    started = time.monotonic()
-    again, got_again = run("r2", 1, hang=True)
+    again, got_again = run("r2", 1, hang=True)  # no worker killed: no timeout waited out
     assert again["stream"]["workers_lost"] == 0 and again["stream"]["decoded"] == 0
-    assert again["requests"]["sent"] == 0 and got_again == got  # the same row, without the wait
-    assert time.monotonic() - started < 60
+    assert again["requests"]["sent"] == 0 and got_again == got  # the same row, word for word
     longer, got = run("r3", 2, hang=False)
     assert longer["stream"]["decoded"] == 1 and longer["requests"]["sent"] == 1
     assert got["face_05"]["status"] == "ok" and got["face_05"]["top1"] == got["face_05"]["gt"]
