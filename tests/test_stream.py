@@ -304,19 +304,25 @@ def test_a_digest_table_of_the_old_schema_is_replaced(tmp_path):
         assert conn.execute("SELECT count(*) FROM file_digests WHERE sha256 = 'stale'").fetchone() == (0,)
 
 
-def faces_with_a_truncated_one(tmp_path: Path, stub_server) -> tuple[Path, bytes]:
-    """12 faces, face_05 truncated (found only by decoding), the stub a perfect model; (root, its bytes)."""
+def twelve_faces(tmp_path: Path, stub_server) -> Path:
+    """12 faces (face_00 ... face_11) and their label list; the stub a perfect model for them."""
     root = tmp_path / "faces"
     (root / "images").mkdir(parents=True)
     pairs = [(f"face_{i:02d}", LABELS[i % len(LABELS)]) for i in range(12)]
     for i, (name, label) in enumerate(pairs):
         draw(root / "images" / f"{name}.png", label, i)
     stub_server.model = PerfectModel(LABELS, truth_of(root, pairs))
+    with (root / "label.csv").open("w", newline="") as f:
+        csv.writer(f).writerows([("name", "gt"), *pairs])
+    return root
+
+
+def faces_with_a_truncated_one(tmp_path: Path, stub_server) -> tuple[Path, bytes]:
+    """twelve_faces with face_05 truncated (found only by decoding); (root, its bytes)."""
+    root = twelve_faces(tmp_path, stub_server)
     broken = root / "images" / "face_05.png"
     good = broken.read_bytes()
     broken.write_bytes(good[:200])
-    with (root / "label.csv").open("w", newline="") as f:
-        csv.writer(f).writerows([("name", "gt"), *pairs])
     return root, good
 
 

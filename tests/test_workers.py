@@ -322,21 +322,12 @@ def test_a_rerun_does_not_wait_again_for_a_file_that_hung_its_decoder(stub_serve
     (stream.timeout_s each) for a DecoderHung row; a rerun gives the same row at once, decoding and
     killing nothing; with a longer timeout, the file now decoding, it is asked, and a rerun at the
     first timeout answers it from the cache instead of giving the old row."""
-    import csv
     import json
 
     from conftest import rows, run_ger, stub_run_args
-    from stub_server import PerfectModel
-    from test_stream import truth_of
+    from test_stream import twelve_faces
 
-    root = tmp_path / "faces"
-    (root / "images").mkdir(parents=True)
-    pairs = [(f"face_{i:02d}", LABELS[i % len(LABELS)]) for i in range(12)]
-    for i, (name, label) in enumerate(pairs):
-        draw(root / "images" / f"{name}.png", label, i)
-    with (root / "label.csv").open("w", newline="") as f:
-        csv.writer(f).writerows([("name", "gt"), *pairs])
-    stub_server.model = PerfectModel(LABELS, truth_of(root, pairs))
+    root = twelve_faces(tmp_path, stub_server)
     site = tmp_path / "site"
     site.mkdir()
     (site / "sitecustomize.py").write_text(SITE_HANG)
