@@ -9,7 +9,9 @@ The release folder comes from --reference-dir, else $GER_REFERENCE_DIR, else
   - cold: wall time of a `ger reproduce` subprocess (interpreter start, imports, scoring,
     writing the tables);
 each with its ratio to the 2 s target. When the in-process time is over the target (or with
---profile) a cProfile of one call shows where the time goes.
+--profile) a cProfile of one call shows where the time goes. Then the report's confidence intervals:
+`ger.scoring.stats.bootstrap_ci` for acc, uar and wf1, 2,000 resamples of 8,000 predictions, against
+the textbook bootstrap of accuracy alone (resampled index rows, each row's mean) in the same run.
 """
 
 from __future__ import annotations
@@ -93,6 +95,35 @@ def main() -> None:
         out = io.StringIO()
         pstats.Stats(profiler, stream=out).sort_stats("cumulative").print_stats(18)
         print(out.getvalue())
+    bootstrap_vs_textbook()
+
+
+def bootstrap_vs_textbook(n: int = 8000, n_boot: int = 2000) -> None:
+    """ger's intervals for three metrics vs the plain index-resampling bootstrap of one (best of 3 each)."""
+    import numpy as np
+
+    from ger.scoring.stats import bootstrap_ci
+
+    rng = np.random.default_rng(0)
+    labels = np.array(["a", "b", "c", "d", "e", "f", "g"])
+    yt = labels[rng.integers(0, 7, n)]
+    yp = np.where(rng.random(n) < 0.6, yt, labels[rng.integers(0, 7, n)])
+
+    def ours() -> None:
+        for metric in ("acc", "uar", "wf1"):
+            bootstrap_ci(yt, yp, metric, n_boot=n_boot)
+
+    def textbook() -> None:
+        hits = yt == yp
+        idx = np.random.default_rng(0).integers(0, n, size=(n_boot, n))
+        np.percentile(100 * hits[idx].mean(axis=1), [2.5, 97.5])
+
+    t_ours = min(timed(ours)[0] for _ in range(3))
+    t_plain = min(timed(textbook)[0] for _ in range(3))
+    print(
+        f"bootstrap_ci acc+uar+wf1, {n_boot} resamples of {n}: {t_ours:.3f} s; the textbook bootstrap of "
+        f"acc alone: {t_plain:.3f} s; ratio {t_ours / t_plain:.2f} (three metrics vs one)"
+    )
 
 
 if __name__ == "__main__":
