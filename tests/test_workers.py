@@ -368,3 +368,33 @@ def test_stream_timeout_refuses_what_no_run_can_use(value):
 
     with pytest.raises(ValueError, match="stream.timeout_s must be > 0 or null"):
         sample_timeout({"timeout_s": value})
+
+
+def test_workers_run_at_lower_priority_and_so_do_their_replacements():
+    here = os.getpriority(os.PRIO_PROCESS, 0)
+    pool = WorkerPool(1, nice=5)
+    try:
+        assert pool.submit(os.getpriority, os.PRIO_PROCESS, 0).result(TIMEOUT) == min(19, here + 5)
+        with pytest.raises(WorkerDied):
+            pool.submit(die).result(TIMEOUT)
+        assert pool.submit(os.getpriority, os.PRIO_PROCESS, 0).result(TIMEOUT) == min(19, here + 5)
+    finally:
+        pool.close()
+    assert os.getpriority(os.PRIO_PROCESS, 0) == here  # the parent's own priority is left as it was
+    with pytest.raises(ValueError, match="0 to 19"):
+        WorkerPool(1, nice=-1)  # raising a priority needs privileges no run should ask for
+
+
+@pytest.mark.parametrize(("value", "expected"), [(None, 0), (0, 0), (10, 10), ("19", 19)])
+def test_stream_nice_reads_a_niceness(value, expected):
+    from ger.run.stream import worker_nice
+
+    assert worker_nice({"nice": value}) == expected
+
+
+@pytest.mark.parametrize("value", [-1, 20])
+def test_stream_nice_refuses_a_higher_priority_or_past_the_lowest(value):
+    from ger.run.stream import worker_nice
+
+    with pytest.raises(ValueError, match="stream.nice must be 0 to 19"):
+        worker_nice({"nice": value})

@@ -49,6 +49,7 @@ from ger.run.stream import (
     sample_timeout,
     window_size,
     worker_count,
+    worker_nice,
 )
 from ger.scoring.views import score_run
 
@@ -185,7 +186,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         table.close()
     stream_cfg = cfg.get("stream") or {}
     stats = StreamStats(
-        window_size(stream_cfg, cfg.backend), worker_count(stream_cfg), sample_timeout(stream_cfg)
+        window_size(stream_cfg, cfg.backend),
+        worker_count(stream_cfg),
+        sample_timeout(stream_cfg),
+        nice=worker_nice(stream_cfg),
     )
     undecodable = Undecodable(cache_dir / "undecodable.sqlite", stats.timeout_s)
     # known not to decode: error rows now, yet kept among the shells so batches are cut as before

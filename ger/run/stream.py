@@ -51,6 +51,7 @@ class StreamStats:
     window: int
     workers: int
     timeout_s: float | None = None  # most seconds a worker may spend on one sample before it is killed
+    nice: int = 0  # how much lower the workers' scheduling priority is than ger's (stream.nice)
     from_cache: int = 0  # samples answered from cached answers without decoding
     decoded: int = 0  # samples whose media were decoded
     peak_decoded: int = 0  # most decoded samples alive at once (from submission until their pixels are freed)
@@ -125,6 +126,14 @@ def sample_timeout(stream_cfg: Any) -> float | None:
     return float(timeout)
 
 
+def worker_nice(stream_cfg: Any) -> int:
+    """stream.nice: how much lower the decoding workers' priority is than ger's (0 to 19)."""
+    nice = int(stream_cfg.get("nice") or 0)
+    if not 0 <= nice <= 19:
+        raise ValueError(f"stream.nice must be 0 to 19 (decoding at lower priority only), got {nice}")
+    return nice
+
+
 def worker_count(stream_cfg: Any) -> int:
     """stream.workers, or one decoding process per core; 0 decodes in this process."""
     workers = stream_cfg.get("workers")
@@ -170,7 +179,7 @@ class Decoder:
         if not self.stats.workers:
             return list(shells)  # decoded in collect(), in this process
         if self._pool is None:
-            self._pool = WorkerPool(self.stats.workers, "ger-decoders")
+            self._pool = WorkerPool(self.stats.workers, "ger-decoders", self.stats.nice)
         handles: list[Handle] = []
         for i in range(0, len(shells), self.per_task):
             task = self._submit(shells[i : i + self.per_task])

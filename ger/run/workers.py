@@ -87,11 +87,13 @@ def beat() -> None:
         _conn.send(_BEAT)
 
 
-def _serve(conn: Connection) -> None:
+def _serve(conn: Connection, nice: int = 0) -> None:
     """A worker: say it started (None), then run each task sent and answer (True, result) or
     (False, exception), until None."""
     global _conn, _last_beat
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle: it closes the pool
+    if nice:
+        os.nice(nice)  # lower priority only, which needs no privilege
     _conn = conn
     conn.send(None)
     while True:
@@ -118,13 +120,17 @@ def _serve(conn: Connection) -> None:
 class WorkerPool:
     """`size` spawned worker processes running submitted calls; a worker that dies is replaced.
 
-    Spawned, never forked: the parent may hold an engine's threads.
+    Spawned, never forked: the parent may hold an engine's threads. `nice`: how much lower the
+    workers' scheduling priority is than the parent's (os.nice), so that work waiting on the parent
+    is not kept waiting by work the pool does ahead of need.
     """
 
-    def __init__(self, size: int, name: str = "ger-workers") -> None:
+    def __init__(self, size: int, name: str = "ger-workers", nice: int = 0) -> None:
         if size < 1:
             raise ValueError(f"a worker pool needs at least one worker, got {size}")
-        self.size = size
+        if not 0 <= nice <= 19:
+            raise ValueError(f"a worker pool's nice must be 0 to 19 (lower priority only), got {nice}")
+        self.size, self.nice = size, nice
         self.deaths = 0  # workers that died while the pool was open
         self._failed_starts = 0  # workers in a row that exited before they started
         self._ctx = get_context("spawn")
@@ -220,7 +226,7 @@ class WorkerPool:
 
     def _start_worker(self) -> _Worker:
         ours, theirs = self._ctx.Pipe(duplex=True)
-        process = self._ctx.Process(target=_serve, args=(theirs,), daemon=True)
+        process = self._ctx.Process(target=_serve, args=(theirs, self.nice), daemon=True)
         process.start()
         theirs.close()  # the worker holds the only other end: its death closes the pipe
         return _Worker(process, ours)
