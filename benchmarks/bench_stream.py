@@ -3,10 +3,12 @@
 Run by hand:  python benchmarks/bench_stream.py [--n 4000] [--small 1000] [--rounds 3]
               python benchmarks/bench_stream.py --clips --n 400 --small 100   # 3-frame clips
               python benchmarks/bench_stream.py --workers 1   # stream.workers (default: one per core)
+              python benchmarks/bench_stream.py --nice 0      # stream.nice (default: conf/config.yaml's)
 
 Makes --n 640x480 JPEG images (smooth gradients, small noise; --clips: 2 s mp4v clips of
 50 640x480 frames, 3 frames sampled; no two files alike), starts the loopback
-stub server of tests/stub_server.py answering every request at once, and runs `ger run
+server of tests/instant_server.py answering every request at once at next to no CPU (so that only
+the harness is timed: it shares these cores with ger), and runs `ger run
 backend=server` as a subprocess, as a user would, sampling the resident memory of ger and its
 decoding workers (the process tree, summed) every 50 ms. --rounds times (3), from an empty cache
 each time: a first run, its cached reruns (of all, then of one; each three times, the median), and
@@ -105,7 +107,7 @@ def tree_sample(pid: int, cpu: dict[int, float]) -> int:
 @dataclass
 class CpuUse:
     """CPU seconds of one run: ger's process tree, its main process (the tree less its workers as
-    last sampled), and this process (the stub server's threads and the 50 ms sampler)."""
+    last sampled), and this process (the instant server's thread and the 50 ms sampler)."""
 
     tree: float
     main: float
@@ -115,7 +117,7 @@ class CpuUse:
         per = 1000 / n
         workers = (self.tree - self.main) * per
         return (f"ger {self.tree * per:.2f} ms/sample of CPU (main process {self.main * per:.2f}, "
-                f"decoding workers {workers:.2f}), stub server {self.here * per:.2f}")  # fmt: skip
+                f"decoding workers {workers:.2f}), server {self.here * per:.2f}")  # fmt: skip
 
 
 def children_cpu() -> float:
@@ -133,15 +135,13 @@ def overrides(url: str, root: Path, out: Path, clips: bool) -> list[str]:
     ]  # fmt: skip
 
 
-def ger_run(
-    url: str, root: Path, cache: Path, out: Path, limit: int | None, clips: bool, workers: int | None
-):
-    """Wall seconds, peak tree RSS (bytes) and metrics.json of one `ger run`."""
+def ger_run(url: str, root: Path, cache: Path, out: Path, limit: int | None, clips: bool, pool: dict):
+    """Wall seconds, peak tree RSS (bytes) and metrics.json of one `ger run`; `pool`: the stream
+    settings given on the command line (workers, nice)."""
     args = ["run", *overrides(url, root, out, clips)]
     if limit:
         args.append(f"limit={limit}")
-    if workers is not None:
-        args.append(f"stream.workers={workers}")
+    args += [f"stream.{k}={v}" for k, v in pool.items() if v is not None]
     env = {**os.environ, "GER_CACHE_DIR": str(cache), "PYTHONPATH": str(REPO)}
     start, own, before = time.perf_counter(), time.process_time(), children_cpu()
     proc = subprocess.Popen([sys.executable, "-m", "ger.cli", *args], env=env, cwd=REPO,
@@ -189,21 +189,25 @@ def hydra_only(url: str, root: Path, out: Path, clips: bool) -> float:
     return time.perf_counter() - start
 
 
-def decode_only(root: Path, n: int, clips: bool, workers: int | None) -> float:
+def decode_only(root: Path, n: int, clips: bool, pool: dict) -> float:
     """Seconds to describe and decode the first n samples in ger's worker pool, nothing else.
 
     The workers do exactly what they do in the `ger run backend=server` above: decode, and hand back
     the images as the server backend sends them (DecodeSpec.wire, its default JPEG quality)."""
+    from omegaconf import OmegaConf
+
     from ger.backends.base import check_backend
     from ger.data.media import describe_sample
     from ger.records import Sample
-    from ger.run.stream import Decoder, DecodeSpec, StreamStats, chunks, worker_count
+    from ger.run.stream import Decoder, DecodeSpec, StreamStats, chunks, worker_count, worker_nice
 
     kind = "video" if clips else "image"
     paths = [root / "videos" / f"img_{i:05d}.mp4" if clips else root / "images" / f"img_{i:05d}.jpg"
              for i in range(n)]  # fmt: skip
     shells = [describe_sample(Sample("demo", p.stem, "happy", media=p), kind, frames=3) for p in paths]
-    stats = StreamStats(window=128, workers=worker_count({"workers": workers}))
+    stream = OmegaConf.merge(OmegaConf.load(REPO / "conf" / "config.yaml").stream,
+                             {k: v for k, v in pool.items() if v is not None})  # fmt: skip
+    stats = StreamStats(window=128, workers=worker_count(stream), nice=worker_nice(stream))
     wire = check_backend("server", {}).wire_quality()
     decoder = Decoder(DecodeSpec(kind, 3, "paper", False, wire), stats, progress=False)
     start = time.perf_counter()
@@ -222,7 +226,7 @@ def decode_only(root: Path, n: int, clips: bool, workers: int | None) -> float:
 
 def http_floor(url: str, image: Path, n: int = 1000) -> float:
     """CPU ms per request of ger's HTTP client alone (ger/backends/http_client.py, 32 in flight),
-    POSTing a body like the run's (one image as a data URL) to the same stub: the least any
+    POSTing a body like the run's (one image as a data URL) to the same server: the least any
     HTTP backend pays per request on ger's side."""
     import asyncio
     import base64
@@ -280,16 +284,18 @@ def main() -> None:
     parser.add_argument("--small", type=int, default=1000)
     parser.add_argument("--clips", action="store_true", help="3-frame mp4 clips instead of images")
     parser.add_argument("--workers", type=int, default=None, help="stream.workers (default: one per core)")
+    parser.add_argument("--nice", type=int, default=None, help="stream.nice (default: conf/config.yaml's)")
     parser.add_argument("--rounds", type=int, default=3, help="first run, rerun and decode-only rounds")
     args = parser.parse_args()
     what = "clips" if args.clips else "images"
-    from stub_server import StubServer
+    from instant_server import InstantServer
 
     # ger's modules byte-compiled, as an installed package has them: a run under PYTHONDONTWRITEBYTECODE
     # (as on this project's machines) would compile them all again each time, on both sides of (c)
     compileall.compile_dir(str(REPO / "ger"), quiet=1)
 
-    server = StubServer(lambda body: ("happy", "stop")).start()
+    pool = {"workers": args.workers, "nice": args.nice}
+    server = InstantServer("happy").start()
     with tempfile.TemporaryDirectory() as tmp:
         tmp_path = Path(tmp)
         root = tmp_path / "data"
@@ -298,9 +304,7 @@ def main() -> None:
         print(f"made {args.n} {what} in {time.perf_counter() - t0:.1f} s", flush=True)
 
         def run(cache: str, out: str, limit: int | None):
-            server.bodies.clear()  # the stub keeps every body it was sent: ~80 kB each
-            return ger_run(server.url, root, tmp_path / cache, tmp_path / out, limit, args.clips,
-                           args.workers)  # fmt: skip
+            return ger_run(server.url, root, tmp_path / cache, tmp_path / out, limit, args.clips, pool)
 
         small_s, small_mem, _, _ = run("small", "small", args.small)
         print(f"first run of {args.small}: {small_s:.1f} s", flush=True)
@@ -317,14 +321,13 @@ def main() -> None:
             again_s, again = median([r[0] for r in reruns]), reruns[0][2]
             again_mem, one_s, hydra_s = max(r[1] for r in reruns), median(ones), median(hydras)
             own, before = time.process_time(), children_cpu()
-            decode_s = decode_only(root, args.n, args.clips, args.workers)
+            decode_s = decode_only(root, args.n, args.clips, pool)
             main_cpu = time.process_time() - own  # this process: the pool's results, nothing else
             decode_cpu = CpuUse(children_cpu() - before + main_cpu, main_cpu, 0.0)
             rounds.append(Round(first_s, first_mem, first_cpu, first["stream"], again_s, again_mem,
                                 again["stream"], one_s, hydra_s, decode_s, decode_cpu))  # fmt: skip
             print(f"round {i + 1}: first run {first_s:.1f} s, cached rerun {again_s:.1f} s, "
                   f"decode only {decode_s:.1f} s", flush=True)  # fmt: skip
-        server.bodies.clear()
         sample = next(root.glob("videos/*.mp4" if args.clips else "images/*.jpg"))
         floor = None if args.clips else http_floor(server.url, sample)
     server.stop()
@@ -368,18 +371,18 @@ def report(
     print(f"    without the fixed part (the first run minus the cached rerun): {100 * median(streamed):.0f}% "
           f"of decode only (rounds {', '.join(f'{100 * x:.0f}%' for x in streamed)})")  # fmt: skip
     print(f"    CPU, first run: {last.first_cpu.text(n)}")
-    print(f"    CPU, decode only: {last.decode_cpu.text(n).replace(', stub server 0.00', '')}")
+    print(f"    CPU, decode only: {last.decode_cpu.text(n).replace(', server 0.00', '')}")
     if floor is None:
         return
-    print(f"    CPU of ger's HTTP client alone, one image a request, same stub: {floor:.2f} ms/request")
+    print(f"    CPU of ger's HTTP client alone, one image a request, same server: {floor:.2f} ms/request")
     if workers < len(os.sched_getaffinity(0)):
-        return  # a core left to ger's main process and the stub: the bound below assumes none is
-    # with every core decoding, rates go as 1 / CPU a sample: a run must add at least the stub's
+        return  # a core left to ger's main process and the server: the bound below assumes none is
+    # with every core decoding, rates go as 1 / CPU a sample: a run must add at least the server's
     # CPU and one HTTP request's to what decoding alone costs
-    decode_ms, stub_ms = 1000 * last.decode_cpu.tree / n, 1000 * last.first_cpu.here / n
-    ceiling = 100 * decode_ms / (decode_ms + stub_ms + floor)
+    decode_ms, server_ms = 1000 * last.decode_cpu.tree / n, 1000 * last.first_cpu.here / n
+    ceiling = 100 * decode_ms / (decode_ms + server_ms + floor)
     print(f"    the most (a) can be on these cores, a harness costing only its HTTP client: decode only "
-          f"{decode_ms:.2f} / ({decode_ms:.2f} + stub {stub_ms:.2f} + HTTP client {floor:.2f}) ms "
+          f"{decode_ms:.2f} / ({decode_ms:.2f} + server {server_ms:.2f} + HTTP client {floor:.2f}) ms "
           f"a sample = {ceiling:.0f}% (last round)")  # fmt: skip
 
 

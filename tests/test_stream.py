@@ -875,3 +875,37 @@ def test_a_run_whose_workers_are_killed_midway_gives_the_undisturbed_predictions
     assert "a decoding worker died (signal 9)" in (tmp_path / "killed" / "cli.log").read_text()
     assert rows(tmp_path / "killed") == rows(tmp_path / "calm")
     assert all(r["status"] == "ok" for r in rows(tmp_path / "killed"))
+
+
+def test_the_benchmarks_instant_server_answers_every_request_of_a_run(many_faces, tmp_path):
+    """benchmarks/bench_stream.py times ger against tests/instant_server.py: a run through it must be a
+    real run, every sample sent over HTTP and answered, not a run that fails fast."""
+    import re
+    import socket
+
+    from instant_server import InstantServer
+
+    server = InstantServer("surprise").start()
+    try:
+        metrics = run_on_stub(server.url, "demo", many_faces, tmp_path / "cache", tmp_path / "run",
+                              "stream.workers=2")  # fmt: skip
+        assert server.requests == 300
+        assert metrics["n"] == 300 and metrics["requests"]["failed"] == 0
+        assert metrics["stream"]["nice"] == 10  # conf/config.yaml's: decoding below ger's own priority
+        predictions = rows(tmp_path / "run")
+        assert {(r["prediction"], r["status"]) for r in predictions} == {("surprise", "ok")}
+        assert len(predictions) == 300
+
+        with socket.create_connection(("127.0.0.1", server.port)) as sock:
+            body = b'{"messages": []}'
+            post = b"POST /v1/chat/completions HTTP/1.1\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+            sock.sendall(post + post + b"GET /v1/nothing HTTP/1.1\r\n\r\n")  # kept alive, pipelined
+            chunked = b"POST /v1/chat/completions HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"
+            sock.sendall(chunked)
+            received = b""
+            while chunk := sock.recv(65536):  # the server closes after refusing the chunked body
+                received += chunk
+        assert re.findall(rb"HTTP/1\.1 (\d{3}) ", received) == [b"200", b"200", b"404", b"411"]
+        assert server.requests == 302
+    finally:
+        server.stop()
