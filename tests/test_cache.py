@@ -218,3 +218,27 @@ def test_two_processes_writing_concurrently_lose_nothing(tmp_path):
         stats = cache.stats()
         assert stats["answers"] == 2 * count
         assert stats["failures"] == 2 * len(range(0, count, 7))
+
+
+def test_answers_fetched_with_their_keys_are_not_queried_again(tmp_path):
+    from ger.records import Request
+    from ger.run.ask import Asker
+    from ger.run.stream import Prefetched
+
+    def no_backend():
+        raise AssertionError("every answer is cached: no backend may start")
+
+    with ResponseCache(tmp_path / "c.sqlite") as cache:
+        for k in ("a", "b"):
+            cache.put(Response(key=k, text=f"answer {k}"))
+        requests = [Request(key=k, names=(k,), messages=[]) for k in ("a", "b")]
+        asker = Asker(cache, no_backend, progress=False)
+        known = Prefetched(cache, ["a", "b", "c"])  # "c" is not answered when the keys are fetched
+        with asker.looking_up(known):
+            answers = asker.ask(requests)
+        assert {k: r.text for k, r in answers.items()} == {"a": "answer a", "b": "answer b"}
+        assert cache.stats()["hits"] == 2  # the prefetch's: ask() took them from it, not from the cache
+
+        cache.put(Response(key="c", text="answer c"))  # answered since: outside looking_up the cache is asked
+        assert asker.ask([Request(key="c", names=("c",), messages=[])])["c"].text == "answer c"
+        assert cache.stats()["hits"] == 3

@@ -326,7 +326,9 @@ def predict(
         show({name: (light, resp, reading) for name in req.names})
 
     if cached:  # all at once: one write of the partial predictions, not one a sample
-        show(answer_groups(asker, mode, cached, shells, lambda _, g, __: key_for(g), matcher, key_only=True))
+        with asker.looking_up(known):  # their answers came with the keys: not queried again
+            keyed_for = lambda _, g, __: key_for(g)  # noqa: E731
+            show(answer_groups(asker, mode, cached, shells, keyed_for, matcher, key_only=True))
 
     def on_answer(req: Request, resp: Response) -> None:
         reading, halves = mode.settle(asker, req, resp, matcher)
