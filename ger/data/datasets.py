@@ -284,10 +284,14 @@ def _locate(base: str, rel: str, what: str, name: str, rules: PathRules) -> tupl
     A name that leaves the folder gives (None, why); a symlink that leads out of it gives
     (the link, why) unless `rules.follow`, or unless it leads into one of `rules.sources`.
     """
-    lexical = os.path.normpath(os.path.join(base, rel))
-    if not _within(lexical, base):
-        return None, f"sample {name!r} points outside the {what} folder {base}"
-    target = rules.real(lexical)
+    if os.sep in rel or rel in ("", ".", ".."):
+        lexical = os.path.normpath(os.path.join(base, rel))
+        if not _within(lexical, base):
+            return None, f"sample {name!r} points outside the {what} folder {base}"
+        target = rules.real(lexical)
+    else:  # a plain file name, as nearly every sample's is: in `base` (resolved already) as it stands
+        lexical = os.path.join(base, rel)
+        target = os.path.realpath(lexical) if os.path.islink(lexical) else lexical
     if _within(target, base) or rules.follow:
         return Path(target), ""
     if any(Path(target).is_relative_to(src) for src in rules.sources):
