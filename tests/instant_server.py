@@ -2,11 +2,12 @@
 
 benchmarks/bench_stream.py times ger against a server that takes no time, so that only the harness
 is timed. The scripted StubServer (stub_server.py) is the wrong tool there: stdlib http.server reads
-each request through small buffered reads and json-parses the whole body (tens of kB of base64), about
-0.6 ms of CPU a request, a quarter of what decoding a still image costs, spent on the same cores as ger,
-and its slow reads doubled the CPU of ger's own HTTP client (measured 0.29 vs 0.14 ms a request). This
-one is an asyncio protocol that reads each body by its Content-Length, looks at nothing but the request
-line, and writes one canned answer: about 0.04 ms a request.
+each request through small buffered reads and json-parses the whole body (tens of kB of base64): 0.63 ms
+of CPU a request in bench_stream at 155c079, a quarter of what decoding a still image costs, spent on
+the same cores as ger, whose own HTTP client also spent more against it (0.32 ms a request, 0.22-0.26
+against this one). This one is an asyncio protocol that reads each body by its Content-Length, looks
+at nothing but the request line, and writes one canned answer: 0.17-0.21 ms a request in bench_stream,
+the bench's own 50 ms sampler included.
 
 It speaks HTTP/1.1 with keep-alive, as vLLM's server does: POST .../chat/completions gets `answer` as
 the assistant's message (finish_reason "stop"), GET .../models lists `model`; anything else is a 404.

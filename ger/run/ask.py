@@ -147,7 +147,7 @@ class Asker:
     @contextmanager
     def looking_up(self, known: Any) -> Iterator[None]:
         """Within: ask() takes answers from `known` (ger/run/stream.py Prefetched, fetched with the keys)
-        rather than query the cache for them a second time (a tenth of a fully cached rerun)."""
+        rather than query the cache for them a second time: a fully cached rerun asked every answer twice."""
         self._known = known
         try:
             yield
