@@ -30,7 +30,12 @@ class RealPaths:
         self._dirs: dict[str, str] = {}
 
     def __call__(self, path: str | Path) -> str:
-        real = self._in_real_folder(path)
+        return self.resolve_file(self._in_real_folder(path))
+
+    @staticmethod
+    def resolve_file(real: str) -> str:
+        """A file's resolved path, given the path with its folder resolved already: one lstat for a file
+        that is no link."""
         return os.path.realpath(real) if os.path.islink(real) else real
 
     def status(self, path: str | Path) -> tuple[str, os.stat_result]:

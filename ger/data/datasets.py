@@ -291,7 +291,7 @@ def _locate(base: str, rel: str, what: str, name: str, rules: PathRules) -> tupl
         target = rules.real(lexical)
     else:  # a plain file name, as nearly every sample's is: in `base` (resolved already) as it stands
         lexical = os.path.join(base, rel)
-        target = os.path.realpath(lexical) if os.path.islink(lexical) else lexical
+        target = rules.real.resolve_file(lexical)
     if _within(target, base) or rules.follow:
         return Path(target), ""
     if any(Path(target).is_relative_to(src) for src in rules.sources):
