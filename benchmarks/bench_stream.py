@@ -258,7 +258,9 @@ def http_floor(url: str, image: Path, n: int = 1000) -> float:
 def digest_floor(root: Path, n: int) -> float:
     """CPU ms per image of the cache key's file digest alone: sha256 of each file's bytes, read as
     ger/data/digests.py reads them on a first run (hashlib.file_digest), from the page cache as there.
-    Any design pays it once per file: the key must name the bytes before anything is sent."""
+    Any design pays it once per file: the key must name the bytes before anything is sent. The stdlib
+    call itself, not ger's file_digest: in this process that one answers from the digests remembered
+    when decode_only described the same files."""
     import hashlib
 
     paths = sorted((root / "images").glob("*.jpg"))[:n]
